@@ -1,0 +1,1 @@
+"""Pipelines: the ``lmdm`` command line and the Ray jobs behind it."""

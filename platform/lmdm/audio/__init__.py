@@ -1,0 +1,1 @@
+"""Audio decoding, format conversion and the per-frame features used for sketches and drift."""

@@ -1,0 +1,230 @@
+"""Typed configuration schemas for every part of the platform.
+
+Every section is a pydantic v2 model with ``extra="forbid"``: a misspelt key is an error at load
+time, never a silently ignored setting. Fields carry their allowed ranges so a bad value fails with
+the range in the message. Modules never read these objects directly; builders turn them into flat
+constructor arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "AudioConfig",
+    "AutoencoderConfig",
+    "Config",
+    "CorpusConfig",
+    "DataConfig",
+    "DiTConfig",
+    "EvalConfig",
+    "ServeConfig",
+    "StreamConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "ENSEMBLES",
+    "CORPUS_SOURCES",
+]
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+ENSEMBLES = ("piano", "strings", "organ", "choir", "winds", "brass", "plucked")
+CORPUS_SOURCES = ("bach", "palestrina", "monteverdi")
+
+Ensemble = Literal["piano", "strings", "organ", "choir", "winds", "brass", "plucked"]
+CorpusSource = Literal["bach", "palestrina", "monteverdi"]
+
+
+class AudioConfig(Section):
+    """Audio format used everywhere after decoding."""
+
+    sample_rate: int = Field(16000, ge=8000, le=96000, description="samples per second")
+    channels: Literal[1, 2] = Field(1, description="1 = mono, 2 = stereo")
+
+
+class CorpusConfig(Section):
+    """The built-in corpus: real scores from music21 rendered through a General MIDI SoundFont."""
+
+    seed: int = Field(0, ge=0, description="corpus seed; same seed, same bytes")
+    num_clips: int = Field(300, ge=1, le=1_000_000)
+    clip_seconds: float = Field(16.0, gt=1.0, le=600.0)
+    sources: list[CorpusSource] = Field(default_factory=lambda: list(CORPUS_SOURCES), min_length=1)
+    ensembles: list[Ensemble] = Field(default_factory=lambda: list(ENSEMBLES), min_length=1)
+    tempo_bpm: tuple[float, float] = Field((60.0, 132.0), description="quarter-note BPM range")
+    transpose: tuple[int, int] = Field((-5, 6), description="semitone range, inclusive")
+    max_voices: int = Field(4, ge=1, le=8, description="voices kept per piece (top first)")
+    solo_probability: float = Field(0.0, ge=0.0, le=1.0, description="share of top-voice-only clips")
+    workers: int = Field(2, ge=1, le=256, description="parallel render processes")
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> CorpusConfig:
+        lo, hi = self.tempo_bpm
+        if not (20.0 <= lo <= hi <= 300.0):
+            raise ValueError(f"tempo_bpm must be [low, high] with 20 <= low <= high <= 300, got {list(self.tempo_bpm)}")
+        lo_t, hi_t = self.transpose
+        if not (-12 <= lo_t <= hi_t <= 12):
+            raise ValueError(f"transpose must be [low, high] with -12 <= low <= high <= 12, got {list(self.transpose)}")
+        return self
+
+
+class DataConfig(Section):
+    """Where training audio comes from and how it is cut into clips and curves."""
+
+    source: Literal["corpus", "folder", "hf_disk"] = Field("corpus", description="which reader")
+    path: Path | None = Field(None, description="audio folder or saved `datasets` dataset (folder/hf_disk)")
+    captions: Path | None = Field(None, description="optional CSV/JSONL captions file for a folder")
+    root: Path = Field(Path("runs/data/corpus"), description="where the built corpus is written")
+    frame_rate: int = Field(50, ge=1, le=1000, description="curve frames per second")
+    min_seconds: float = Field(1.0, ge=0.0, description="shorter inputs are reported and skipped")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+
+    @model_validator(mode="after")
+    def _path_for_readers(self) -> DataConfig:
+        if self.source in ("folder", "hf_disk") and self.path is None:
+            raise ValueError(f"source={self.source!r} needs data.path (the folder to read)")
+        return self
+
+
+class AutoencoderConfig(Section):
+    """Oobleck-style 1-D convolutional VAE (Stable Audio family)."""
+
+    latent_channels: int = Field(32, ge=1, le=512)
+    channels: int = Field(32, ge=4, le=1024, description="base width of the conv stack")
+    channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
+    strides: list[int] = Field(default_factory=lambda: [2, 4, 8, 8], min_length=1)
+
+    @model_validator(mode="after")
+    def _same_depth(self) -> AutoencoderConfig:
+        if len(self.channel_mults) != len(self.strides):
+            raise ValueError(
+                f"channel_mults ({len(self.channel_mults)} entries) and strides ({len(self.strides)} entries) "
+                "must have the same length: one of each per encoder block"
+            )
+        if any(s < 1 for s in self.strides) or any(m < 1 for m in self.channel_mults):
+            raise ValueError("strides and channel_mults must all be >= 1")
+        return self
+
+    @property
+    def downsampling_ratio(self) -> int:
+        """Audio samples per latent frame."""
+        ratio = 1
+        for s in self.strides:
+            ratio *= s
+        return ratio
+
+
+class DiTConfig(Section):
+    """Diffusion transformer with the Stable Audio Open layout."""
+
+    width: int = Field(256, ge=8, le=8192)
+    depth: int = Field(6, ge=1, le=128)
+    head_dim: int = Field(64, ge=8, le=256)
+    cond_token_dim: int = Field(384, ge=1, le=8192, description="text-encoder token width")
+    objective: Literal["rectified_flow", "v"] = "rectified_flow"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> DiTConfig:
+        if self.width % self.head_dim != 0:
+            raise ValueError(f"width ({self.width}) must be a multiple of head_dim ({self.head_dim})")
+        return self
+
+
+class StreamConfig(Section):
+    """Streaming geometry and sampling."""
+
+    variant: Literal["outpainting", "encdec", "block_causal"] = "block_causal"
+    block_frames: int = Field(32, ge=1, le=4096, description="latent frames per block")
+    context_blocks: int = Field(4, ge=0, le=64)
+    steps: int = Field(8, ge=1, le=1000, description="denoising steps per block")
+    sampler: Literal["euler", "dpmpp_2m", "pingpong"] = "euler"
+    cfg_scale: float = Field(1.0, ge=0.0, le=30.0)
+
+
+class TrainConfig(Section):
+    """Training loop settings shared by every stage."""
+
+    stage: Literal["autoencoder", "base", "lmdm", "lmm", "arc"] = "base"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1, le=65536)
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    grad_accum: int = Field(1, ge=1, le=1024)
+    workers: int = Field(2, ge=1, le=4096)
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[1, 2] = 2
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(100, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class EvalConfig(Section):
+    """Long-rollout evaluation."""
+
+    num_streams: int = Field(8, ge=1)
+    stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    seed: int = Field(0, ge=0)
+
+
+class ServeConfig(Section):
+    """Streaming server. Loopback by default; request sizes bounded."""
+
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=0, le=65535)
+    max_sessions: int = Field(8, ge=1, le=4096)
+    max_prompt_chars: int = Field(512, ge=1, le=65536)
+
+
+class TrackingConfig(Section):
+    """MLflow, the system of record."""
+
+    tracking_uri: str = Field("sqlite:///runs/mlflow.db")
+    experiment: str | None = Field(None, description="defaults to the config name")
+
+
+class Config(BaseModel):
+    """The whole platform configuration: one YAML file in ``configs/``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    dit: DiTConfig = Field(default_factory=DiTConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _frame_rate_divides(self) -> Config:
+        sr, fr = self.audio.sample_rate, self.data.frame_rate
+        if sr % fr != 0:
+            raise ValueError(
+                f"data.frame_rate ({fr}) must divide audio.sample_rate ({sr}) so every curve frame "
+                f"is a whole number of samples; e.g. {', '.join(str(d) for d in _divisors_near(sr, fr))}"
+            )
+        return self
+
+
+def _divisors_near(n: int, target: int, k: int = 3) -> list[int]:
+    """The ``k`` divisors of ``n`` closest to ``target`` (for error messages)."""
+    divisors = [d for d in range(1, min(n, 1000) + 1) if n % d == 0]
+    return sorted(sorted(divisors, key=lambda d: abs(d - target))[:k])
+
+
+def default_config_dir() -> Path:
+    """The folder holding the shipped YAML configs (inside the installed package)."""
+    import lmdm.configs
+
+    return Path(lmdm.configs.__file__).parent

@@ -1,0 +1,1 @@
+"""Serving: Ray Serve streaming endpoints (later issues)."""
