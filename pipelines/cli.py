@@ -154,7 +154,9 @@ def data_scan(
     except (FileNotFoundError, KeyError, CaptionsError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
-    console.print(f"read {report.read} clips ({report.seconds:.1f} s); {len(report.uncaptioned)} without caption; {len(report.skipped)} skipped")
+    console.print(
+        f"read {report.read} clips ({report.seconds:.1f} s); {len(report.uncaptioned)} without caption; {len(report.skipped)} skipped"
+    )
     if report.skipped:
         console.print(_report_table(report, f"skipped inputs under {path}"))
     if json_out:

@@ -58,7 +58,8 @@ def loudness_db(audio: np.ndarray, sample_rate: int, frame_rate: int) -> np.ndar
     """
     grid = FeatureFrames(sample_rate, frame_rate)
     rms = librosa.feature.rms(y=_mono(audio).astype(np.float32), frame_length=grid.window, hop_length=grid.hop, center=True)[0]
-    return np.maximum(20.0 * np.log10(np.maximum(rms, 1e-12)), LOUDNESS_FLOOR_DB).astype(np.float32)
+    loud: np.ndarray = np.maximum(20.0 * np.log10(np.maximum(rms, 1e-12)), LOUDNESS_FLOOR_DB).astype(np.float32)
+    return loud
 
 
 def spectral_centroid(audio: np.ndarray, sample_rate: int, frame_rate: int) -> np.ndarray:
@@ -73,7 +74,8 @@ def spectral_centroid(audio: np.ndarray, sample_rate: int, frame_rate: int) -> n
     grid = FeatureFrames(sample_rate, frame_rate)
     y = _mono(audio).astype(np.float32)
     centroid = librosa.feature.spectral_centroid(y=y, sr=sample_rate, n_fft=grid.window, hop_length=grid.hop, center=True)[0]
-    return np.nan_to_num(centroid, nan=0.0).astype(np.float32)
+    out: np.ndarray = np.nan_to_num(centroid, nan=0.0).astype(np.float32)
+    return out
 
 
 def f0_pyin(audio: np.ndarray, sample_rate: int, frame_rate: int, fmin: float = F0_MIN_HZ, fmax: float = F0_MAX_HZ) -> np.ndarray:
@@ -91,9 +93,11 @@ def f0_pyin(audio: np.ndarray, sample_rate: int, frame_rate: int, fmin: float = 
     frame_length = 1 << (frame_length - 1).bit_length()
     f0, voiced, _ = librosa.pyin(y, fmin=fmin, fmax=fmax, sr=sample_rate, frame_length=frame_length, hop_length=grid.hop, center=True)
     f0 = np.where(voiced, np.nan_to_num(f0, nan=0.0), 0.0)
-    return f0[: grid.count(y.shape[-1])].astype(np.float32)
+    out: np.ndarray = f0[: grid.count(y.shape[-1])].astype(np.float32)
+    return out
 
 
 def hz_to_cents(f_hz: np.ndarray, ref_hz: np.ndarray) -> np.ndarray:
     """Signed distance in cents from ``ref_hz`` to ``f_hz`` (both > 0)."""
-    return 1200.0 * np.log2(f_hz / ref_hz)
+    cents: np.ndarray = 1200.0 * np.log2(f_hz / ref_hz)
+    return cents

@@ -14,7 +14,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["AudioReadError", "AUDIO_EXTENSIONS", "decode_audio", "load_audio", "resample", "to_channels", "write_audio"]
+__all__ = ["AUDIO_EXTENSIONS", "AudioReadError", "decode_audio", "load_audio", "resample", "to_channels", "write_audio"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aiff", ".aif")
 
@@ -47,10 +47,11 @@ def to_channels(audio: np.ndarray, channels: int) -> np.ndarray:
         ValueError: for a channel count other than 1 or 2 requested from several channels.
     """
     C = audio.shape[0]
-    if C == channels:
+    if channels == C:
         return audio
     if channels == 1:
-        return audio.mean(axis=0, keepdims=True)
+        mono: np.ndarray = audio.mean(axis=0, keepdims=True)
+        return mono
     if C == 1:
         return np.repeat(audio, channels, axis=0)
     raise ValueError(f"cannot convert {C} channels to {channels}: only down-mix to mono or up-mix from mono")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from lmdm.config.schema import Config, default_config_dir
 
-__all__ = ["ConfigError", "load_config", "parse_override", "resolve_config_path", "dump_config"]
+__all__ = ["ConfigError", "dump_config", "load_config", "parse_override", "resolve_config_path"]
 
 
 class ConfigError(ValueError):
@@ -131,7 +131,7 @@ def _format_errors(exc: ValidationError, source_of: dict[str, str], default_sour
                 break
         value = err.get("input")
         shown = "" if isinstance(value, dict) or err["type"] == "missing" else f": got {value!r}"
-        allowed = _allowed(loc, err["type"]) or err["msg"]
+        allowed = _allowed(loc, err["type"]) or err["msg"].removeprefix("Value error, ")
         lines.append(f"{source}: {dotted}{shown}: {allowed}")
     return "invalid config:\n  " + "\n  ".join(lines)
 

@@ -9,7 +9,7 @@ constructor arguments.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,8 +25,6 @@ __all__ = [
     "StreamConfig",
     "TrackingConfig",
     "TrainConfig",
-    "ENSEMBLES",
-    "CORPUS_SOURCES",
 ]
 
 
@@ -35,9 +33,6 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
-
-ENSEMBLES = ("piano", "strings", "organ", "choir", "winds", "brass", "plucked")
-CORPUS_SOURCES = ("bach", "palestrina", "monteverdi")
 
 Ensemble = Literal["piano", "strings", "organ", "choir", "winds", "brass", "plucked"]
 CorpusSource = Literal["bach", "palestrina", "monteverdi"]
@@ -56,8 +51,8 @@ class CorpusConfig(Section):
     seed: int = Field(0, ge=0, description="corpus seed; same seed, same bytes")
     num_clips: int = Field(300, ge=1, le=1_000_000)
     clip_seconds: float = Field(16.0, gt=1.0, le=600.0)
-    sources: list[CorpusSource] = Field(default_factory=lambda: list(CORPUS_SOURCES), min_length=1)
-    ensembles: list[Ensemble] = Field(default_factory=lambda: list(ENSEMBLES), min_length=1)
+    sources: list[CorpusSource] = Field(default_factory=lambda: list(get_args(CorpusSource)), min_length=1)
+    ensembles: list[Ensemble] = Field(default_factory=lambda: list(get_args(Ensemble)), min_length=1)
     tempo_bpm: tuple[float, float] = Field((60.0, 132.0), description="quarter-note BPM range")
     transpose: tuple[int, int] = Field((-5, 6), description="semitone range, inclusive")
     max_voices: int = Field(4, ge=1, le=8, description="voices kept per piece (top first)")

@@ -54,8 +54,5 @@ def caption(title: str, ensemble: str, instruments: list[str], bpm: int, key: st
 
     Example: ``"Bach chorale BWV 1.6 for strings (violin, viola, viola, cello), andante at 84 BPM, in F major."``
     """
-    if solo:
-        players = f"as a solo {instruments[0]} melody"
-    else:
-        players = f"for {ensemble} ({', '.join(instruments)})"
+    players = f"as a solo {instruments[0]} melody" if solo else f"for {ensemble} ({', '.join(instruments)})"
     return f"{title} {players}, {tempo_word(bpm)} at {bpm} BPM, in {key}."

@@ -54,7 +54,7 @@ __all__ = [
 ENSEMBLE_PROGRAMS: dict[str, dict[str, tuple[int, ...]]] = {
     "piano": {"top": (0, 1), "inner": (0, 1), "bass": (0, 1)},
     "strings": {"top": (40,), "inner": (40, 41), "bass": (42, 43)},
-    "organ": {"top": (19, 16, 20), "inner": (19, 16, 20), "bass": (19, 16, 20)},
+    "organ": {"top": (20,), "inner": (20, 19), "bass": (19, 20)},  # 16 (drawbar) sounds an octave low
     "choir": {"top": (52, 53), "inner": (52, 53), "bass": (52, 53)},
     "winds": {"top": (73, 68), "inner": (71, 69, 60), "bass": (70,)},
     "brass": {"top": (56, 60), "inner": (60, 57), "bass": (58, 57)},
@@ -63,6 +63,7 @@ ENSEMBLE_PROGRAMS: dict[str, dict[str, tuple[int, ...]]] = {
 MAX_PIECE_ATTEMPTS = 16
 MAX_START_ATTEMPTS = 8
 MIN_SOUNDING_SHARE = 0.8  # of the excerpt's beats with at least one kept voice sounding
+MIN_USABLE_SHARE = 0.3  # below this the piece is drawn again
 
 
 class CorpusExistsError(RuntimeError):
@@ -76,6 +77,7 @@ class ClipSpec:
     index: int
     piece_id: str
     ensemble: str
+    voices: tuple[int, ...]  # indices into the piece's voices, top first
     programs: tuple[int, ...]
     tempo_bpm: int
     transpose: int
@@ -101,6 +103,7 @@ class CorpusSummary:
 
 
 def _draw_spec(index: int, cfg: CorpusConfig, solo_override: bool | None = None) -> tuple[ClipSpec, Piece]:
+    """Draw clip ``index``'s piece, excerpt, arrangement and mix from ``(seed, index)``."""
     rng = np.random.default_rng([cfg.seed, index])
     errors = []
     for _ in range(MAX_PIECE_ATTEMPTS):
@@ -109,38 +112,42 @@ def _draw_spec(index: int, cfg: CorpusConfig, solo_override: bool | None = None)
         piece_id = pool[int(rng.integers(len(pool)))]
         try:
             piece = load_piece(piece_id, cfg.max_voices)
-            break
         except ScoreError as exc:
             errors.append(str(exc))
-    else:
-        raise ScoreError(f"clip {index}: no usable piece in {MAX_PIECE_ATTEMPTS} draws: {errors}")
-    ensemble = cfg.ensembles[int(rng.integers(len(cfg.ensembles)))]
-    solo = bool(rng.random() < cfg.solo_probability)
-    solo = (solo if solo_override is None else solo_override) or len(piece.voices) == 1
-    n_voices = 1 if solo else len(piece.voices)
-    table = ENSEMBLE_PROGRAMS[ensemble]
-    programs = []
-    for v in range(n_voices):
-        role = "top" if v == 0 else ("bass" if v == n_voices - 1 else "inner")
-        options = table[role]
-        programs.append(int(options[int(rng.integers(len(options)))]))
-    lo, hi = int(np.ceil(cfg.tempo_bpm[0])), int(np.floor(cfg.tempo_bpm[1]))
-    bpm = int(rng.integers(lo, max(lo, hi) + 1))
-    transpose = int(rng.integers(cfg.transpose[0], cfg.transpose[1] + 1))
-    clip_q = cfg.clip_seconds * bpm / 60.0
-    spare = int(np.floor(piece.length_q - clip_q))
-    start_q, best = 0.0, -1.0
-    for _ in range(MAX_START_ATTEMPTS):  # prefer an excerpt in which the kept voices mostly sound
-        candidate = float(rng.integers(0, spare + 1)) if spare > 0 else 0.0
-        active = _sounding_share(piece.voices[:n_voices], piece.length_q, candidate, clip_q)
-        if active > best:
-            start_q, best = candidate, active
-        if active >= MIN_SOUNDING_SHARE:
-            break
-    velocities = tuple(int(min(127, rng.integers(64, 100) + (12 if v == 0 else 0))) for v in range(n_voices))
-    gain_db = float(np.round(rng.uniform(-6.0, 0.0), 2))
-    spec = ClipSpec(index, piece_id, ensemble, tuple(programs), bpm, transpose, start_q, velocities, gain_db, solo)
-    return spec, piece
+            continue
+        ensemble = cfg.ensembles[int(rng.integers(len(cfg.ensembles)))]
+        solo = bool(rng.random() < cfg.solo_probability)
+        solo = (solo if solo_override is None else solo_override) or len(piece.voices) == 1
+        candidates = (0,) if solo else tuple(range(len(piece.voices)))
+        lo, hi = int(np.ceil(cfg.tempo_bpm[0])), int(np.floor(cfg.tempo_bpm[1]))
+        bpm = int(rng.integers(lo, max(lo, hi) + 1))
+        transpose = int(rng.integers(cfg.transpose[0], cfg.transpose[1] + 1))
+        clip_q = cfg.clip_seconds * bpm / 60.0
+        spare = int(np.floor(piece.length_q - clip_q))
+        start_q, best = 0.0, -1.0
+        for _ in range(MAX_START_ATTEMPTS):  # prefer an excerpt in which the kept voices mostly sound
+            candidate = float(rng.integers(0, spare + 1)) if spare > 0 else 0.0
+            active = _sounding_share(tuple(piece.voices[v] for v in candidates), piece.length_q, candidate, clip_q)
+            if active > best:
+                start_q, best = candidate, active
+            if active >= MIN_SOUNDING_SHARE:
+                break
+        # Voices with no note in the excerpt are not part of the arrangement (nor of the caption).
+        voices = tuple(v for v in candidates if len(_excerpt(piece.voices[v], piece.length_q, start_q, clip_q)))
+        if best < MIN_USABLE_SHARE or not voices:
+            errors.append(f"{piece_id}: its best excerpt sounds only {max(best, 0.0):.0%} of the time")
+            continue
+        table = ENSEMBLE_PROGRAMS[ensemble]
+        programs = []
+        for rank in range(len(voices)):
+            role = "top" if rank == 0 else ("bass" if rank == len(voices) - 1 else "inner")
+            options = table[role]
+            programs.append(int(options[int(rng.integers(len(options)))]))
+        velocities = tuple(min(127, int(rng.integers(64, 100)) + (12 if rank == 0 else 0)) for rank in range(len(voices)))
+        gain_db = float(np.round(rng.uniform(-6.0, 0.0), 2))
+        spec = ClipSpec(index, piece_id, ensemble, voices, tuple(programs), bpm, transpose, start_q, velocities, gain_db, solo)
+        return spec, piece
+    raise ScoreError(f"clip {index}: no usable piece in {MAX_PIECE_ATTEMPTS} draws: {errors}")
 
 
 def _excerpt(notes: np.ndarray, length_q: float, start_q: float, clip_q: float) -> np.ndarray:
@@ -204,17 +211,17 @@ def make_clip(index: int, cfg: CorpusConfig, audio: AudioConfig, frame_rate: int
     clip_q = cfg.clip_seconds / seconds_per_q
     voices_s: list[np.ndarray] = []
     voices: list[Voice] = []
-    n_voices = len(spec.programs)
-    for v, notes in enumerate(piece.voices[:n_voices]):
+    n_voices = len(spec.voices)
+    for v, notes in enumerate(piece.voices[i] for i in spec.voices):
         ex = _excerpt(notes, piece.length_q, spec.start_q, clip_q)
         ex[:, :2] *= seconds_per_q
         ex[:, 2] += spec.transpose
         ex = ex[(ex[:, 2] >= 0) & (ex[:, 2] <= 127) & (ex[:, 1] - ex[:, 0] > 1e-3)]
         voices_s.append(ex)
-        pan = 64 if n_voices == 1 else int(round(24 + 80 * v / (n_voices - 1)))
+        pan = 64 if n_voices == 1 else round(24 + 80 * v / (n_voices - 1))
         voices.append(Voice(program=spec.programs[v], notes=ex, velocity=spec.velocities[v], pan=pan))
     midi = build_midi(voices, spec.tempo_bpm)
-    num_samples = int(round(cfg.clip_seconds * audio.sample_rate))
+    num_samples = round(cfg.clip_seconds * audio.sample_rate)
     wave = render_midi(midi, audio.sample_rate, audio.channels, num_samples)
     peak = float(np.abs(wave).max())
     if peak > 0:
@@ -308,8 +315,7 @@ def build_corpus(
             return CorpusSummary(root, info["num_clips"], info["seconds"], info["build_seconds"], reused=True)
         if not force:
             raise CorpusExistsError(
-                f"{root} holds a corpus built with other settings (see {manifest}); "
-                "choose another data.root, or pass --force to rebuild it"
+                f"{root} holds a corpus built with other settings (see {manifest}); choose another data.root, or pass --force to rebuild it"
             )
         shutil.rmtree(root)
     partial = root.with_name(root.name + ".partial")

@@ -61,7 +61,7 @@ class AudioClip:
 
     @property
     def seconds(self) -> float:
-        return self.audio.shape[-1] / self.sample_rate
+        return float(self.audio.shape[-1] / self.sample_rate)
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,12 @@ def read_captions(path: Path) -> dict[str, str]:
     except OSError as exc:
         raise CaptionsError(f"{path}: cannot read captions ({exc.strerror})") from None
     captions: dict[str, str] = {}
-    for line, row in rows:
+    for line_no, row in rows:
         file_key = next((k for k in FILE_KEYS if row.get(k)), None)
         text_key = next((k for k in CAPTION_KEYS if k in row), None)
         if file_key is None or text_key is None:
             raise CaptionsError(
-                f"{path}:{line}: needs a file column ({', '.join(FILE_KEYS)}) and a caption column "
+                f"{path}:{line_no}: needs a file column ({', '.join(FILE_KEYS)}) and a caption column "
                 f"({', '.join(CAPTION_KEYS)}); found {sorted(row)}"
             )
         captions[Path(str(row[file_key])).as_posix()] = str(row[text_key] or "")

@@ -97,7 +97,7 @@ def load_piece(piece_id: str, max_voices: int) -> Piece:
         raise ScoreError(f"{piece_id}: music21 could not parse it ({type(exc).__name__}: {exc})") from None
     voices: list[np.ndarray] = []
     seen: set[bytes] = set()
-    for part in score.parts:
+    for part in getattr(score, "parts", [score]):
         rows = []
         for element in part.stripTies(inPlace=False).flatten().notes:
             duration = float(element.quarterLength)
@@ -117,6 +117,6 @@ def load_piece(piece_id: str, max_voices: int) -> Piece:
         raise ScoreError(f"{piece_id}: no pitched notes")
     voices.sort(key=lambda v: -float(np.average(v[:, 2], weights=v[:, 1])))
     if len(voices) > max_voices:
-        voices = voices[: max_voices - 1] + [voices[-1]] if max_voices > 1 else voices[:1]
+        voices = [*voices[: max_voices - 1], voices[-1]] if max_voices > 1 else voices[:1]
     length_q = max(float((v[:, 0] + v[:, 1]).max()) for v in voices)
     return Piece(piece_id=piece_id, title=_title(piece_id), voices=tuple(voices), length_q=length_q)

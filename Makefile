@@ -1,0 +1,31 @@
+# The two set-up commands of the README: `make quickstart` and `make test`.
+# Both create .venv (Python 3.11) and install this project into it in editable mode.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test quickstart test lint
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
+
+install-test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+
+quickstart: install
+	$(BIN)/lmdm quickstart
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# pytest exits 5 when it collects no test: make treats that as a failure, as it should.
+test: install-test lint
+	$(BIN)/python -m pytest
