@@ -169,3 +169,22 @@ def test_datasets_loads_the_corpus(tiny_corpus: tuple[Config, CorpusSummary]) ->
     assert Path(ds[0]["audio_path"]).is_file()
     meta = json.loads((summary.root / "corpus.json").read_text())
     assert meta["num_clips"] == 6
+
+
+def test_caption_sentence() -> None:
+    from lmdm.data.captions import caption, key_name, tempo_word
+
+    assert [tempo_word(b) for b in (60, 66, 67, 88, 100, 132, 133)] == [
+        "adagio",
+        "adagio",
+        "andante",
+        "andante",
+        "moderato",
+        "allegro",
+        "presto",
+    ]
+    assert key_name(10, "major") == "B-flat major" and key_name(8, "minor") == "G-sharp minor"
+    text = caption("Bach chorale BWV 358", "plucked", ["orchestral harp", "acoustic bass"], 103, "B minor", solo=False)
+    assert text == "Bach chorale BWV 358, for plucked strings (orchestral harp, acoustic bass), moderato at 103 BPM, in B minor."
+    solo = caption("Bach chorale BWV 358", "strings", ["violin"], 103, "B minor", solo=True)
+    assert solo == "Bach chorale BWV 358, melody alone on violin, moderato at 103 BPM, in B minor."

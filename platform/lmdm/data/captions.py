@@ -11,6 +11,7 @@ _MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2
 _MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 _MAJOR_NAMES = ("C", "D-flat", "D", "E-flat", "E", "F", "F-sharp", "G", "A-flat", "A", "B-flat", "B")
 _MINOR_NAMES = ("C", "C-sharp", "D", "E-flat", "E", "F", "F-sharp", "G", "G-sharp", "A", "B-flat", "B")
+_ENSEMBLE_WORDS = {"plucked": "plucked strings"}
 _TEMPO_WORDS = ((66, "adagio"), (88, "andante"), (108, "moderato"), (132, "allegro"))
 
 
@@ -52,7 +53,8 @@ def estimate_key(pitches: np.ndarray, durations: np.ndarray) -> tuple[int, str]:
 def caption(title: str, ensemble: str, instruments: list[str], bpm: int, key: str, solo: bool) -> str:
     """One sentence stating the clip's facts.
 
-    Example: ``"Bach chorale BWV 1.6 for strings (violin, viola, viola, cello), andante at 84 BPM, in F major."``
+    Examples: ``"Monteverdi madrigal 3.12, for organ (reed organ, reed organ, reed organ, church organ), moderato at
+    89 BPM, in F major."``, ``"Bach chorale BWV 358, melody alone on violin, moderato at 103 BPM, in B minor."``
     """
-    players = f"as a solo {instruments[0]} melody" if solo else f"for {ensemble} ({', '.join(instruments)})"
-    return f"{title} {players}, {tempo_word(bpm)} at {bpm} BPM, in {key}."
+    players = f"melody alone on {instruments[0]}" if solo else f"for {_ENSEMBLE_WORDS.get(ensemble, ensemble)} ({', '.join(instruments)})"
+    return f"{title}, {players}, {tempo_word(bpm)} at {bpm} BPM, in {key}."
