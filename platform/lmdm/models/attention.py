@@ -1,0 +1,183 @@
+"""Transformer components with Stable Audio Open's layout and parameter names.
+
+Names match stable-audio-tools' ``ContinuousTransformer`` so its state dicts load by prefix strip:
+``pre_norm.{gamma,beta}``, ``self_attn.to_qkv`` (fused, no bias), ``self_attn.to_out``,
+``cross_attend_norm``, ``cross_attn.{to_q,to_kv,to_out}``, ``ff_norm``, ``ff.ff.0.proj`` (GLU) and
+``ff.ff.2``. LayerNorms have a learned ``gamma`` and a zero ``beta`` *buffer* (stored in the state
+dict, as theirs is).
+
+Self-attention is split into :meth:`SelfAttention.project` (q, k, v; rotary applied) and
+:meth:`SelfAttention.attend`, and a block takes a ``kv_hook`` that decides which keys/values the
+queries see: a streaming engine uses it to place new keys in a preallocated cache and attend over
+cached context keys; the reference path attends to its own keys only.
+
+Legend: B batch, S query tokens, K key tokens, D width, H heads, Hkv key/value heads, Dh head dim,
+L text tokens, Dc text width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from lmdm.models.rotary import apply_rotary
+
+__all__ = ["CrossAttention", "FeedForward", "KVHook", "LayerNorm", "Projected", "SelfAttention", "TransformerBlock"]
+
+
+class Projected(NamedTuple):
+    """Self-attention projections of a set of tokens, each ``(B, H, S, Dh)``."""
+
+    q: Tensor  # rotated
+    k: Tensor  # rotated
+    k_raw: Tensor  # un-rotated (what a cache stores when it re-rotates later)
+    v: Tensor
+
+
+# (layer projections) -> (keys, values) the queries attend to, each (B, H, K, Dh)
+KVHook = Callable[[Projected], tuple[Tensor, Tensor]]
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with learned scale ``gamma`` and a zero ``beta`` buffer (eps 1e-5)."""
+
+    beta: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.register_buffer("beta", torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], weight=self.gamma, bias=self.beta)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and partial rotary."""
+
+    def __init__(self, dim: int, head_dim: int) -> None:
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"width {dim} must be a multiple of head_dim {head_dim}")
+        self.heads = dim // head_dim
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def project(self, x: Tensor, freqs: Tensor) -> Projected:
+        """q, k, v of ``x`` ``(B, S, D)``; q and k rotated by ``freqs`` ``(S, R)`` or ``(B, S, R)``."""
+        q, k, v = rearrange(self.to_qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
+        return Projected(apply_rotary(q, freqs), apply_rotary(k, freqs), k, v)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Scaled dot-product attention and the output projection.
+
+        Args:
+            q: ``(B, H, S, Dh)``; k, v: ``(B, H, K, Dh)``.
+            mask: bool, True = may attend, broadcastable to ``(B, H, S, K)``; ``None`` = all.
+
+        Returns:
+            ``(B, S, D)``.
+        """
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(rearrange(out, "b h s d -> b s (h d)"))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to text tokens with grouped key/value heads (``Hkv = Dc // Dh``)."""
+
+    def __init__(self, dim: int, context_dim: int, head_dim: int) -> None:
+        super().__init__()
+        if context_dim % head_dim or dim % head_dim:
+            raise ValueError(f"width {dim} and text width {context_dim} must be multiples of head_dim {head_dim}")
+        self.heads, self.kv_heads = dim // head_dim, context_dim // head_dim
+        if self.heads % self.kv_heads:
+            raise ValueError(f"query heads ({self.heads}) must be a multiple of key/value heads ({self.kv_heads})")
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * context_dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of text tokens ``(B, L, Dc)`` → each ``(B, Hkv, L, Dh)`` (cache these per prompt)."""
+        k, v = rearrange(self.to_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.kv_heads)
+        return k, v
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attend ``x`` ``(B, S, D)`` to text keys/values; ``mask`` (bool, True = attend) ``(S, K)`` or ``(B, 1, S, K)``."""
+        q = rearrange(self.to_q(x), "b s (h d) -> b h s d", h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.to_out(rearrange(out, "b h s d -> b s (h d)"))
+
+
+class _GLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, 2 * dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.silu(gate)
+
+
+class FeedForward(nn.Module):
+    """GLU feed-forward (SiLU gate, 4× inner width); indices mirror Stable Audio's ``ff.ff.{0,2}``."""
+
+    def __init__(self, dim: int, mult: int = 4) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(_GLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim), nn.Identity())
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.ff(x)
+        return out
+
+
+def _own_kv(p: Projected) -> tuple[Tensor, Tensor]:
+    return p.k, p.v
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to text, GLU feed-forward (no adaLN)."""
+
+    def __init__(self, dim: int, head_dim: int, context_dim: int | None) -> None:
+        super().__init__()
+        self.pre_norm = LayerNorm(dim)
+        self.self_attn = SelfAttention(dim, head_dim)
+        self.cross_attend = context_dim is not None
+        if context_dim is not None:
+            self.cross_attend_norm = LayerNorm(dim)
+            self.cross_attn = CrossAttention(dim, context_dim, head_dim)
+        self.ff_norm = LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        mask: Tensor | None,
+        text_kv: tuple[Tensor, Tensor] | None,
+        text_mask: Tensor | None = None,
+        kv_hook: KVHook | None = None,
+    ) -> Tensor:
+        """One block.
+
+        Args:
+            x: ``(B, S, D)`` tokens.
+            freqs: rotary angles of the tokens, ``(S, R)`` or ``(B, S, R)``.
+            mask: self-attention mask over the keys the hook returns (True = attend).
+            text_kv: this layer's text keys/values, each ``(B, Hkv, L, Dh)``; ``None`` skips cross-attention.
+            text_mask: which text keys each token may see, ``(S, L)`` (for per-block prompts).
+            kv_hook: maps this layer's projections to the keys/values to attend over (default: own).
+
+        Returns:
+            ``(B, S, D)``.
+        """
+        p = self.self_attn.project(self.pre_norm(x), freqs)
+        k, v = (kv_hook or _own_kv)(p)
+        x = x + self.self_attn.attend(p.q, k, v, mask)
+        if self.cross_attend and text_kv is not None:
+            x = x + self.cross_attn(self.cross_attend_norm(x), text_kv[0], text_kv[1], text_mask)
+        return x + self.ff(self.ff_norm(x))

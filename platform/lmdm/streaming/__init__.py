@@ -1,0 +1,1 @@
+"""Streaming: sequences (training/reference forwards), engines, rollout and streams."""
