@@ -17,7 +17,21 @@ from conftest import REPO
 
 FORBIDDEN_IN_LIBRARY = {"ray", "mlflow", "deepspeed", "accelerate"}
 UPPER_LAYERS = {"lmdm.pipelines", "lmdm.eval", "lmdm.serve"}
-SUBPACKAGES = ["lmdm", "lmdm.config", "lmdm.audio", "lmdm.data", "lmdm.pipelines", "lmdm.eval", "lmdm.serve", "lmdm.configs"]
+SUBPACKAGES = [
+    "lmdm",
+    "lmdm.config",
+    "lmdm.audio",
+    "lmdm.data",
+    "lmdm.models",
+    "lmdm.diffusion",
+    "lmdm.streaming",
+    "lmdm.training",
+    "lmdm.checkpoints",
+    "lmdm.pipelines",
+    "lmdm.eval",
+    "lmdm.serve",
+    "lmdm.configs",
+]
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -95,10 +95,8 @@ def attention_mask(queries: TokenLayout, keys: TokenLayout, variant: Variant, co
     else:
         raise ValueError(f"unknown attention variant {variant!r}; expected 'full', 'encdec' or 'block_causal'")
     valid = keys.valid
-    if valid.ndim == 2:  # per-sample validity → (B, 1, S, K)
-        allowed = allowed[None] & valid[:, None, :]
-    else:
-        allowed = allowed & valid[None, :]
+    # per-sample validity gives (B, S, K), made (B, 1, S, K) below
+    allowed = allowed[None] & valid[:, None, :] if valid.ndim == 2 else allowed & valid[None, :]
     if same_tokens:
         eye = torch.eye(qk.shape[0], kk.shape[1], dtype=torch.bool, device=qk.device)
         allowed = allowed | (eye if allowed.ndim == 2 else eye[None])

@@ -60,11 +60,11 @@ def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate the first ``R`` dims of each head of ``x`` by ``freqs`` (in float32).
 
     Args:
-        x: ``(B, H, S, Dh)``.
-        freqs: ``(S, R)`` or ``(B, S, R)`` from :class:`RotaryEmbedding`.
+        x: ``(..., H, S, Dh)`` (e.g. ``(B, H, S, Dh)``, or a whole cache ``(Ly, B, H, S, Dh)``).
+        freqs: ``(S, R)``, or ``(B, S, R)`` for a 4-D ``x``, from :class:`RotaryEmbedding`.
 
     Returns:
-        ``(B, H, S, Dh)`` in ``x``'s dtype.
+        ``x``'s shape and dtype.
     """
     if freqs.ndim == 3:
         freqs = freqs[:, None]  # (B, 1, S, R)

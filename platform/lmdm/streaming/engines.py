@@ -91,7 +91,9 @@ class StreamState:
 class Engine(Protocol):
     """The interface every generation method implements (outpainting, LMDM variants, LMM)."""
 
-    def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> StreamState: ...
+    def start(
+        self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> StreamState: ...
 
     def step(self, state: StreamState, condition: Condition) -> Tensor: ...
 
@@ -130,7 +132,9 @@ class _Base:
         if context is not None:
             B, C, T = context.shape
             if B != batch or C != self.channels or T % Bf:
-                raise ValueError(f"context must be (batch={batch}, channels={self.channels}, whole blocks of {Bf}), got {tuple(context.shape)}")
+                raise ValueError(
+                    f"context must be (batch={batch}, channels={self.channels}, whole blocks of {Bf}), got {tuple(context.shape)}"
+                )
         return state
 
     def _text_rows(self, state: StreamState, condition: Condition) -> TextKV | None:
@@ -204,7 +208,9 @@ class _Base:
 class OutpaintingEngine(_Base):
     """The baseline: the whole window (context + target) is denoised at every step (``full`` mask)."""
 
-    def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> StreamState:
+    def start(
+        self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> StreamState:
         state = self._new_state(condition, batch, context, generator)
         if context is not None:
             for b in range(context.shape[-1] // self.geometry.block_frames):
@@ -234,7 +240,9 @@ class OutpaintingEngine(_Base):
             return current, None
         prompts = [*dict.fromkeys([condition.key, *keys])]
         per = [state.text[k] for k in prompts]
-        text_kv = [(torch.cat([p[i][0] for p in per], dim=2), torch.cat([p[i][1] for p in per], dim=2)) for i in range(len(self.dit.layers))]
+        text_kv = [
+            (torch.cat([p[i][0] for p in per], dim=2), torch.cat([p[i][1] for p in per], dim=2)) for i in range(len(self.dit.layers))
+        ]
         Bf = self.geometry.block_frames
         group = torch.tensor([0] + [prompts.index(k) for k in keys for _ in range(Bf)] + [0] * Bf, device=self.device)
         return text_kv, text_group_mask(group, current[0][0].shape[2], len(prompts))
@@ -266,7 +274,14 @@ class LMDMEngine(_Base):
             storage) or ``growing`` stream positions (keys rotated once on entry). Identical outputs.
     """
 
-    def __init__(self, dit: DiT, variant: Literal["encdec", "block_causal"], geometry: BlockGeometry, sampling: Sampling, rotary: RotaryMode = "fixed") -> None:
+    def __init__(
+        self,
+        dit: DiT,
+        variant: Literal["encdec", "block_causal"],
+        geometry: BlockGeometry,
+        sampling: Sampling,
+        rotary: RotaryMode = "fixed",
+    ) -> None:
         super().__init__(dit, geometry, sampling)
         if variant not in ("encdec", "block_causal"):
             raise ValueError(f"LMDM variant must be 'encdec' or 'block_causal', got {variant!r}")
@@ -299,7 +314,9 @@ class LMDMEngine(_Base):
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> StreamState:
+    def start(
+        self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> StreamState:
         state = self._new_state(condition, batch, context, generator)
         Ctx, Bf = self.geometry.context_blocks, self.geometry.block_frames
         state.cache = BlockKVCache.allocate(
@@ -321,7 +338,7 @@ class LMDMEngine(_Base):
         (once per block, always from un-rotated storage, so nothing accumulates)."""
         assert cache.k_raw is not None
         freqs = self.dit.freqs(self._slot_positions(cache, block))
-        cache.k[:, :, :, : cache.context_positions] = apply_rotary(cache.k_raw.flatten(0, 1), freqs).unflatten(0, cache.k_raw.shape[:2])
+        cache.k[:, :, :, : cache.context_positions] = apply_rotary(cache.k_raw, freqs)  # (Ly, R, H, Kc, Dh)
 
     def _step_hook(self, state: StreamState, layer: int) -> KVHook:
         def hook(p: Projected) -> tuple[Tensor, Tensor]:
@@ -422,7 +439,9 @@ class LMDMEngine(_Base):
             for k in prompts:
                 assert k in state.text, f"prompt {k!r} of a context block is no longer cached"
             per = [state.text[k] for k in prompts]
-            text_kv = [(torch.cat([p[i][0] for p in per], dim=2), torch.cat([p[i][1] for p in per], dim=2)) for i in range(len(self.dit.layers))]
+            text_kv = [
+                (torch.cat([p[i][0] for p in per], dim=2), torch.cat([p[i][1] for p in per], dim=2)) for i in range(len(self.dit.layers))
+            ]
             group = torch.tensor([prompts.index(k) for k in keys for _ in range(Bf)], device=self.device)
             text_mask = text_group_mask(group, per[0][0][0].shape[2], len(prompts))
 
@@ -435,4 +454,6 @@ class LMDMEngine(_Base):
             return hook
 
         h = self.dit.embed_frames(context_inputs(self._rows(state.context, state)))
-        self.dit.run_layers(h, self.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, [hook_for(i) for i in range(len(self.dit.layers))])
+        self.dit.run_layers(
+            h, self.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, [hook_for(i) for i in range(len(self.dit.layers))]
+        )

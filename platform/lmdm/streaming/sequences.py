@@ -40,7 +40,7 @@ class BlockGeometry:
 
 def context_inputs(clean: Tensor) -> Tensor:
     """Clean latents ``(B, C, T)`` → context-frame inputs ``(B, 2C+1, T)`` = ``[0, clean, 1]``."""
-    B, C, T = clean.shape
+    B, _, T = clean.shape
     return torch.cat([torch.zeros_like(clean), clean, clean.new_ones(B, 1, T)], dim=1)
 
 
@@ -92,7 +92,7 @@ def block_causal_forward(
         ``(B, C, J·Bf)`` model outputs for the targets.
     """
     Bf, Ctx = geometry.block_frames, geometry.context_blocks
-    B, C, T = clean.shape
+    B, _, T = clean.shape
     N, J = T // Bf, len(targets)
     if T != N * Bf or noisy.shape[-1] != J * Bf:
         raise ValueError(f"history ({T} frames) and targets ({noisy.shape[-1]} frames) must be whole blocks of {Bf}")
@@ -156,7 +156,7 @@ def window_forward(
         ``(B, C, Bf)`` model output for the target.
     """
     Bf, Ctx = geometry.block_frames, geometry.context_blocks
-    B, C, _ = x_t.shape
+    B = x_t.shape[0]
     device = x_t.device
     slots = torch.arange(Ctx, device=device).repeat_interleave(Bf)
     valid = torch.ones(Ctx, dtype=torch.bool, device=device) if context_valid is None else context_valid

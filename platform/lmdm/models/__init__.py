@@ -1,0 +1,1 @@
+"""Neural network models: the Oobleck VAE autoencoder and the diffusion transformer."""

@@ -1,0 +1,428 @@
+"""Oobleck VAE: Stable Audio Open's 1-D convolutional audio autoencoder, and a streaming decoder.
+
+The module tree mirrors stable-audio-tools' ``OobleckEncoder`` / ``OobleckDecoder`` layer for layer,
+so a Stable Audio state dict loads after a prefix strip and the weight-norm rename
+``weight_g → parametrizations.weight.original0``, ``weight_v → parametrizations.weight.original1``
+(see :mod:`lmdm.checkpoints.sao_autoencoder`). Only the configuration Stable Audio Open ships is
+built: SnakeBeta activations, transposed-conv upsampling, no anti-aliasing, VAE bottleneck.
+
+Legend:
+    B  batch
+    C  audio channels (1 mono, 2 stereo)
+    T  audio samples, ``T = L * R``
+    H  hidden channels of a conv layer
+    D  latent channels (``latent_dim``); the encoder emits ``2D`` (mean and scale)
+    L  latent frames
+    R  ``downsampling_ratio``: audio samples per latent frame, the product of the strides
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.nn.utils.parametrizations import weight_norm
+
+from lmdm.config import AudioConfig, AutoencoderConfig
+
+__all__ = [
+    "DecoderBlock",
+    "EncoderBlock",
+    "OobleckDecoder",
+    "OobleckEncoder",
+    "OobleckVAE",
+    "Posterior",
+    "ResidualUnit",
+    "SnakeBeta",
+    "StreamingDecoder",
+    "build_autoencoder",
+    "input_span",
+    "wn_conv1d",
+    "wn_conv_transpose1d",
+]
+
+STD_FLOOR = 1e-4  # std = softplus(scale) + STD_FLOOR, as in stable-audio-tools' vae_sample
+RESIDUAL_DILATIONS = (1, 3, 9)
+
+
+class SnakeBeta(nn.Module):
+    """Periodic activation ``x + 1 / (exp(β) + 1e-9) · sin²(exp(α) · x)``, per channel.
+
+    ``alpha`` and ``beta`` are log-scale parameters of shape ``(H,)`` initialised to zero, as in
+    stable-audio-tools (``alpha_logscale=True``).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H, N) → (B, H, N)``."""
+        alpha = self.alpha.exp()[None, :, None]  # (1, H, 1)
+        beta = self.beta.exp()[None, :, None]  # (1, H, 1)
+        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+def wn_conv1d(
+    in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, dilation: int = 1, padding: int = 0, bias: bool = True
+) -> nn.Conv1d:
+    """A ``Conv1d`` with weight normalisation (``parametrizations.weight.original0`` = g, ``original1`` = v)."""
+    conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, padding=padding, bias=bias)
+    return cast(nn.Conv1d, weight_norm(conv))
+
+
+def wn_conv_transpose1d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int, padding: int) -> nn.ConvTranspose1d:
+    """A ``ConvTranspose1d`` with weight normalisation over dim 0 (g has shape ``(H_in, 1, 1)``)."""
+    conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+    return cast(nn.ConvTranspose1d, weight_norm(conv))
+
+
+class ResidualUnit(nn.Module):
+    """``x + conv1(act(conv7_dilated(act(x))))``; the dilated conv pads ``3·dilation`` on each side."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            SnakeBeta(channels),
+            wn_conv1d(channels, channels, 7, dilation=dilation, padding=3 * dilation),
+            SnakeBeta(channels),
+            wn_conv1d(channels, channels, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H, N) → (B, H, N)``."""
+        return x + cast(Tensor, self.layers(x))
+
+
+class EncoderBlock(nn.Module):
+    """Three residual units (dilations 1, 3, 9), activation, then a strided conv (kernel ``2s``, padding ``ceil(s/2)``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            *(ResidualUnit(in_channels, d) for d in RESIDUAL_DILATIONS),
+            SnakeBeta(in_channels),
+            wn_conv1d(in_channels, out_channels, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H_in, N) → (B, H_out, N / stride)``."""
+        return cast(Tensor, self.layers(x))
+
+
+class DecoderBlock(nn.Module):
+    """Activation, transposed conv (kernel ``2s``, stride ``s``, padding ``ceil(s/2)``), three residual units.
+
+    This is stable-audio-tools' default path (``use_nearest_upsample=False``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            SnakeBeta(in_channels),
+            wn_conv_transpose1d(in_channels, out_channels, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
+            *(ResidualUnit(out_channels, d) for d in RESIDUAL_DILATIONS),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, H_in, N) → (B, H_out, N · stride)`` (for even strides)."""
+        return cast(Tensor, self.layers(x))
+
+
+def _widths(channels: int, c_mults: Sequence[int]) -> list[int]:
+    """Hidden widths ``[channels, channels·c_mults[0], …]`` (stable-audio-tools prepends a 1 to ``c_mults``)."""
+    return [channels * m for m in (1, *c_mults)]
+
+
+class OobleckEncoder(nn.Module):
+    """Audio → pre-bottleneck latents: conv7, one :class:`EncoderBlock` per stride, activation, conv3."""
+
+    def __init__(self, audio_channels: int, channels: int, c_mults: Sequence[int], strides: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        widths = _widths(channels, c_mults)
+        self.layers = nn.Sequential(
+            wn_conv1d(audio_channels, widths[0], 7, padding=3),
+            *(EncoderBlock(widths[i], widths[i + 1], s) for i, s in enumerate(strides)),
+            SnakeBeta(widths[-1]),
+            wn_conv1d(widths[-1], out_channels, 3, padding=1),
+        )
+
+    def forward(self, audio: Tensor) -> Tensor:
+        """``(B, C, T) → (B, 2D, L)`` with ``L = T / R``."""
+        return cast(Tensor, self.layers(audio))
+
+
+class OobleckDecoder(nn.Module):
+    """Latents → audio: conv7, one :class:`DecoderBlock` per stride (reversed), activation, conv7 (no bias), optional tanh."""
+
+    def __init__(
+        self, audio_channels: int, channels: int, c_mults: Sequence[int], strides: Sequence[int], latent_dim: int, final_tanh: bool = False
+    ) -> None:
+        super().__init__()
+        widths = _widths(channels, c_mults)
+        depth = len(strides)
+        self.audio_channels = audio_channels
+        self.downsampling_ratio = math.prod(strides)
+        self.layers = nn.Sequential(
+            wn_conv1d(latent_dim, widths[-1], 7, padding=3),
+            *(DecoderBlock(widths[i], widths[i - 1], strides[i - 1]) for i in range(depth, 0, -1)),
+            SnakeBeta(widths[0]),
+            wn_conv1d(widths[0], audio_channels, 7, padding=3, bias=False),
+            nn.Tanh() if final_tanh else nn.Identity(),
+        )
+
+    def forward(self, latents: Tensor) -> Tensor:
+        """``(B, D, L) → (B, C, L · R)``."""
+        return cast(Tensor, self.layers(latents))
+
+    def receptive_field(self) -> tuple[int, int]:
+        """Latent frames an audio frame reads, from the layer geometry (edges and zero padding ignored).
+
+        Returns:
+            ``(left, right)``: the ``R`` audio samples of latent frame ``f`` depend on latent frames
+            ``f - left … f + right`` and on no others.
+        """
+        first, last = input_span(self.layers, 0, self.downsampling_ratio - 1)
+        return -first, last
+
+
+def input_span(module: nn.Module, first: int, last: int) -> tuple[int, int]:
+    """Input indices that output indices ``first … last`` of ``module`` read, on an unbounded signal.
+
+    Convs map ``y[n] = Σ_k w[k] x[n·s − p + k·d]``; transposed convs ``y[n] = Σ x[i] w[k]`` over
+    ``i·s − p + k·d = n``; pointwise layers keep the span; residual units take the union with the skip.
+
+    Raises:
+        TypeError: for a layer type this function does not know.
+    """
+    if isinstance(module, nn.ConvTranspose1d | nn.Conv1d):
+        (k,), (s,), (d,) = module.kernel_size, module.stride, module.dilation
+        p = cast(tuple[int], module.padding)[0]
+        reach = (k - 1) * d
+        if isinstance(module, nn.ConvTranspose1d):
+            return -((reach - first - p) // s), (last + p) // s  # ceil((first + p - reach) / s), floor(...)
+        return first * s - p, last * s - p + reach
+    if isinstance(module, nn.Sequential):
+        for layer in reversed(module):
+            first, last = input_span(layer, first, last)
+        return first, last
+    if isinstance(module, ResidualUnit):
+        inner_first, inner_last = input_span(module.layers, first, last)
+        return min(first, inner_first), max(last, inner_last)
+    if isinstance(module, EncoderBlock | DecoderBlock | OobleckEncoder | OobleckDecoder):
+        return input_span(module.layers, first, last)
+    if isinstance(module, SnakeBeta | nn.Identity | nn.Tanh):
+        return first, last
+    raise TypeError(f"input_span: unknown layer type {type(module).__name__}")
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """Diagonal Gaussian over latents, from the VAE bottleneck.
+
+    Attributes:
+        mean: ``(B, D, L)``.
+        std: ``(B, D, L)``, ``softplus(scale) + 1e-4`` (strictly positive).
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """``mean + std · ε`` with ``ε ~ N(0, I)`` drawn from ``generator``; ``(B, D, L)``."""
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
+        return self.mean + self.std * noise
+
+    def kl(self) -> Tensor:
+        """KL to ``N(0, I)`` as stable-audio-tools computes it: ``(mean² + var − log var − 1)`` summed over D, averaged over B and L.
+
+        Returns:
+            A scalar tensor (it is twice the textbook KL, kept for loss-weight parity).
+        """
+        var = self.std * self.std
+        return (self.mean * self.mean + var - torch.log(var) - 1).sum(1).mean()
+
+
+class OobleckVAE(nn.Module):
+    """Encoder, VAE bottleneck and decoder with the Stable Audio Open layout.
+
+    Args:
+        audio_channels: C, 1 (mono) or 2 (stereo).
+        channels: base hidden width; block ``i`` runs at ``channels · c_mults[i]``.
+        c_mults: width multiplier per block.
+        strides: down/upsampling factor per block; even, one per entry of ``c_mults``.
+        latent_dim: D, latent channels (the encoder emits ``2D``: mean, then scale).
+        final_tanh: end the decoder with ``tanh``.
+
+    Raises:
+        ValueError: mismatched ``c_mults``/``strides`` lengths, or an odd or non-positive stride
+            (the transposed conv of kernel ``2s``, padding ``ceil(s/2)`` returns ``L·s − 1`` samples for odd ``s``).
+    """
+
+    def __init__(
+        self,
+        audio_channels: int,
+        channels: int,
+        c_mults: Sequence[int],
+        strides: Sequence[int],
+        latent_dim: int,
+        final_tanh: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(c_mults) != len(strides) or not strides:
+            raise ValueError(f"c_mults {list(c_mults)} and strides {list(strides)} must be non-empty and of equal length")
+        if any(s < 2 or s % 2 for s in strides):
+            raise ValueError(f"strides must be even and >= 2 so decoding returns exactly L·R samples, got {list(strides)}")
+        self._latent_dim = latent_dim
+        self.audio_channels = audio_channels
+        self.encoder = OobleckEncoder(audio_channels, channels, c_mults, strides, 2 * latent_dim)
+        self.decoder = OobleckDecoder(audio_channels, channels, c_mults, strides, latent_dim, final_tanh)
+
+    @property
+    def downsampling_ratio(self) -> int:
+        """R, audio samples per latent frame."""
+        return self.decoder.downsampling_ratio
+
+    @property
+    def latent_dim(self) -> int:
+        """D, latent channels."""
+        return self._latent_dim
+
+    def encode(self, audio: Tensor) -> Posterior:
+        """Encode audio into a latent posterior.
+
+        Args:
+            audio: ``(B, C, T)`` with ``T`` a multiple of ``downsampling_ratio``.
+
+        Returns:
+            :class:`Posterior` with ``mean``, ``std`` of shape ``(B, D, T / R)``.
+
+        Raises:
+            ValueError: wrong channel count or a length that is not a multiple of R.
+        """
+        _, C, T = audio.shape  # (B, C, T)
+        if self.audio_channels != C or T % self.downsampling_ratio:
+            raise ValueError(
+                f"encode expects (B, {self.audio_channels}, T) with T a multiple of {self.downsampling_ratio}, got {tuple(audio.shape)}; "
+                "pad the audio to a whole number of latent frames"
+            )
+        mean, scale = self.encoder(audio).chunk(2, dim=1)  # (B, D, L) each
+        return Posterior(mean=mean, std=F.softplus(scale) + STD_FLOOR)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Decode latents to audio.
+
+        Args:
+            latents: ``(B, D, L)``.
+
+        Returns:
+            ``(B, C, L · R)`` audio.
+
+        Raises:
+            ValueError: when the latent channel count is not D.
+        """
+        if latents.ndim != 3 or latents.shape[1] != self.latent_dim:
+            raise ValueError(f"decode expects latents (B, {self.latent_dim}, L), got {tuple(latents.shape)}")
+        return cast(Tensor, self.decoder(latents))
+
+
+class StreamingDecoder:
+    """Decodes a latent stream block by block; the concatenated audio equals ``vae.decode`` of the whole stream.
+
+    The decoder is non-causal: the audio of latent frame ``f`` reads frames ``f - context … f + lookahead``
+    (:meth:`OobleckDecoder.receptive_field`). Each :meth:`push` appends a block to a window that keeps
+    the last ``context`` frames before the first unemitted one, decodes the window, and returns the audio
+    of every frame whose lookahead has arrived. So audio for frame ``f`` comes out once frame
+    ``f + lookahead`` is pushed: a latency of ``lookahead`` latent frames (``latency_samples`` samples)
+    on top of compute. :meth:`flush` ends the stream and returns the held-back frames, decoded with the
+    same right edge as a batch decode. Per push, the decoder runs on at most
+    ``context + lookahead + n`` frames. For Stable Audio Open's decoder (strides 2, 4, 4, 8, 8) both
+    are 10 frames: 20480 samples, about 0.46 s at 44.1 kHz.
+
+    Usage::
+
+        stream = StreamingDecoder(vae)
+        chunks = [stream.push(block) for block in blocks] + [stream.flush()]
+        audio = torch.cat(chunks, dim=-1)  # == vae.decode(torch.cat(blocks, dim=-1))
+    """
+
+    def __init__(self, vae: OobleckVAE) -> None:
+        self.vae = vae
+        self.context, self.lookahead = vae.decoder.receptive_field()
+        self.hop = vae.downsampling_ratio
+        self._window: Tensor | None = None  # (B, D, W): latent frames start … received - 1
+        self._start = 0
+        self._received = 0
+        self._emitted = 0
+
+    @property
+    def latency_samples(self) -> int:
+        """Audio samples held back until the lookahead frames arrive: ``lookahead · R``."""
+        return self.lookahead * self.hop
+
+    def reset(self) -> None:
+        """Forget the stream; the next :meth:`push` starts a new one at frame 0."""
+        self._window = None
+        self._start = self._received = self._emitted = 0
+
+    def push(self, latents: Tensor) -> Tensor:
+        """Append the next block of latent frames and return the audio that is now final.
+
+        Args:
+            latents: ``(B, D, n)``, ``n >= 1``, the frames after those already pushed.
+
+        Returns:
+            ``(B, C, m · R)`` audio for frames ``emitted … received - lookahead - 1`` (``m`` may be 0).
+
+        Raises:
+            ValueError: a block with the wrong rank, channels, batch size or no frames.
+        """
+        B, D, n = latents.shape
+        if self.vae.latent_dim != D or n < 1 or (self._window is not None and self._window.shape[0] != B):
+            expected_batch = "B" if self._window is None else str(self._window.shape[0])
+            raise ValueError(f"push expects latents ({expected_batch}, {self.vae.latent_dim}, n >= 1), got {tuple(latents.shape)}")
+        window = latents if self._window is None else torch.cat((self._window, latents), dim=-1)
+        self._received += n
+        return self._emit(window, self._received - self.lookahead)
+
+    def flush(self) -> Tensor:
+        """End the stream: the audio of the last ``lookahead`` frames, ``(B, C, m · R)``; then :meth:`reset`.
+
+        Raises:
+            RuntimeError: when nothing was pushed.
+        """
+        if self._window is None:
+            raise RuntimeError("flush() called before any push()")
+        audio = self._emit(self._window, self._received)
+        self.reset()
+        return audio
+
+    def _emit(self, window: Tensor, ready: int) -> Tensor:
+        """Decode ``window`` (frames ``start …``) and return frames ``emitted … ready - 1``; trim the window."""
+        if ready <= self._emitted:
+            self._window = window
+            return window.new_zeros(window.shape[0], self.vae.audio_channels, 0)
+        audio = self.vae.decode(window)  # (B, C, W · R)
+        audio = audio[..., (self._emitted - self._start) * self.hop : (ready - self._start) * self.hop]
+        self._emitted = ready
+        keep_from = max(self._start, ready - self.context)
+        self._window = window[..., keep_from - self._start :]
+        self._start = keep_from
+        return audio
+
+
+def build_autoencoder(cfg: AutoencoderConfig, audio_cfg: AudioConfig) -> OobleckVAE:
+    """Build the VAE from config (``final_tanh`` off, as in Stable Audio Open)."""
+    return OobleckVAE(
+        audio_channels=audio_cfg.channels,
+        channels=cfg.channels,
+        c_mults=cfg.channel_mults,
+        strides=cfg.strides,
+        latent_dim=cfg.latent_channels,
+    )

@@ -1,0 +1,1 @@
+"""Training objectives as library functions (the Ray pipelines call these)."""
