@@ -370,8 +370,16 @@ def test_objective_conversions_compute_in_float64(objective_name: str) -> None:
     alpha, sigma = (c[:, None] for c in objective.alpha_sigma(t))
     naive = alpha * x + sigma * y  # float32 arithmetic rounds twice
     assert not torch.equal(naive, objective.noise(x, y, t))
-    assert objective.logsnr(t).dtype == torch.float32
-    assert torch.equal(objective.logsnr(t), objective.logsnr(t.double()).float())
+    lam = 40 * t - 20
+    scalar_maps = [
+        (objective.logsnr, t),
+        (objective.t_from_logsnr, lam),
+        (lambda u: objective.alpha_sigma(u)[0], t),
+        (lambda u: objective.alpha_sigma(u)[1], t),
+    ]
+    for convert_t, u in scalar_maps:
+        assert convert_t(u).dtype == torch.float32
+        assert torch.equal(convert_t(u), convert_t(u.double()).float())
 
 
 @pytest.mark.parametrize("objective_name", OBJECTIVES)

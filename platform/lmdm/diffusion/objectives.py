@@ -182,7 +182,7 @@ class RectifiedFlow:
         Returns:
             Shaped and typed like ``logsnr``.
         """
-        return torch.sigmoid(-0.5 * logsnr).double().to(logsnr.dtype)
+        return torch.sigmoid(-0.5 * _f64(logsnr)).to(logsnr.dtype)
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,15 @@ class OobleckVAE(nn.Module):
             raise ValueError(f"strides must be even and >= 2 so decoding returns exactly L·R samples, got {list(strides)}")
         self._latent_dim = latent_dim
         self.audio_channels = audio_channels
+        # Flat constructor arguments, saved in checkpoints' config.json.
+        self.init_args = {
+            "audio_channels": audio_channels,
+            "channels": channels,
+            "c_mults": list(c_mults),
+            "strides": list(strides),
+            "latent_dim": latent_dim,
+            "final_tanh": final_tanh,
+        }
         self.encoder = OobleckEncoder(audio_channels, channels, c_mults, strides, 2 * latent_dim)
         self.decoder = OobleckDecoder(audio_channels, channels, c_mults, strides, latent_dim, final_tanh)
 
