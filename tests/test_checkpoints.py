@@ -65,7 +65,7 @@ def test_unsupported_config_option_names_the_key(tmp_path: Path) -> None:
 
 @needs_fixture
 def test_pickle_weights_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="only .safetensors weights are read"):
+    with pytest.raises(CheckpointError, match=r"only \.safetensors weights are read"):
         load_sao_diffusion(DIT_FIXTURE, tmp_path / "model.ckpt")
 
 
@@ -99,7 +99,7 @@ def test_our_format_round_trips(tmp_path: Path) -> None:
 
 
 def test_our_format_errors(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="config.json: missing"):
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
         load_checkpoint(tmp_path)
     folder = save_checkpoint(tmp_path / "d", DiT(DiTArgs(io_channels=4, width=64, depth=1, head_dim=32)))
     config = json.loads((folder / "config.json").read_text())
