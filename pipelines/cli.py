@@ -31,8 +31,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Build the built-in corpus, inspect user audio.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: print figures and ratios measured in one run.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -185,6 +187,117 @@ def quickstart(
     png = plot_clip(audio, cfg.audio.sample_rate, cfg.data.frame_rate, curves, row["caption"], Path("runs") / cfg.name / "corpus_clip.png")
     console.print(f"plot of {row['clip_id']}: {png}")
     console.print(f"done in {time.perf_counter() - started:.1f} s")
+
+
+@app.command("import-sao")
+def import_sao_command(
+    source: Annotated[Path, typer.Argument(help="Stable Audio folder (model_config.json + model.safetensors) or its config.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: dit/, conditioners/, autoencoder/ in our format.")],
+) -> None:
+    """Convert a Stable Audio Open / Open Small checkpoint into our format (safetensors only)."""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.checkpoints.sao_dit import import_sao
+
+    try:
+        written = import_sao(source, out)
+    except CheckpointError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    for component, folder in written.items():
+        console.print(f"{component}: {folder}")
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="WAV file to write.")] = Path("runs/generate.wav"),
+    seconds: Annotated[float, typer.Option(help="Length of audio to stream.", min=0.1, max=3600)] = 10.0,
+    dit_path: Annotated[Path | None, typer.Option("--dit", help="DiT checkpoint folder (our format); default: random init.")] = None,
+    autoencoder_path: Annotated[
+        Path | None, typer.Option("--autoencoder", help="Autoencoder checkpoint folder; default: random init.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Stream audio from a checkpoint (random-init models until trained ones exist) to a WAV file."""
+    import torch
+
+    from lmdm.audio.io import write_audio
+    from lmdm.builders import build_autoencoder_from, build_dit, build_engine
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.checkpoints.format import load_checkpoint
+    from lmdm.models.autoencoder import OobleckVAE
+    from lmdm.models.dit import DiT
+    from lmdm.streaming.engines import Condition
+    from lmdm.streaming.stream import Stream
+
+    cfg = _load(config, overrides)
+    try:
+        dit = load_checkpoint(dit_path)[0] if dit_path else build_dit(cfg)
+        vae = load_checkpoint(autoencoder_path)[0] if autoencoder_path else build_autoencoder_from(cfg)
+    except CheckpointError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    if not isinstance(dit, DiT) or not isinstance(vae, OobleckVAE):
+        err_console.print("[bold red]error:[/] --dit must hold a DiT checkpoint and --autoencoder an autoencoder checkpoint")
+        raise typer.Exit(1)
+    dit.eval()
+    vae.eval()
+    latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
+    blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
+    stream = Stream(build_engine(cfg, dit), vae, Condition(), generator=torch.Generator().manual_seed(seed))
+    chunks = []
+    with torch.inference_mode(), _progress_bar("streaming blocks") as bar:
+        task = bar.add_task("blocks", total=blocks)
+        for chunk in stream.chunks(blocks):
+            chunks.append(chunk)
+            bar.update(task, completed=min(stream.blocks, blocks))
+    audio = torch.cat(chunks, dim=-1)[0, :, : int(seconds * cfg.audio.sample_rate)].float().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_audio(out, audio / max(1e-6, float(abs(audio).max())) * 0.9, cfg.audio.sample_rate)
+    console.print(
+        f"wrote {out} ({audio.shape[-1] / cfg.audio.sample_rate:.1f} s, {blocks} blocks of {cfg.stream.block_frames} latent frames)"
+    )
+
+
+@bench_app.command("stream")
+def bench_stream(
+    quick: Annotated[bool, typer.Option("--quick", help="A small shape (under a minute on 2 cores).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    width: Annotated[int | None, typer.Option(help="DiT width (default 512; quick 256).")] = None,
+    depth: Annotated[int | None, typer.Option(help="DiT depth (default 8; quick 4).")] = None,
+    block_frames: Annotated[int | None, typer.Option(help="Latent frames per block (default 48).")] = None,
+    context_blocks: Annotated[int | None, typer.Option(help="Context blocks (default 4).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per block (default 8).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Streams per batch (default 1).")] = None,
+    cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (1 = off).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed blocks per method.")] = None,
+    config: ConfigOption = "quickstart",
+) -> None:
+    """Per-block latency of outpainting vs LMDM (encdec, block-causal), speedup vs the analytical ratio,
+    MFU, KV-cache bytes and real-time factor — all from one run. Also the quickstart model's real-time factor."""
+    from lmdm.eval.bench_stream import BenchShape, run_stream_bench, stream_report
+
+    cfg = _load(config, [])
+    base = BenchShape(width=256, depth=4, repeats=5) if quick else BenchShape()
+    given = {
+        "width": width,
+        "depth": depth,
+        "block_frames": block_frames,
+        "context_blocks": context_blocks,
+        "steps": steps,
+        "batch": batch,
+        "cfg_scale": cfg_scale,
+        "repeats": repeats,
+    }
+    shape = BenchShape(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
+    console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")
+    results = run_stream_bench(shape, quickstart=cfg)
+    console.print(stream_report(results))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"figures: {json_out}")
 
 
 def main() -> None:

@@ -95,7 +95,9 @@ def test_our_format_round_trips(tmp_path: Path) -> None:
     x = torch.randn(2, 4, 6)
     t = torch.rand(2)
     loaded_dit, _ = load_checkpoint(tmp_path / "DiT")
-    torch.testing.assert_close(loaded_dit(x, t, input_concat_cond=torch.zeros(2, 5, 6)), dit.eval()(x, t, input_concat_cond=torch.zeros(2, 5, 6)))
+    torch.testing.assert_close(
+        loaded_dit(x, t, input_concat_cond=torch.zeros(2, 5, 6)), dit.eval()(x, t, input_concat_cond=torch.zeros(2, 5, 6))
+    )
 
 
 def test_our_format_errors(tmp_path: Path) -> None:

@@ -103,8 +103,10 @@ class AutoencoderConfig(Section):
                 f"channel_mults ({len(self.channel_mults)} entries) and strides ({len(self.strides)} entries) "
                 "must have the same length: one of each per encoder block"
             )
-        if any(s < 1 for s in self.strides) or any(m < 1 for m in self.channel_mults):
-            raise ValueError("strides and channel_mults must all be >= 1")
+        if any(s < 2 or s % 2 for s in self.strides) or any(m < 1 for m in self.channel_mults):
+            raise ValueError(
+                f"strides must be even and >= 2 (decoding returns exactly frames·ratio samples) and channel_mults >= 1, got strides {self.strides}"
+            )
         return self
 
     @property
@@ -119,16 +121,25 @@ class AutoencoderConfig(Section):
 class DiTConfig(Section):
     """Diffusion transformer with the Stable Audio Open layout."""
 
-    width: int = Field(256, ge=8, le=8192)
+    width: int = Field(384, ge=8, le=8192)
     depth: int = Field(6, ge=1, le=128)
-    head_dim: int = Field(64, ge=8, le=256)
-    cond_token_dim: int = Field(384, ge=1, le=8192, description="text-encoder token width")
+    head_dim: int = Field(64, ge=32, le=256, description="partial rotary needs >= 32")
+    cond_token_dim: int = Field(384, ge=0, le=8192, description="text-encoder token width; 0 = no text")
+    project_cond_tokens: bool = Field(False, description="project text tokens to `width` before cross-attention")
     objective: Literal["rectified_flow", "v"] = "rectified_flow"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> DiTConfig:
         if self.width % self.head_dim != 0:
             raise ValueError(f"width ({self.width}) must be a multiple of head_dim ({self.head_dim})")
+        if self.cond_token_dim and not self.project_cond_tokens:
+            heads, kv_heads, rem = self.width // self.head_dim, self.cond_token_dim // self.head_dim, self.cond_token_dim % self.head_dim
+            if rem or kv_heads == 0 or heads % kv_heads:
+                raise ValueError(
+                    f"cross-attention has width/head_dim = {heads} query heads and cond_token_dim/head_dim = "
+                    f"{self.cond_token_dim / self.head_dim:g} key/value heads; the first must be a multiple of the second "
+                    "(or set project_cond_tokens: true)"
+                )
         return self
 
 
@@ -140,7 +151,9 @@ class StreamConfig(Section):
     context_blocks: int = Field(4, ge=0, le=64)
     steps: int = Field(8, ge=1, le=1000, description="denoising steps per block")
     sampler: Literal["euler", "dpmpp_2m", "pingpong"] = "euler"
+    schedule: Literal["linear", "logsnr"] = "linear"
     cfg_scale: float = Field(1.0, ge=0.0, le=30.0)
+    rotary: Literal["fixed", "growing"] = Field("fixed", description="window positions (re-rotated) or stream positions")
 
 
 class TrainConfig(Section):

@@ -1,0 +1,229 @@
+"""``lmdm bench stream``: per-block latency of outpainting vs the LMDM engines, measured in one run.
+
+Every figure comes from the same process: per-block latency (median, p90) per method, the measured
+LMDM/outpainting speedup beside the analytical token-pass ratio ``steps·(Kc+Bf) / (steps·Bf + Bf)``
+(block-causal; ``+ Kc`` instead of ``+ Bf`` for encdec, which re-encodes the context each block),
+achieved FLOP/s beside this machine's measured matmul peak (MFU), KV-cache bytes per second of
+context, and real-time factor (with the autoencoder's streaming decode when one is given).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from lmdm.config import Config
+from lmdm.models.autoencoder import StreamingDecoder
+from lmdm.models.dit import DiT, DiTArgs
+from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
+from lmdm.streaming.sequences import BlockGeometry
+
+__all__ = ["BenchShape", "matmul_peak_flops", "pass_flops", "run_stream_bench"]
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """The benchmarked geometry (defaults: the paper's, on a width-512, depth-8 model)."""
+
+    width: int = 512
+    depth: int = 8
+    head_dim: int = 64
+    latent_channels: int = 64
+    block_frames: int = 48
+    context_blocks: int = 4
+    steps: int = 8
+    batch: int = 1
+    text_tokens: int = 64
+    cond_token_dim: int | None = None  # text token width; None = the model width
+    cfg_scale: float = 1.0
+    latent_rate: float = 21.5
+    repeats: int = 10
+    warmup: int = 2
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's measured float32 matmul rate (FLOP/s): best of ``repeats`` ``n×n @ n×n``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def pass_flops(args: DiTArgs, queries: int, keys: int, text_tokens: int) -> float:
+    """Matmul FLOPs of one DiT pass of ``queries`` tokens over ``keys`` self-attention keys.
+
+    Per layer: ``36·S·D²`` (qkv 6, out 2, cross q 2, cross out 2, GLU 16 + 8) ``+ 4·S·K·D`` (self
+    attention) ``+ 4·S·L·D`` (cross-attention; text K/V are cached per prompt), plus in/out projections.
+    """
+    S, K, D, L = queries, keys, args.width, text_tokens if args.cond_token_dim else 0
+    per_layer = 36 * S * D * D + 4 * S * K * D + 4 * S * L * D
+    io = 2 * S * D * (2 * args.io_channels + args.input_concat_dim)
+    return float(args.depth * per_layer + io)
+
+
+def _quantiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return {"median_s": statistics.median(ordered), "p90_s": p90}
+
+
+def _time_blocks(step: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: int = 0) -> dict[str, Any]:
+    """Measure every method on ``shape`` (and the quickstart model's real-time factor) in one run."""
+    torch.manual_seed(seed)
+    C = shape.latent_channels
+    text_dim = shape.width if shape.cond_token_dim is None else shape.cond_token_dim
+    args = DiTArgs(
+        io_channels=C,
+        width=shape.width,
+        depth=shape.depth,
+        head_dim=shape.head_dim,
+        cond_token_dim=text_dim,
+        input_concat_dim=C + 1,
+    )
+    dit = DiT(args).eval()
+    geometry = BlockGeometry(shape.block_frames, shape.context_blocks)
+    sampling = Sampling(steps=shape.steps, cfg_scale=shape.cfg_scale)
+    text = torch.randn(shape.batch, shape.text_tokens, text_dim) if text_dim else None
+    condition = Condition(text, "bench")
+    Bf, Kc, steps = shape.block_frames, geometry.context_frames, shape.steps
+    branches = 2 if shape.cfg_scale != 1.0 and text is not None else 1
+    engines: dict[str, OutpaintingEngine | LMDMEngine] = {
+        "outpainting": OutpaintingEngine(dit, geometry, sampling),
+        "encdec": LMDMEngine(dit, "encdec", geometry, sampling),
+        "block_causal": LMDMEngine(dit, "block_causal", geometry, sampling),
+    }
+    flops = {
+        "outpainting": steps * pass_flops(args, 1 + Kc + Bf, 1 + Kc + Bf, shape.text_tokens),
+        "encdec": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens) + pass_flops(args, Kc, Kc, shape.text_tokens),
+        "block_causal": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens) + pass_flops(args, Bf, Kc + Bf, shape.text_tokens),
+    }
+    analytical = {
+        "encdec": steps * (Kc + Bf) / (steps * Bf + Kc),
+        "block_causal": steps * (Kc + Bf) / (steps * Bf + Bf),
+    }
+    peak = matmul_peak_flops()
+    seconds_per_block = Bf / shape.latent_rate
+    results: dict[str, Any] = {"shape": asdict(shape), "machine": {"threads": torch.get_num_threads(), "matmul_peak_flops": peak}}
+    with torch.inference_mode():
+        for name, engine in engines.items():
+            generator = torch.Generator().manual_seed(seed)
+            context = torch.randn(shape.batch, C, Kc, generator=generator)
+            state = engine.start(condition, shape.batch, context=context, generator=generator)
+            times = _time_blocks(lambda e=engine, s=state: e.step(s, condition), shape.repeats, shape.warmup)
+            q = _quantiles(times)
+            block_flops = branches * shape.batch * flops[name]
+            entry: dict[str, Any] = {
+                **q,
+                "flops_per_block": block_flops,
+                "achieved_flops": block_flops / q["median_s"],
+                "mfu": block_flops / q["median_s"] / peak,
+                "realtime_factor": seconds_per_block / q["median_s"],
+            }
+            if isinstance(engine, LMDMEngine) and state.cache is not None:
+                entry["kv_cache_bytes"] = state.cache.nbytes()
+                entry["kv_cache_bytes_per_context_second"] = state.cache.nbytes() / (Kc / shape.latent_rate)
+            results[name] = entry
+        if quickstart is not None:
+            results["quickstart"] = _quickstart_rtf(quickstart, shape.repeats, shape.warmup, seed)
+    outpaint = results["outpainting"]["median_s"]
+    results["lmdm_vs_outpainting"] = {
+        "measured_speedup": outpaint / results["block_causal"]["median_s"],
+        "analytical_speedup": analytical["block_causal"],
+        "efficiency": outpaint / results["block_causal"]["median_s"] / analytical["block_causal"],
+        "encdec_measured_speedup": outpaint / results["encdec"]["median_s"],
+        "encdec_analytical_speedup": analytical["encdec"],
+    }
+    results["lmdm"] = {
+        "realtime_factor": results["quickstart"]["realtime_factor"]
+        if quickstart is not None
+        else results["block_causal"]["realtime_factor"],
+        "model": "quickstart (block_causal, autoencoder decode included)" if quickstart is not None else "bench shape, no decode",
+    }
+    return results
+
+
+def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+    """Real-time factor of the quickstart model: block-causal LMDM step + streaming decode, per block."""
+    from lmdm.builders import build_autoencoder_from, build_dit, build_engine
+
+    torch.manual_seed(seed)
+    dit, vae = build_dit(cfg).eval(), build_autoencoder_from(cfg).eval()
+    engine = build_engine(cfg, dit, "block_causal")
+    text = torch.randn(1, 64, cfg.dit.cond_token_dim) if cfg.dit.cond_token_dim else None
+    condition = Condition(text, "bench")
+    generator = torch.Generator().manual_seed(seed)
+    Bf = cfg.stream.block_frames
+    state = engine.start(
+        condition, 1, context=torch.randn(1, dit.args.io_channels, Bf * cfg.stream.context_blocks, generator=generator), generator=generator
+    )
+    decoder = StreamingDecoder(vae)
+
+    def block() -> None:
+        decoder.push(engine.step(state, condition))
+
+    times = _time_blocks(block, repeats, warmup)
+    q = _quantiles(times)
+    latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
+    return {
+        **q,
+        "dit_parameters": sum(p.numel() for p in dit.parameters()),
+        "autoencoder_parameters": sum(p.numel() for p in vae.parameters()),
+        "block_seconds": Bf / latent_rate,
+        "realtime_factor": (Bf / latent_rate) / q["median_s"],
+        "sample_rate": cfg.audio.sample_rate,
+        "steps": cfg.stream.steps,
+    }
+
+
+def stream_report(results: dict[str, Any]) -> Table:
+    """A table of the figures for the terminal."""
+    table = Table(title="lmdm bench stream (per block, one run)")
+    for column in ("method", "median ms", "p90 ms", "GFLOP/block", "GFLOP/s", "MFU", "RTF", "KV cache / ctx s"):
+        table.add_column(column, justify="right")
+    for name in ("outpainting", "encdec", "block_causal"):
+        r = results[name]
+        kv = f"{r['kv_cache_bytes_per_context_second'] / 1e6:.2f} MB" if "kv_cache_bytes_per_context_second" in r else "-"
+        table.add_row(
+            name,
+            f"{r['median_s'] * 1e3:.1f}",
+            f"{r['p90_s'] * 1e3:.1f}",
+            f"{r['flops_per_block'] / 1e9:.2f}",
+            f"{r['achieved_flops'] / 1e9:.1f}",
+            f"{r['mfu']:.1%}",
+            f"{r['realtime_factor']:.1f}x",
+            kv,
+        )
+    s = results["lmdm_vs_outpainting"]
+    table.caption = (
+        f"block-causal speedup {s['measured_speedup']:.2f}x measured vs {s['analytical_speedup']:.2f}x analytical "
+        f"(steps·(Kc+Bf)/(steps·Bf+Bf)) = {s['efficiency']:.2f} of the ratio; encdec {s['encdec_measured_speedup']:.2f}x vs "
+        f"{s['encdec_analytical_speedup']:.2f}x. Matmul peak {results['machine']['matmul_peak_flops'] / 1e9:.1f} GFLOP/s."
+    )
+    if "quickstart" in results:
+        q = results["quickstart"]
+        table.caption += (
+            f" Quickstart model ({q['dit_parameters'] / 1e6:.1f}M DiT params, {q['steps']} steps, {q['sample_rate']} Hz): "
+            f"{q['median_s'] * 1e3:.1f} ms per {q['block_seconds']:.2f}-s block with decode = {q['realtime_factor']:.1f}x real time."
+        )
+    return table

@@ -1,0 +1,52 @@
+"""Builders: the only place that turns config objects into flat constructor arguments."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lmdm.config import Config
+from lmdm.models.autoencoder import OobleckVAE, build_autoencoder
+from lmdm.models.dit import DiT, DiTArgs
+from lmdm.streaming.engines import LMDMEngine, OutpaintingEngine, Sampling
+from lmdm.streaming.sequences import BlockGeometry
+
+__all__ = ["build_autoencoder_from", "build_dit", "build_engine", "build_geometry", "build_sampling"]
+
+EngineKind = Literal["outpainting", "encdec", "block_causal"]
+
+
+def build_dit(cfg: Config) -> DiT:
+    """The streaming DiT: latent channels from the autoencoder, inputs ``[noisy | clean | mask]``."""
+    io = cfg.autoencoder.latent_channels
+    return DiT(
+        DiTArgs(
+            io_channels=io,
+            width=cfg.dit.width,
+            depth=cfg.dit.depth,
+            head_dim=cfg.dit.head_dim,
+            cond_token_dim=cfg.dit.cond_token_dim,
+            project_cond_tokens=cfg.dit.project_cond_tokens,
+            input_concat_dim=io + 1,
+        )
+    )
+
+
+def build_autoencoder_from(cfg: Config) -> OobleckVAE:
+    return build_autoencoder(cfg.autoencoder, cfg.audio)
+
+
+def build_geometry(cfg: Config) -> BlockGeometry:
+    return BlockGeometry(block_frames=cfg.stream.block_frames, context_blocks=cfg.stream.context_blocks)
+
+
+def build_sampling(cfg: Config) -> Sampling:
+    s = cfg.stream
+    return Sampling(steps=s.steps, sampler=s.sampler, cfg_scale=s.cfg_scale, objective=cfg.dit.objective, schedule=s.schedule)
+
+
+def build_engine(cfg: Config, dit: DiT, variant: EngineKind | None = None) -> OutpaintingEngine | LMDMEngine:
+    """The engine for ``variant`` (default: ``stream.variant``)."""
+    kind = variant or cfg.stream.variant
+    if kind == "outpainting":
+        return OutpaintingEngine(dit, build_geometry(cfg), build_sampling(cfg))
+    return LMDMEngine(dit, kind, build_geometry(cfg), build_sampling(cfg), rotary=cfg.stream.rotary)

@@ -1,0 +1,118 @@
+"""The one rollout function, audio streams, `lmdm generate`, `lmdm import-sao` and `lmdm bench stream`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from lmdm.models.autoencoder import OobleckVAE
+from lmdm.models.dit import DiT, DiTArgs
+from lmdm.pipelines.cli import app
+from lmdm.streaming.engines import Condition, LMDMEngine, Sampling
+from lmdm.streaming.rollout import rollout
+from lmdm.streaming.sequences import BlockGeometry
+from lmdm.streaming.stream import Stream
+
+runner = CliRunner()
+GEO = BlockGeometry(block_frames=4, context_blocks=2)
+
+
+def engine() -> LMDMEngine:
+    torch.manual_seed(0)
+    dit = DiT(DiTArgs(io_channels=4, width=64, depth=2, head_dim=32, cond_token_dim=32, input_concat_dim=5))
+    return LMDMEngine(dit, "block_causal", GEO, Sampling(steps=2, sampler="pingpong"))
+
+
+def test_rollout_equals_stepping_and_follows_the_schedule() -> None:
+    eng = engine()
+    prompts = [Condition(torch.randn(1, 3, 32), "a"), Condition(torch.randn(1, 3, 32), "b")]
+    seen: list[int] = []
+    with torch.no_grad():
+        out = rollout(eng, 5, lambda i: prompts[i // 3], generator=torch.Generator().manual_seed(1), on_block=lambda i, b: seen.append(i))
+        state = eng.start(prompts[0], 1, generator=torch.Generator().manual_seed(1))
+        manual = torch.cat([eng.step(state, prompts[i // 3]) for i in range(5)], -1)
+    assert out.shape == (1, 4, 20) and seen == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(out, manual, rtol=0, atol=0)
+
+
+def test_stream_audio_equals_batch_decode_of_its_latents() -> None:
+    eng = engine()
+    vae = OobleckVAE(1, 8, [1, 2], [2, 4], 4).eval()
+    cond = Condition(torch.randn(1, 3, 32), "a")
+    with torch.no_grad():
+        stream = Stream(eng, vae, cond, generator=torch.Generator().manual_seed(2))
+        audio = torch.cat(list(stream.chunks(6)), -1)
+        latents = rollout(eng, 6, cond, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(audio, vae.decode(latents), rtol=1e-4, atol=1e-5)
+    assert audio.shape == (1, 1, 6 * 4 * vae.downsampling_ratio)
+
+
+TINY = [
+    "dit.width=64",
+    "dit.depth=1",
+    "dit.head_dim=32",
+    "dit.cond_token_dim=0",
+    "autoencoder.channels=4",
+    "autoencoder.latent_channels=4",
+    "stream.block_frames=4",
+    "stream.steps=2",
+]
+
+
+def test_generate_writes_a_wav(tmp_path: Path) -> None:
+    out = tmp_path / "x.wav"
+    result = runner.invoke(app, ["generate", "--out", str(out), "--seconds", "1.5", *TINY])
+    assert result.exit_code == 0, result.output
+    audio, rate = sf.read(out)
+    assert rate == 16000 and len(audio) == 24000 and abs(audio).max() > 0
+
+
+def test_generate_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["generate", "--dit", str(tmp_path / "nope"), *TINY])
+    assert result.exit_code == 1 and "config.json: missing" in result.output
+
+
+def test_import_sao_cli(tmp_path: Path) -> None:
+    fixture = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures" / "sao_dit_tiny"
+    result = runner.invoke(app, ["import-sao", str(fixture), str(tmp_path / "out")])
+    if not fixture.is_dir():
+        assert result.exit_code == 1
+        return
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "dit" / "model.safetensors").is_file()
+
+
+def test_bench_stream_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "stream",
+            "--quick",
+            "--width",
+            "64",
+            "--depth",
+            "1",
+            "--block-frames",
+            "4",
+            "--steps",
+            "2",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+            "--config",
+            "quick",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["lmdm_vs_outpainting"]["analytical_speedup"] == 2 * (16 + 4) / (2 * 4 + 4)
+    assert figures["lmdm_vs_outpainting"]["measured_speedup"] > 0
+    assert figures["lmdm"]["realtime_factor"] > 0
+    assert figures["block_causal"]["kv_cache_bytes"] > 0
