@@ -73,7 +73,7 @@ def pass_flops(args: DiTArgs, queries: int, keys: int, text_tokens: int) -> floa
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return {"median_s": statistics.median(ordered), "p90_s": p90}
 
 
