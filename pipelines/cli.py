@@ -272,12 +272,21 @@ def bench_stream(
     batch: Annotated[int | None, typer.Option(help="Streams per batch (default 1).")] = None,
     cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (1 = off).")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed blocks per method.")] = None,
+    matmul_precision: Annotated[
+        str, typer.Option(help="float32 matmul precision for every method: highest (fp32) | high | medium (oneDNN bf16 dot products).")
+    ] = "highest",
     config: ConfigOption = "quickstart",
 ) -> None:
     """Per-block latency of outpainting vs LMDM (encdec, block-causal), speedup vs the analytical ratio,
     MFU, KV-cache bytes and real-time factor — all from one run. Also the quickstart model's real-time factor."""
+    import torch
+
     from lmdm.eval.bench_stream import BenchShape, run_stream_bench, stream_report
 
+    if matmul_precision not in ("highest", "high", "medium"):
+        err_console.print(f"[bold red]error:[/] --matmul-precision must be highest, high or medium, got {matmul_precision!r}")
+        raise typer.Exit(2)
+    torch.set_float32_matmul_precision(matmul_precision)
     cfg = _load(config, [])
     base = BenchShape(width=256, depth=4, repeats=5) if quick else BenchShape()
     given = {

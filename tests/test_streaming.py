@@ -170,12 +170,33 @@ def test_context_is_independent_of_target_and_timestep() -> None:
     state = engine.start(cond, B, context=torch.randn(B, IO, 3 * BF, dtype=F64))
     engine._prepare(state, cond)
     assert state.cache is not None
-    ctx = slice(0, state.cache.context_positions)
+    ctx = state.cache.ring
     before = state.cache.k[:, :, :, ctx].clone(), state.cache.v[:, :, :, ctx].clone()
     for seed in range(3):  # different noisy targets and timesteps
         g = torch.Generator().manual_seed(seed)
         engine.denoise_step(state, torch.randn(B, IO, BF, generator=g, dtype=F64), torch.rand(B, generator=g, dtype=F64))
         assert torch.equal(state.cache.k[:, :, :, ctx], before[0]) and torch.equal(state.cache.v[:, :, :, ctx], before[1])
+
+
+def test_merged_commit_is_independent_of_the_target_and_timestep() -> None:
+    """block_causal commits block j−1 inside block j's first denoising step: the committed keys/values
+    must be bit-identical whatever noisy target and timestep ride along in that pass."""
+    dit, texts = tiny_dit(), prompts(1)
+    cond = Condition(texts[0], "p0")
+    engine = LMDMEngine(dit, "block_causal", GEO, Sampling(steps=2))
+    rings = []
+    for seed in range(3):
+        state = engine.start(cond, B, generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            engine.step(state, cond)  # the last block is pending
+        engine._prepare(state, cond)
+        assert state.merged and state.cache is not None
+        g = torch.Generator().manual_seed(100 + seed)
+        engine.denoise_step(state, torch.randn(B, IO, BF, generator=g, dtype=F64), torch.rand(B, generator=g, dtype=F64))
+        assert not state.merged and state.cache.slot_block == [2, 1]
+        rings.append((state.cache.k[:, :, :, state.cache.ring].clone(), state.cache.v[:, :, :, state.cache.ring].clone()))
+    for k, v in rings[1:]:
+        assert torch.equal(k, rings[0][0]) and torch.equal(v, rings[0][1])
 
 
 @pytest.mark.parametrize("variant", ["block_causal", "encdec"])

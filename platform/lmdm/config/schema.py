@@ -92,9 +92,9 @@ class AutoencoderConfig(Section):
     """Oobleck-style 1-D convolutional VAE (Stable Audio family)."""
 
     latent_channels: int = Field(32, ge=1, le=512)
-    channels: int = Field(32, ge=4, le=1024, description="base width of the conv stack")
+    channels: int = Field(16, ge=4, le=1024, description="base width of the conv stack")
     channel_mults: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], min_length=1)
-    strides: list[int] = Field(default_factory=lambda: [2, 4, 8, 8], min_length=1)
+    strides: list[int] = Field(default_factory=lambda: [2, 4, 8, 16], min_length=1, description="product = samples per latent frame")
 
     @model_validator(mode="after")
     def _same_depth(self) -> AutoencoderConfig:
@@ -122,7 +122,7 @@ class DiTConfig(Section):
     """Diffusion transformer with the Stable Audio Open layout."""
 
     width: int = Field(384, ge=8, le=8192)
-    depth: int = Field(6, ge=1, le=128)
+    depth: int = Field(4, ge=1, le=128)
     head_dim: int = Field(64, ge=32, le=256, description="partial rotary needs >= 32")
     cond_token_dim: int = Field(384, ge=0, le=8192, description="text-encoder token width; 0 = no text")
     project_cond_tokens: bool = Field(False, description="project text tokens to `width` before cross-attention")
@@ -147,9 +147,9 @@ class StreamConfig(Section):
     """Streaming geometry and sampling."""
 
     variant: Literal["outpainting", "encdec", "block_causal"] = "block_causal"
-    block_frames: int = Field(32, ge=1, le=4096, description="latent frames per block")
+    block_frames: int = Field(16, ge=1, le=4096, description="latent frames per block")
     context_blocks: int = Field(4, ge=0, le=64)
-    steps: int = Field(8, ge=1, le=1000, description="denoising steps per block")
+    steps: int = Field(6, ge=1, le=1000, description="denoising steps per block")
     sampler: Literal["euler", "dpmpp_2m", "pingpong"] = "euler"
     schedule: Literal["linear", "logsnr"] = "linear"
     cfg_scale: float = Field(1.0, ge=0.0, le=30.0)

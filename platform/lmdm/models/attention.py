@@ -69,9 +69,10 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=False)
 
     def project(self, x: Tensor, freqs: Tensor) -> Projected:
-        """q, k, v of ``x`` ``(B, S, D)``; q and k rotated by ``freqs`` ``(S, R)`` or ``(B, S, R)``."""
-        q, k, v = rearrange(self.to_qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
-        return Projected(apply_rotary(q, freqs), apply_rotary(k, freqs), k, v)
+        """q, k, v of ``x`` ``(B, S, D)``; q and k rotated together by the rotary table ``freqs``."""
+        qkv = rearrange(self.to_qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
+        q, k = apply_rotary(qkv[:2], freqs).unbind(0)
+        return Projected(q, k, qkv[1], qkv[2])
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Scaled dot-product attention and the output projection.
@@ -166,7 +167,7 @@ class TransformerBlock(nn.Module):
 
         Args:
             x: ``(B, S, D)`` tokens.
-            freqs: rotary angles of the tokens, ``(S, R)`` or ``(B, S, R)``.
+            freqs: rotary table of the tokens (:class:`~lmdm.models.rotary.RotaryEmbedding`).
             mask: self-attention mask over the keys the hook returns (True = attend).
             text_kv: this layer's text keys/values, each ``(B, Hkv, L, Dh)``; ``None`` skips cross-attention.
             text_mask: which text keys each token may see, ``(S, L)`` (for per-block prompts).

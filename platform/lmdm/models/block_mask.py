@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["CLEAN", "GLOBAL", "NOISY", "TokenLayout", "Variant", "attention_mask", "text_group_mask"]
+__all__ = ["CLEAN", "GLOBAL", "NOISY", "TokenLayout", "Variant", "additive_mask", "attention_mask", "text_group_mask"]
 
 GLOBAL, CLEAN, NOISY = 0, 1, 2
 Variant = Literal["full", "encdec", "block_causal"]
@@ -101,6 +101,12 @@ def attention_mask(queries: TokenLayout, keys: TokenLayout, variant: Variant, co
         eye = torch.eye(qk.shape[0], kk.shape[1], dtype=torch.bool, device=qk.device)
         allowed = allowed | (eye if allowed.ndim == 2 else eye[None])
     return allowed[:, None] if allowed.ndim == 3 else allowed
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask (True = attend) as an additive float mask (0 / −inf), built once and reused by every
+    layer and denoising step (a bool mask is converted inside attention at every call)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def text_group_mask(token_group: Tensor, text_len: int, groups: int) -> Tensor:

@@ -142,7 +142,7 @@ class DiT(nn.Module):
         return y
 
     def freqs(self, positions: Tensor) -> Tensor:
-        """Rotary angles for token positions ``(S,)`` or ``(B, S)``."""
+        """Rotary table (cos, sin) for token positions ``(S,)`` or ``(B, S)``: ``(2, [B,] S, R/2)``."""
         f: Tensor = self.transformer.rotary_pos_emb(positions)
         return f
 

@@ -39,36 +39,40 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, r, 2).float() / r)))
 
     def forward(self, positions: Tensor) -> Tensor:
-        """Angles for positions.
+        """The rotary table of positions: cosines and sines of ``θ = position · inv_freq``.
+
+        Computed once per sequence (or once per streamed block) and reused by every layer and step.
 
         Args:
             positions: ``(S,)`` or ``(B, S)`` positions (float or int).
 
         Returns:
-            ``(S, R)`` or ``(B, S, R)`` float32 angles, ``cat(θ, θ)``.
+            ``(2, S, R/2)`` or ``(2, B, S, R/2)`` float32: ``[cos θ, sin θ]`` (``cat(θ, θ)`` in Stable Audio's
+            terms: both halves of the rotated dims use the same angles).
         """
         theta = positions.to(torch.float32)[..., None] * self.inv_freq
-        return torch.cat((theta, theta), dim=-1)
+        return torch.stack([theta.cos(), theta.sin()])
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rotary(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate the first ``R`` dims of each head of ``x`` (rotate-half convention, partial rotary).
 
-
-def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate the first ``R`` dims of each head of ``x`` by ``freqs`` (in float32).
+    For the halves ``x₁, x₂`` of the rotated dims: ``(x₁ cos θ − x₂ sin θ, x₂ cos θ + x₁ sin θ)``, which
+    is Stable Audio's ``x·cos(cat(θ, θ)) + rotate_half(x)·sin(cat(θ, θ))``, computed in at least float32.
 
     Args:
-        x: ``(..., H, S, Dh)`` (e.g. ``(B, H, S, Dh)``, or a whole cache ``(Ly, B, H, S, Dh)``).
-        freqs: ``(S, R)``, or ``(B, S, R)`` for a 4-D ``x``, from :class:`RotaryEmbedding`.
+        x: ``(..., H, S, Dh)``: ``(B, H, S, Dh)``, stacked ``(2, B, H, S, Dh)`` q and k, or a whole
+            cache ``(Ly, B, H, S, Dh)``.
+        table: ``(2, S, R/2)``, or ``(2, B, S, R/2)`` for per-sample positions, from :class:`RotaryEmbedding`.
 
     Returns:
         ``x``'s shape and dtype.
     """
-    if freqs.ndim == 3:
-        freqs = freqs[:, None]  # (B, 1, S, R)
-    r = freqs.shape[-1]
-    rot, rest = x[..., :r].to(torch.float32), x[..., r:]
-    rot = rot * freqs.cos() + _rotate_half(rot) * freqs.sin()
-    return torch.cat((rot.to(x.dtype), rest), dim=-1)
+    cos, sin = table[0], table[1]
+    if cos.ndim == 3:  # (B, S, R/2) → (B, 1, S, R/2): broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    half = cos.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x[..., :half].to(dtype), x[..., half : 2 * half].to(dtype)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x[..., 2 * half :]], dim=-1)

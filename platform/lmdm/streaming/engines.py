@@ -29,7 +29,7 @@ from lmdm.diffusion.objectives import Objective, get_objective
 from lmdm.diffusion.samplers import cfg_combine, sample, x0_denoiser
 from lmdm.diffusion.schedule import timesteps
 from lmdm.models.attention import KVHook, Projected
-from lmdm.models.block_mask import text_group_mask
+from lmdm.models.block_mask import additive_mask, text_group_mask
 from lmdm.models.dit import DiT, TextKV
 from lmdm.models.kv_cache import BlockKVCache
 from lmdm.models.rotary import apply_rotary
@@ -86,6 +86,11 @@ class StreamState:
     global_cond: Tensor | None = None
     text_mask: Tensor | None = None  # outpainting: per-token prompt groups of the window
     frames_ctx: Tensor | None = None  # outpainting: (R, 2C+1, Kc) context-frame inputs of the window
+    frames: Tensor | None = None  # LMDM: (R, 2C+1, Bf) target-frame input buffer, [x_t, 0, 0]
+    pending: Tensor | None = None  # block_causal: (R, 2C+1, Bf) inputs of the last block, committed by the next first step
+    pending_key: str = ""  # the prompt that block was generated under
+    merged: bool = False  # the next denoise_step is the merged (commit + first step) pass
+    step_text_kv: TextKV | None = None  # text K/V of the current prompt (the merged pass may add the committing block's)
 
 
 class Engine(Protocol):
@@ -224,7 +229,7 @@ class OutpaintingEngine(_Base):
         self._drop_unused_text(state, condition.key)
         valid = torch.tensor([k is not None for k in state.slot_key], dtype=torch.bool, device=self.device).repeat_interleave(Bf)
         keys = torch.cat([valid.new_ones(1), valid, valid.new_ones(Bf)])  # [global, context, target]
-        state.mask = keys[None, :] | torch.eye(keys.shape[0], dtype=torch.bool, device=self.device)
+        state.mask = additive_mask(keys[None, :] | torch.eye(keys.shape[0], dtype=torch.bool, device=self.device), self.dtype)
         state.freqs = self.dit.freqs(torch.arange(Kc + Bf + 1, device=self.device))
         state.global_cond = self._global(condition, state)
         state.text_kv, state.text_mask = self._window_text(state, condition)
@@ -322,8 +327,10 @@ class LMDMEngine(_Base):
         state.cache = BlockKVCache.allocate(
             len(self.dit.layers), state.rows, self.heads, self.head_dim, Ctx, Bf,
             keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=self.dtype, device=self.device,
+            aux=self.variant == "block_causal",
         )  # fmt: skip
         state.hooks = [self._step_hook(state, i) for i in range(len(self.dit.layers))]
+        state.frames = torch.zeros(state.rows, 2 * self.channels + 1, Bf, dtype=self.dtype, device=self.device)
         if context is not None:
             for b in range(context.shape[-1] // Bf):
                 block = context[..., b * Bf : (b + 1) * Bf].to(self.dtype)
@@ -338,17 +345,16 @@ class LMDMEngine(_Base):
         (once per block, always from un-rotated storage, so nothing accumulates)."""
         assert cache.k_raw is not None
         freqs = self.dit.freqs(self._slot_positions(cache, block))
-        cache.k[:, :, :, : cache.context_positions] = apply_rotary(cache.k_raw, freqs)  # (Ly, R, H, Kc, Dh)
+        cache.k[:, :, :, cache.ring] = apply_rotary(cache.k_raw, freqs)  # (Ly, R, H, Kc, Dh)
 
     def _step_hook(self, state: StreamState, layer: int) -> KVHook:
         def hook(p: Projected) -> tuple[Tensor, Tensor]:
             cache = state.cache
             assert cache is not None
             own = cache.own
-            k, v = cache.k[layer], cache.v[layer]
-            k[:, :, own].copy_(p.k)
-            v[:, :, own].copy_(p.v)
-            return k, v
+            cache.k[layer][:, :, own].copy_(p.k)
+            cache.v[layer][:, :, own].copy_(p.v)
+            return cache.view(layer)
 
         return hook
 
@@ -356,28 +362,114 @@ class LMDMEngine(_Base):
         cache = state.cache
         assert cache is not None
         self._drop_unused_text(state, condition.key)
-        state.text_kv = self._text_rows(state, condition)
+        state.text_kv = state.step_text_kv = self._text_rows(state, condition)
         state.global_cond = self._global(condition, state)
         if self.variant == "encdec":
             self._encode_context(state, condition)
         elif self.rotary == "fixed" and cache.k_raw is not None and self.geometry.context_blocks:
             self._rotate_ring(cache, state.block)
+        state.merged = state.pending is not None
+        if state.merged:
+            self._plan_merged(state, condition)
+        else:
+            self._plan_step(state)
+
+    def _plan_step(self, state: StreamState) -> None:
+        """Mask, rotary table and hooks of an ordinary denoising step (keys: ``[ring | own]``)."""
+        cache = state.cache
+        assert cache is not None
         valid = cache.slot_valid(self.device)
-        state.mask = torch.cat([valid, valid.new_ones(1 + self.geometry.block_frames)])[None, :]
+        state.mask = additive_mask(torch.cat([valid, valid.new_ones(1 + self.geometry.block_frames)])[None, :], self.dtype)
         state.freqs = self.dit.freqs(self._own_positions(state.block))
+        state.hooks = [self._step_hook(state, i) for i in range(len(self.dit.layers))]
+
+    def _plan_merged(self, state: StreamState, condition: Condition) -> None:
+        """The first step of block ``j`` also commits block ``j − 1``: queries ``[block j−1 | global | target]``
+        over keys ``[aux | ring | own]``. Block ``j−1`` sees the ring (blocks ``j−1−Ctx … j−2``) and itself;
+        the target sees the ring except block ``j−1−Ctx`` (out of its band), block ``j−1`` and its own tokens."""
+        cache = state.cache
+        assert cache is not None and state.pending is not None
+        Ctx, Bf = self.geometry.context_blocks, self.geometry.block_frames
+        j = state.block
+        valid = cache.slot_valid(self.device)
+        band = valid.clone()
+        band[cache.raw_range((j - 1) % Ctx)] = False  # the slot of block j − 1 − Ctx, about to be evicted
+        ones, zeros = valid.new_ones(Bf), valid.new_zeros(1 + Bf)
+        committing = torch.cat([ones, valid, zeros])[None, :].expand(Bf, -1)
+        target = torch.cat([ones, band, valid.new_ones(1 + Bf)])[None, :].expand(1 + Bf, -1)
+        state.mask = additive_mask(torch.cat([committing, target]), self.dtype)
+        own = self._own_positions(j)
+        first = (Ctx - 1) * Bf + 1 if self.rotary == "fixed" else (j - 1) * Bf + 1  # block j−1: the newest context slot
+        pending_positions = torch.arange(Bf, device=self.device) + first
+        state.freqs = self.dit.freqs(torch.cat([pending_positions, own]))
+        state.text_mask = None
+        if state.text_kv is not None and state.pending_key != condition.key:
+            pending_text = state.text.get(state.pending_key)
+            assert pending_text is not None, f"prompt {state.pending_key!r} of the committing block is no longer cached"
+            state.text_kv = [
+                (torch.cat([a[0], b[0]], dim=2), torch.cat([a[1], b[1]], dim=2)) for a, b in zip(state.text_kv, pending_text, strict=True)
+            ]
+            L = pending_text[0][0].shape[2]
+            group = torch.cat([torch.ones(Bf, dtype=torch.long), torch.zeros(1 + Bf, dtype=torch.long)]).to(self.device)
+            state.text_mask = text_group_mask(group, L, 2)
+        state.hooks = [self._merged_hook(state, i) for i in range(len(self.dit.layers))]
+
+    def _merged_hook(self, state: StreamState, layer: int) -> KVHook:
+        def hook(p: Projected) -> tuple[Tensor, Tensor]:
+            cache = state.cache
+            assert cache is not None
+            Bf = self.geometry.block_frames
+            k, v = cache.k[layer], cache.v[layer]
+            k[:, :, cache.aux].copy_(p.k[:, :, :Bf])
+            v[:, :, cache.aux].copy_(p.v[:, :, :Bf])
+            k[:, :, cache.own].copy_(p.k[:, :, Bf:])
+            v[:, :, cache.own].copy_(p.v[:, :, Bf:])
+            if cache.k_raw is not None:  # its un-rotated keys go straight to its ring slot (not read in this pass)
+                cache.k_raw[layer][:, :, cache.raw_range((state.block - 1) % self.geometry.context_blocks)].copy_(p.k_raw[:, :, :Bf])
+            return k, v
+
+        return hook
+
+    def _finish_commit(self, state: StreamState) -> None:
+        """After the merged pass: the committed block's keys/values move from ``aux`` into its ring slot
+        (evicting the oldest block), and the following steps use the ordinary plan."""
+        cache = state.cache
+        assert cache is not None
+        slot = (state.block - 1) % self.geometry.context_blocks
+        ring = cache.slot_range(slot)
+        cache.k[:, :, :, ring] = cache.k[:, :, :, cache.aux]
+        cache.v[:, :, :, ring] = cache.v[:, :, :, cache.aux]
+        cache.slot_block[slot] = state.block - 1
+        state.pending, state.merged = None, False
+        state.text_kv, state.text_mask = state.step_text_kv, None
+        self._plan_step(state)
 
     def denoise_step(self, state: StreamState, x_t: Tensor, t: Tensor) -> Tensor:
         """The model output ``(B, C, Bf)`` for the target at ``t`` ``(B,)``: only global + target tokens run."""
-        x_rows = self._rows(x_t, state)
-        frames = torch.cat([x_rows, torch.zeros_like(x_rows), x_rows.new_zeros(x_rows.shape[0], 1, x_rows.shape[-1])], dim=1)
-        assert state.freqs is not None
-        h = torch.cat([self.dit.global_tokens(self._rows(t, state), state.global_cond), self.dit.embed_frames(frames)], dim=1)
-        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, None, state.hooks)
-        return self._combine(self.dit.unembed_frames(h[:, 1:]), state)
+        frames = state.frames
+        assert frames is not None and state.freqs is not None
+        for branch in range(state.rows // state.batch):  # [x_t, 0, 0] in a preallocated input buffer
+            frames[branch * state.batch : (branch + 1) * state.batch, : self.channels].copy_(x_t)
+        g = self.dit.global_tokens(self._rows(t, state), state.global_cond)
+        if not state.merged:
+            h = torch.cat([g, self.dit.embed_frames(frames)], dim=1)
+            h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, None, state.hooks)
+            return self._combine(self.dit.unembed_frames(h[:, 1:]), state)
+        # Merged pass: [block j−1 (clean) | global | target] — the commit rides along with the first step.
+        assert state.pending is not None
+        Bf = self.geometry.block_frames
+        emb = self.dit.embed_frames(torch.cat([state.pending, frames], dim=-1))
+        h = torch.cat([emb[:, :Bf], g, emb[:, Bf:]], dim=1)
+        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, state.hooks)
+        out = self.dit.unembed_frames(h[:, Bf + 1 :])
+        self._finish_commit(state)
+        return self._combine(out, state)
 
     def _commit(self, state: StreamState, block: Tensor, condition: Condition) -> None:
-        if self.variant == "block_causal":
-            self._encode_block(state, block, condition)
+        """``block_causal``: the block is encoded by the next block's first denoising step (merged pass);
+        ``encdec`` re-encodes the whole context at the next block anyway."""
+        if self.variant == "block_causal" and self.geometry.context_blocks:
+            state.pending, state.pending_key = context_inputs(self._rows(block, state)), condition.key
         self._push_context(state, block, condition.key)
 
     # ---- context encoding ---------------------------------------------------------------------
@@ -405,8 +497,8 @@ class LMDMEngine(_Base):
                 k[:, :, mine].copy_(p.k)
                 v[:, :, mine].copy_(p.v)
                 if raw is not None:
-                    raw[layer][:, :, cache.slot_range(slot)].copy_(p.k_raw)
-                return k, v
+                    raw[layer][:, :, cache.raw_range(slot)].copy_(p.k_raw)
+                return cache.view(layer)
 
             return hook
 
@@ -447,8 +539,8 @@ class LMDMEngine(_Base):
 
         def hook_for(layer: int) -> KVHook:
             def hook(p: Projected) -> tuple[Tensor, Tensor]:
-                cache.k[layer][:, :, :Kc].copy_(p.k)
-                cache.v[layer][:, :, :Kc].copy_(p.v)
+                cache.k[layer][:, :, cache.ring].copy_(p.k)
+                cache.v[layer][:, :, cache.ring].copy_(p.v)
                 return p.k, p.v
 
             return hook
