@@ -141,6 +141,12 @@ def read_sao_diffusion_config(config_path: str | Path) -> SaoDiffusionSpec:
     unknown = sorted(set(dit_cfg) - set(_SUPPORTED))
     if unknown:
         raise CheckpointError(f"{path}: model.diffusion.config has options this importer does not implement: {unknown}")
+    if dit_cfg.get("global_cond_type", "prepend") == "adaLN":
+        raise CheckpointError(
+            f"{path}: model.diffusion.config.global_cond_type = 'adaLN' is not supported: adaLN modulates every token "
+            "(context included) with the timestep, so an LMDM could not cache context keys/values; only 'prepend' "
+            "(one global token) is imported"
+        )
     for key, only in _SUPPORTED.items():
         if only is not None and key in dit_cfg and dit_cfg[key] != only:
             raise CheckpointError(f"{path}: model.diffusion.config.{key} = {dit_cfg[key]!r} is not supported (only {only!r})")
