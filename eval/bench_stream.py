@@ -79,6 +79,19 @@ def _quantiles(samples: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(ordered), "p90_s": p90}
 
 
+def _time_round_robin(steps: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _time_blocks(step: Callable[[], Any], repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         step()
@@ -140,12 +153,17 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         },
     }
     with torch.inference_mode():
+        states = {}
         for name, engine in engines.items():
             generator = torch.Generator().manual_seed(seed)
             context = torch.randn(shape.batch, C, Kc, generator=generator)
-            state = engine.start(condition, shape.batch, context=context, generator=generator)
-            times = _time_blocks(lambda e=engine, s=state: e.step(s, condition), shape.repeats, shape.warmup)
-            q = _quantiles(times)
+            states[name] = engine.start(condition, shape.batch, context=context, generator=generator)
+        # Round-robin: one block of each method per round, so machine-speed drift hits every method alike.
+        times = _time_round_robin(
+            {n: (lambda e=e, s=states[n]: e.step(s, condition)) for n, e in engines.items()}, shape.repeats, shape.warmup
+        )
+        for name, engine in engines.items():
+            q = _quantiles(times[name])
             block_flops = branches * shape.batch * flops[name]
             entry: dict[str, Any] = {
                 **q,
@@ -154,12 +172,13 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
                 "mfu": block_flops / q["median_s"] / peak,
                 "realtime_factor": seconds_per_block / q["median_s"],
             }
-            if isinstance(engine, LMDMEngine) and state.cache is not None:
-                entry["kv_cache_bytes"] = state.cache.nbytes()
-                entry["kv_cache_bytes_per_context_second"] = state.cache.nbytes() / (Kc / shape.latent_rate)
+            cache = states[name].cache
+            if isinstance(engine, LMDMEngine) and cache is not None:
+                entry["kv_cache_bytes"] = cache.nbytes()
+                entry["kv_cache_bytes_per_context_second"] = cache.nbytes() / (Kc / shape.latent_rate)
             results[name] = entry
         if quickstart is not None:
-            results["quickstart"] = _quickstart_rtf(quickstart, shape.repeats, shape.warmup, seed)
+            results["quickstart"] = _quickstart_rtf(quickstart, max(shape.repeats, 20), shape.warmup, seed)
     outpaint = results["outpainting"]["median_s"]
     results["lmdm_vs_outpainting"] = {
         "measured_speedup": outpaint / results["block_causal"]["median_s"],
