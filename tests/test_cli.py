@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,8 +62,8 @@ def test_quickstart_builds_corpus_and_plot(tmp_path: Path, monkeypatch: pytest.M
 
 @pytest.mark.slow
 def test_console_script(tmp_path: Path) -> None:
-    exe = shutil.which("lmdm")
-    assert exe, "the lmdm console script is not installed"
+    exe = str(Path(sys.executable).parent / "lmdm")  # the script installed beside this interpreter
+    assert Path(exe).is_file(), f"the lmdm console script is not installed at {exe}"
     out = subprocess.run([exe, "config", "show", "quick"], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert "name: quick" in out.stdout
     scan = subprocess.run([exe, "data", "scan", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, check=True)

