@@ -56,7 +56,7 @@ def test_missing_folders_never_download(tmp_path: Path) -> None:
     with pytest.raises(TextEncoderError, match="never downloaded"):
         load_text_encoder("t5", tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TextEncoderError, match="no .safetensors weights"):
+    with pytest.raises(TextEncoderError, match=r"no \.safetensors weights"):
         load_text_encoder("t5", tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"text: .*encoder 't5' needs text.path"):
         load_config("quickstart", ["text.encoder=t5"])
