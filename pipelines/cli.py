@@ -189,6 +189,32 @@ def quickstart(
     console.print(f"done in {time.perf_counter() - started:.1f} s")
 
 
+@app.command()
+def precompute(
+    autoencoder: Annotated[Path, typer.Option("--autoencoder", help="Autoencoder checkpoint folder (our format).")],
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Encode the configured data into latent shards with Ray Data (resumable; see precompute.out)."""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.pipelines.precompute import PrecomputeMismatchError, run_precompute
+
+    cfg = _load(config, overrides)
+    with _progress_bar("precomputing latents") as bar:
+        task = bar.add_task("inputs", total=None)
+        try:
+            summary = run_precompute(cfg, autoencoder, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (PrecomputeMismatchError, CheckpointError, FileNotFoundError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+    console.print(
+        f"{summary.out}: {summary.inputs} inputs → {summary.chunks} chunks in {summary.seconds:.1f} s "
+        f"({summary.shards_written} shards written, {summary.shards_reused} reused); {len(summary.skipped)} skipped"
+    )
+    for item in summary.skipped:
+        console.print(f"  skipped {item['input_id']}: {item['reason']}")
+
+
 @app.command("import-sao")
 def import_sao_command(
     source: Annotated[Path, typer.Argument(help="Stable Audio folder (model_config.json + model.safetensors) or its config.")],

@@ -31,3 +31,16 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Corpu
     root = tmp_path_factory.mktemp("corpus") / "corpus"
     summary = build_corpus(root, cfg.data.corpus, cfg.audio, cfg.data.frame_rate)
     return cfg, summary
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> object:
+    """One local Ray for the test session (loopback, its own temp dir; 4 logical CPUs on 2 cores so
+    Ray Data tasks and actors always get slots)."""
+    import ray
+
+    from lmdm.pipelines.precompute import ensure_ray
+
+    ensure_ray(load_config("quickstart", ["ray.num_cpus=4"]))
+    yield ray
+    ray.shutdown()

@@ -21,6 +21,8 @@ __all__ = [
     "DataConfig",
     "DiTConfig",
     "EvalConfig",
+    "PrecomputeConfig",
+    "RayConfig",
     "ServeConfig",
     "StreamConfig",
     "TextConfig",
@@ -171,6 +173,25 @@ class TextConfig(Section):
         return self
 
 
+class PrecomputeConfig(Section):
+    """``lmdm precompute``: audio → latent shards with Ray Data."""
+
+    out: Path = Field(Path("runs/latents"), description="output folder (Parquet shards + manifest.json)")
+    chunk_frames: int = Field(240, ge=1, le=100_000, description="latent frames per chunk (a training sequence source)")
+    shard_inputs: int = Field(64, ge=1, le=1_000_000, description="input files per Parquet shard (the unit of resume)")
+    actors: int = Field(1, ge=1, le=1024, description="autoencoder actors (one model copy each)")
+    batch_size: int = Field(8, ge=1, le=4096, description="chunks per encode batch")
+    cpus_per_actor: float = Field(1.0, gt=0.0, le=256.0)
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per Ray task/actor")
+
+
+class RayConfig(Section):
+    """Where Ray runs: ``address: null`` starts a local, loopback-only Ray for the command."""
+
+    address: str | None = Field(None, description="e.g. 'auto' inside a cluster / `ray job submit`")
+    num_cpus: float | None = Field(None, gt=0, description="logical CPUs for a local Ray (None = the machine's)")
+
+
 class TrainConfig(Section):
     """Training loop settings shared by every stage."""
 
@@ -224,6 +245,8 @@ class Config(BaseModel):
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     dit: DiTConfig = Field(default_factory=DiTConfig)
     text: TextConfig = Field(default_factory=TextConfig)
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -1,0 +1,97 @@
+"""`lmdm precompute` with real Ray Data on a small corpus: exact latents, resume, skipped inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import tiny_config
+from lmdm.audio.io import load_audio
+from lmdm.checkpoints.format import save_checkpoint
+from lmdm.config import Config
+from lmdm.data.corpus import CorpusSummary
+from lmdm.models.autoencoder import OobleckVAE
+from lmdm.pipelines.precompute import PrecomputeMismatchError, run_precompute
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("ae") / "autoencoder", OobleckVAE(1, 4, [1, 2], [2, 4], 4))
+
+
+def rows(out: Path) -> list[dict[str, object]]:
+    return [r for f in sorted(out.glob("shard_*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def corpus_cfg(summary: CorpusSummary, out: Path, *more: str) -> Config:
+    return tiny_config(
+        f"data.root={summary.root}", f"precompute.out={out}", "precompute.chunk_frames=4000", "precompute.shard_inputs=2", *more
+    )
+
+
+def test_shards_hold_exact_latents_and_curves(
+    tmp_path: Path, local_ray: object, vae_dir: Path, tiny_corpus: tuple[Config, CorpusSummary]
+) -> None:
+    _, summary = tiny_corpus
+    cfg = corpus_cfg(summary, tmp_path / "latents")
+    result = run_precompute(cfg, vae_dir)
+    assert result.inputs == 6 and result.chunks == 6 * 3 and not result.skipped  # 6-s clips, 2-s chunks
+    table = rows(tmp_path / "latents")
+    assert sorted((r["input_index"], r["chunk"]) for r in table) == [(i, c) for i in range(6) for c in range(3)]
+    torch.manual_seed(0)
+    vae = OobleckVAE(1, 4, [1, 2], [2, 4], 4).eval()  # the same weights as the checkpoint
+    row = next(r for r in table if r["input_index"] == 1 and r["chunk"] == 2)
+    audio = load_audio(summary.root / "audio" / "clip_00001.flac", 16000, 1)[:, 2 * 32000 : 3 * 32000]
+    with torch.no_grad():
+        direct = vae.encode(torch.from_numpy(audio)[None])
+    np.testing.assert_allclose(np.array(row["latent_mean"]).reshape(4, 4000), direct.mean[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(row["latent_std"]).reshape(4, 4000), direct.std[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert len(row["f0_hz"]) == 4000 and len(row["loudness_db"]) == 4000
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["counts"] == {"inputs": 6, "chunks": 18, "skipped": 0, "shards": 3}
+    assert len(manifest["autoencoder_sha256"]) == 64 and manifest["text_encoder"]["kind"] == "minilm"
+    text = pq.read_table(tmp_path / "latents" / "text_embeddings.parquet").to_pylist()
+    assert {t["caption"] for t in text} >= {r["caption"] for r in table}
+    assert len(text[0]["tokens"]) == 64 * 384
+
+
+def test_interrupted_run_completes_without_duplicates_or_gaps(
+    tmp_path: Path, local_ray: object, vae_dir: Path, tiny_corpus: tuple[Config, CorpusSummary]
+) -> None:
+    _, summary = tiny_corpus
+    cfg = corpus_cfg(summary, tmp_path / "latents")
+    first = run_precompute(cfg, vae_dir, stop_after_shards=1)
+    assert first.shards_written == 1 and len(list((tmp_path / "latents").glob("shard_*.json"))) == 1
+    second = run_precompute(cfg, vae_dir)
+    assert second.shards_reused == 1 and second.shards_written == 2
+    keys = [(r["input_index"], r["chunk"]) for r in rows(tmp_path / "latents")]
+    assert sorted(keys) == [(i, c) for i in range(6) for c in range(3)] and len(keys) == len(set(keys))
+    other = corpus_cfg(summary, tmp_path / "latents", "precompute.chunk_frames=2000")
+    with pytest.raises(PrecomputeMismatchError, match="differs in: chunk_frames"):
+        run_precompute(other, vae_dir)
+
+
+def test_corrupt_input_is_listed_in_the_manifest(tmp_path: Path, local_ray: object, vae_dir: Path) -> None:
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    t = np.arange(32000) / 16000
+    sf.write(folder / "a.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
+    (folder / "b.wav").write_bytes(b"RIFF garbage")
+    sf.write(folder / "c.wav", np.zeros(4000, np.float32), 16000)
+    cfg = tiny_config("data.source=folder", f"data.path={folder}", f"precompute.out={tmp_path / 'latents'}", "precompute.chunk_frames=1000")
+    result = run_precompute(cfg, vae_dir)
+    reasons = {s["input_id"]: s["reason"] for s in result.skipped}
+    assert set(reasons) == {"b.wav", "c.wav"}
+    assert reasons["b.wav"].startswith("unreadable audio") and reasons["c.wav"].startswith("too short")
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert {s["input_id"] for s in manifest["skipped"]} == {"b.wav", "c.wav"}
+    assert result.chunks == 4
