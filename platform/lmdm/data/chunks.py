@@ -90,8 +90,8 @@ def list_inputs(source: str, path: Path, captions: Path | None = None) -> list[I
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         caption_column = next((c for c in ("caption", "text", "prompt", "description") if c in ds.column_names), None)
-        texts = ds[caption_column] if caption_column else [""] * ds.num_rows
-        return [InputRecord(i, f"row{i:06d}", str(path), str(texts[i] or ""), row=i) for i in range(ds.num_rows)]
+        row_texts: list[Any] = list(ds[caption_column]) if caption_column else [""] * ds.num_rows
+        return [InputRecord(i, f"row{i:06d}", str(path), str(row_texts[i] or ""), row=i) for i in range(ds.num_rows)]
     raise ValueError(f"unknown data source {source!r}; expected corpus, folder or hf_disk")
 
 
