@@ -157,15 +157,13 @@ def chunk_input(
     count = audio.shape[-1] // size
     if count == 0:
         return [], f"too short: {audio.shape[-1] / sample_rate:.2f} s < one chunk of {size / sample_rate:.2f} s"
+    curves: dict[str, Any]
     if record.curves:
-        curves, rate = record.curves, record.frame_rate
+        curves, rate = dict(record.curves), record.frame_rate
     else:
-        curves = {
-            "loudness_db": loudness_db(audio, sample_rate, frame_rate),
-            "brightness_hz": spectral_centroid(audio, sample_rate, frame_rate),
-        }
-        curves["f0_hz"] = f0_pyin(audio, sample_rate, frame_rate) if pitch else np.zeros_like(curves["loudness_db"])
-        rate = frame_rate
+        loud = loudness_db(audio, sample_rate, frame_rate)
+        f0 = f0_pyin(audio, sample_rate, frame_rate) if pitch else np.zeros_like(loud)
+        curves, rate = {"f0_hz": f0, "loudness_db": loud, "brightness_hz": spectral_centroid(audio, sample_rate, frame_rate)}, frame_rate
     latent_rate = sample_rate / ratio
     chunks = []
     for c in range(count):
