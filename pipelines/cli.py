@@ -335,6 +335,35 @@ def bench_stream(
         console.print(f"figures: {json_out}")
 
 
+@bench_app.command("precompute")
+def bench_precompute(
+    quick: Annotated[bool, typer.Option("--quick", help="24 short clips (about a minute on 2 cores).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Precompute throughput with 1 vs 2 Ray workers (same torch threads per worker), ratio printed."""
+    from lmdm.pipelines.bench_precompute import run_precompute_bench
+
+    extra = (
+        ["data.corpus.num_clips=24", "data.corpus.clip_seconds=8", "data.root=runs/data/corpus-bench-quick", "precompute.chunk_frames=120"]
+        if quick
+        else []
+    )
+    cfg = _load(config, [*extra, *(overrides or [])])
+    summary = _build_corpus(cfg, force=False)
+    results = run_precompute_bench(cfg, summary.root)
+    w1, w2 = results["workers_1"], results["workers_2"]
+    console.print(
+        f"precompute {w1['chunks']} chunks: 1 worker {w1['chunks_per_second']:.2f} chunks/s, 2 workers {w2['chunks_per_second']:.2f} chunks/s "
+        f"→ scaling 2 vs 1 = {results['precompute']['scaling_2_vs_1']:.2f}x (torch threads per worker: {results['torch_threads_per_worker']})"
+    )
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"figures: {json_out}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

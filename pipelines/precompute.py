@@ -69,8 +69,11 @@ def ensure_ray(cfg: Config) -> None:
         ray.init(address=cfg.ray.address)
         return
     temp = Path(tempfile.gettempdir()) / f"lmdm-ray-{os.getuid()}"
+    # Logical CPUs are scheduling slots, not cores (torch threads per task/actor are set explicitly):
+    # twice the cores (at least 4) lets decode tasks run beside a full actor pool instead of deadlocking.
+    num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     ray.init(
-        num_cpus=cfg.ray.num_cpus,
+        num_cpus=num_cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _temp_dir=str(temp),

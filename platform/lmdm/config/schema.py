@@ -189,7 +189,7 @@ class RayConfig(Section):
     """Where Ray runs: ``address: null`` starts a local, loopback-only Ray for the command."""
 
     address: str | None = Field(None, description="e.g. 'auto' inside a cluster / `ray job submit`")
-    num_cpus: float | None = Field(None, gt=0, description="logical CPUs for a local Ray (None = the machine's)")
+    num_cpus: float | None = Field(None, gt=0, description="logical CPUs (scheduling slots) for a local Ray; None = 2 × cores, at least 4")
 
 
 class TrainConfig(Section):
