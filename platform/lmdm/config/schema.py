@@ -208,6 +208,15 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(100, ge=1)
     seed: int = Field(0, ge=0)
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per training worker")
+    storage_path: Path = Field(Path("runs/ray_results"), description="Ray Train storage (shared storage on a cluster)")
+    max_failures: int = Field(3, ge=0, le=1000, description="worker failures survived by resuming from the latest checkpoint")
+    init: Path | None = Field(None, description="checkpoint folder to start from (e.g. the base DiT for stage lmdm)")
+    targets_per_sequence: int = Field(4, ge=1, le=1024, description="block_causal: noisy targets packed per sequence")
+    context_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    oldest_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
+    overfit_batch: bool = Field(False, description="train on the first batch only (tests, debugging)")
 
 
 class EvalConfig(Section):

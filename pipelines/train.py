@@ -1,0 +1,223 @@
+"""``lmdm train``: Ray Train ``TorchTrainer`` + HF Accelerate (+ DeepSpeed ZeRO) for the DiT stages.
+
+Stages here: ``base`` (bidirectional DiT with random inpainting masks: it is also the outpainting
+baseline) and ``lmdm`` (the LMDM loss of DESIGN §4, ``stream.variant`` ``block_causal`` or
+``encdec``, usually initialised from the base with ``train.init``). Data are the precomputed latent
+shards (Ray Data, one shard per worker) and the caption-keyed text-embedding table.
+
+Every ``train.checkpoint_every`` steps each rank saves its share of the training state
+(``accelerator.save_state``: ZeRO shards optimizer state per rank) and reports it with
+``ray.train.report``; rank 0 also writes the model in our format (``model/``) and its EMA
+(``ema/``). A failed worker restarts the group from the latest checkpoint (``FailureConfig``), and the
+step count continues. Metrics go to MLflow from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmdm.config import Config
+
+__all__ = ["TrainResult", "run_train"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path | None  # the latest reported checkpoint folder
+    metrics: dict[str, Any]
+
+
+def _deepspeed_config(cfg: Config) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no fused_adam JIT build on CPU
+        "gradient_clipping": 1.0,
+    }
+
+
+def _text_table(latents: Path) -> dict[str, Any]:
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    table = pq.read_table(latents / "text_embeddings.parquet").to_pylist()
+    return {row["caption"]: torch.from_numpy(np.asarray(row["tokens"], dtype=np.float32).reshape(-1, row["dim"])) for row in table}
+
+
+class _StageLoss:
+    """Built inside the worker (torch imported there): an ``nn.Module`` whose ``forward`` is the stage's
+    loss, so DDP / DeepSpeed wrap it and their forward hooks run (the DiT's own methods are not ``forward``)."""
+
+    @staticmethod
+    def build(cfg: Config, stage: str, dit: Any, generator: Any) -> Any:
+        from torch import Tensor, nn
+
+        from lmdm.builders import build_geometry
+        from lmdm.diffusion.objectives import get_objective
+        from lmdm.training.losses import base_inpainting_loss, lmdm_block_causal_loss, lmdm_encdec_loss
+
+        objective, geometry = get_objective(cfg.dit.objective), build_geometry(cfg)
+        Bf, Ctx, t = geometry.block_frames, geometry.context_blocks, cfg.train
+
+        class StageLoss(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dit = dit
+
+            def forward(self, lat: Tensor, text: Tensor | None) -> Tensor:
+                T = lat.shape[-1]
+                if stage == "base" or cfg.stream.variant == "encdec":
+                    W = (Ctx + 1) * Bf
+                    if W > T:
+                        raise ValueError(f"a window of {W} latent frames does not fit chunks of {T}: raise precompute.chunk_frames")
+                    start = int(torch_randint(T - W + 1, generator))
+                    window = lat[..., start : start + W]
+                    if stage == "base":
+                        return base_inpainting_loss(self.dit, objective, window, text, generator=generator, cfg_dropout=t.cfg_dropout).loss
+                    return lmdm_encdec_loss(
+                        self.dit, objective, geometry, window[..., : Ctx * Bf], window[..., Ctx * Bf :], text, generator=generator,
+                        context_dropout=t.context_dropout, oldest_dropout=t.oldest_dropout, cfg_dropout=t.cfg_dropout,
+                    ).loss  # fmt: skip
+                N = T // Bf
+                return lmdm_block_causal_loss(
+                    self.dit, objective, geometry, lat[..., : N * Bf], text, targets_per_sequence=min(t.targets_per_sequence, N),
+                    generator=generator, context_dropout=t.context_dropout, oldest_dropout=t.oldest_dropout, cfg_dropout=t.cfg_dropout,
+                ).loss  # fmt: skip
+
+        return StageLoss()
+
+
+def torch_randint(high: int, generator: Any) -> int:
+    import torch
+
+    return int(torch.randint(0, high, (1,), generator=generator))
+
+
+def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train worker
+    import mlflow
+    import numpy as np
+    import ray.train
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    from lmdm.builders import build_dit
+    from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
+
+    cfg = Config.model_validate(config["cfg"])
+    stage, latents = config["stage"], Path(config["latents"])
+    torch.set_num_threads(cfg.train.torch_threads)
+    plugin = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg)) if cfg.train.strategy == "deepspeed" else None
+    # gloo process-group kwargs: without them Accelerate sees one process under DeepSpeed on CPU.
+    accelerator = Accelerator(
+        deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], gradient_accumulation_steps=cfg.train.grad_accum
+    )
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(cfg.train.seed)
+    dit = build_dit(cfg)
+    if cfg.train.init is not None:
+        init, _ = load_checkpoint(cfg.train.init)
+        dit.load_state_dict(init.state_dict())
+    ema = {k: v.detach().clone() for k, v in dit.state_dict().items()} if rank == 0 else None
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+    model = _StageLoss.build(cfg, stage, dit, generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            accelerator.load_state(str(Path(folder) / "state"))
+            step = json.loads((Path(folder) / "step.json").read_text())["step"]
+            if ema is not None and (Path(folder) / "ema").is_dir():
+                ema = dict(load_checkpoint(Path(folder) / "ema")[0].state_dict())
+    texts = _text_table(latents)
+    run = mlflow.start_run(run_id=config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
+    shard = ray.train.get_dataset_shard("train")
+    fixed: dict[str, Any] | None = None
+    while step < cfg.train.steps:
+        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+            if cfg.train.overfit_batch:
+                fixed = fixed or batch
+                batch = fixed
+            D, T = int(batch["latent_channels"][0]), int(batch["latent_frames"][0])
+            lat = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in batch["latent_mean"]])).reshape(-1, D, T)
+            text = torch.stack([texts[str(c)] for c in batch["caption"]]) if cfg.dit.cond_token_dim else None
+            with accelerator.accumulate(model):
+                loss = model(lat, text)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            step += 1
+            metrics = {"step": step, "train/loss": float(loss.detach())}
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in accelerator.unwrap_model(model).dit.state_dict().items():
+                        if ema[k].is_floating_point():
+                            ema[k].lerp_(v.detach().to(ema[k].dtype), 1 - cfg.train.ema_decay)
+                        else:
+                            ema[k].copy_(v)
+            if run is not None:
+                mlflow.log_metric("train/loss", metrics["train/loss"], step=step)
+            if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.steps:
+                with tempfile.TemporaryDirectory() as folder:
+                    accelerator.save_state(str(Path(folder) / "state"))
+                    if rank == 0:
+                        (Path(folder) / "step.json").write_text(json.dumps({"step": step}))
+                        save_checkpoint(Path(folder) / "model", accelerator.unwrap_model(model).dit, {"stage": stage, "step": step})
+                        ema_model = build_dit(cfg)
+                        ema_model.load_state_dict(ema)  # type: ignore[arg-type]
+                        save_checkpoint(Path(folder) / "ema", ema_model, {"stage": stage, "step": step, "ema_decay": cfg.train.ema_decay})
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+            if step >= cfg.train.steps:
+                break
+    if run is not None:
+        mlflow.end_run()
+
+
+def run_train(cfg: Config, stage: str, latents: Path, mlflow_run_id: str | None = None) -> TrainResult:
+    """Train ``stage`` on the latent shards in ``latents`` with ``cfg.train.workers`` Ray Train workers.
+
+    Returns:
+        The latest checkpoint folder (``model/`` and ``ema/`` inside, in our format) and final metrics.
+    """
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from lmdm.pipelines.precompute import ensure_ray
+
+    if stage not in ("base", "lmdm"):
+        raise ValueError(f"stage {stage!r} is not implemented yet (available: base, lmdm)")
+    ensure_ray(cfg)
+    latents = Path(latents).resolve()
+    if not (latents / "manifest.json").is_file():
+        raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point at its output)")
+    columns = ["caption", "latent_channels", "latent_frames", "latent_mean"]
+    dataset = ray.data.read_parquet(str(latents), file_extensions=["parquet"]).select_columns(columns)
+    storage = Path(cfg.train.storage_path).resolve()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": stage, "latents": str(latents), "mlflow_run_id": mlflow_run_id},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{stage}",
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    folder = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    return TrainResult(checkpoint=folder, metrics=dict(result.metrics or {}))
