@@ -215,6 +215,34 @@ def precompute(
         console.print(f"  skipped {item['input_id']}: {item['reason']}")
 
 
+@app.command()
+def train(
+    stage: Annotated[str, typer.Option("--stage", help="base | lmdm (autoencoder, lmm, arc: later).")],
+    latents: Annotated[Path, typer.Option("--latents", help="Output folder of `lmdm precompute`.")],
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Train a stage with Ray Train + Accelerate (strategy ddp or deepspeed), logging to MLflow."""
+    import mlflow
+
+    from lmdm.eval.tracking import mlflow_run, ui_command
+    from lmdm.pipelines.train import run_train
+
+    cfg = _load(config, overrides)
+    with mlflow_run(cfg, "train"), mlflow_run(cfg, stage, nested=True, params=False) as run:
+        try:
+            result = run_train(cfg, stage, latents, mlflow_run_id=run.info.run_id)
+        except (ValueError, FileNotFoundError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+        if result.checkpoint is not None:
+            mlflow.log_artifacts(str(result.checkpoint / "model"), "model")
+    console.print(
+        f"{stage}: step {result.metrics.get('step')}, loss {result.metrics.get('train/loss'):.4f}; checkpoint {result.checkpoint}"
+    )
+    console.print(f"MLflow: {ui_command(cfg)}")
+
+
 @app.command("import-sao")
 def import_sao_command(
     source: Annotated[Path, typer.Argument(help="Stable Audio folder (model_config.json + model.safetensors) or its config.")],

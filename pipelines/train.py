@@ -9,13 +9,15 @@ Every ``train.checkpoint_every`` steps each rank saves its share of the training
 (``accelerator.save_state``: ZeRO shards optimizer state per rank) and reports it with
 ``ray.train.report``; rank 0 also writes the model in our format (``model/``) and its EMA
 (``ema/``). A failed worker restarts the group from the latest checkpoint (``FailureConfig``), and the
-step count continues. Metrics go to MLflow from rank 0 only.
+step count continues. Metrics go to MLflow from rank 0 only, committed with each checkpoint (so a
+resumed run's history has no duplicate steps).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ def _deepspeed_config(cfg: Config) -> dict[str, Any]:
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no fused_adam JIT build on CPU
-        "gradient_clipping": 1.0,
+        "gradient_clipping": cfg.train.grad_clip,
     }
 
 
@@ -114,11 +116,20 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     stage, latents = config["stage"], Path(config["latents"])
     torch.set_num_threads(cfg.train.torch_threads)
     plugin = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg)) if cfg.train.strategy == "deepspeed" else None
-    # gloo process-group kwargs: without them Accelerate sees one process under DeepSpeed on CPU.
+    # On CPU, DDP needs `cpu=True` (else Accelerate runs every worker unsynchronised), while DeepSpeed must
+    # not get it (Accelerate would silently drop DeepSpeed for DDP); the gloo process-group kwargs make
+    # Accelerate see every process under DeepSpeed on CPU.
     accelerator = Accelerator(
-        deepspeed_plugin=plugin, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], gradient_accumulation_steps=cfg.train.grad_accum
+        cpu=plugin is None and not cfg.train.use_gpu,
+        deepspeed_plugin=plugin,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+        gradient_accumulation_steps=cfg.train.grad_accum,
     )
+    if accelerator.num_processes > 1 and str(accelerator.distributed_type) == "DistributedType.NO":
+        raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but no distributed backend: gradients would not sync")
     rank = ray.train.get_context().get_world_rank()
+    if plugin is not None and type(accelerator.state.deepspeed_plugin).__name__ != "DeepSpeedPlugin":
+        raise RuntimeError("DeepSpeed was requested but Accelerate is not using it")
     torch.manual_seed(cfg.train.seed)
     dit = build_dit(cfg)
     if cfg.train.init is not None:
@@ -138,9 +149,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             if ema is not None and (Path(folder) / "ema").is_dir():
                 ema = dict(load_checkpoint(Path(folder) / "ema")[0].state_dict())
     texts = _text_table(latents)
-    run = mlflow.start_run(run_id=config["mlflow_run_id"]) if rank == 0 and config.get("mlflow_run_id") else None
+    run = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+        run = mlflow.start_run(run_id=config["mlflow_run_id"])
+        mlflow.set_tag("engine", type(model).__name__)
     shard = ray.train.get_dataset_shard("train")
     fixed: dict[str, Any] | None = None
+    pending_metrics: list[Any] = []
     while step < cfg.train.steps:
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
             if cfg.train.overfit_batch:
@@ -152,10 +168,18 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             with accelerator.accumulate(model):
                 loss = model(lat, text)
                 accelerator.backward(loss)
+                if plugin is None and accelerator.sync_gradients:  # DeepSpeed clips itself (gradient_clipping)
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad()
             step += 1
-            metrics = {"step": step, "train/loss": float(loss.detach())}
+            drill = cfg.train.fail_once_at_step
+            marker = Path(cfg.train.storage_path).resolve() / f"{cfg.name}-{stage}.failed-once"
+            if drill is not None and step == drill and rank == min(1, accelerator.num_processes - 1) and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text("the fault-tolerance drill raised here once")
+                raise RuntimeError(f"fault-tolerance drill: rank {rank} fails at step {step}")
+            metrics = {"step": step, "train/loss": float(loss.detach()), "engine": type(model).__name__}
             if ema is not None:
                 with torch.no_grad():
                     for k, v in accelerator.unwrap_model(model).dit.state_dict().items():
@@ -163,9 +187,13 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                             ema[k].lerp_(v.detach().to(ema[k].dtype), 1 - cfg.train.ema_decay)
                         else:
                             ema[k].copy_(v)
-            if run is not None:
-                mlflow.log_metric("train/loss", metrics["train/loss"], step=step)
+            pending_metrics.append(mlflow.entities.Metric("train/loss", metrics["train/loss"], int(time.time() * 1000), step))
             if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.steps:
+                # Metrics are committed with checkpoints: steps after the last checkpoint are recomputed after
+                # a failure, so MLflow keeps one continuous history without duplicate steps.
+                if run is not None:
+                    mlflow.tracking.MlflowClient().log_batch(run.info.run_id, metrics=pending_metrics)
+                pending_metrics = []
                 with tempfile.TemporaryDirectory() as folder:
                     accelerator.save_state(str(Path(folder) / "state"))
                     if rank == 0:
@@ -185,6 +213,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
 
 def run_train(cfg: Config, stage: str, latents: Path, mlflow_run_id: str | None = None) -> TrainResult:
     """Train ``stage`` on the latent shards in ``latents`` with ``cfg.train.workers`` Ray Train workers.
+
+    Args:
+        mlflow_run_id: an existing MLflow run (e.g. the stage's nested run) that rank 0 logs metrics into.
 
     Returns:
         The latest checkpoint folder (``model/`` and ``ema/`` inside, in our format) and final metrics.

@@ -217,6 +217,8 @@ class TrainConfig(Section):
     oldest_dropout: float = Field(0.1, ge=0.0, le=1.0)
     cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
     overfit_batch: bool = Field(False, description="train on the first batch only (tests, debugging)")
+    grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clip (DDP and DeepSpeed alike)")
+    fail_once_at_step: int | None = Field(None, ge=1, description="fault-tolerance drill: rank 1 raises once at this step")
 
 
 class EvalConfig(Section):
