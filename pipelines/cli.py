@@ -217,8 +217,8 @@ def precompute(
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Option("--stage", help="base | lmdm (autoencoder, lmm, arc: later).")],
-    latents: Annotated[Path, typer.Option("--latents", help="Output folder of `lmdm precompute`.")],
+    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm (lmm, arc: later).")],
+    latents: Annotated[Path | None, typer.Option("--latents", help="Output folder of `lmdm precompute` (base, lmdm).")] = None,
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,
 ) -> None:

@@ -67,6 +67,19 @@ class _StageLoss:
         objective, geometry = get_objective(cfg.dit.objective), build_geometry(cfg)
         Bf, Ctx, t = geometry.block_frames, geometry.context_blocks, cfg.train
 
+        class AutoencoderStageLoss(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dit = dit  # the autoencoder (one attribute name for every stage's model)
+
+            def forward(self, audio: Tensor, text: Tensor | None) -> Tensor:
+                from lmdm.training.autoencoder_loss import autoencoder_loss
+
+                return autoencoder_loss(self.dit, audio, t.kl_weight, generator).loss
+
+        if stage == "autoencoder":
+            return AutoencoderStageLoss()
+
         class StageLoss(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
@@ -109,7 +122,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    from lmdm.builders import build_dit
+    from lmdm.builders import build_autoencoder_from, build_dit
     from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
 
     cfg = Config.model_validate(config["cfg"])
@@ -131,7 +144,8 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     if plugin is not None and type(accelerator.state.deepspeed_plugin).__name__ != "DeepSpeedPlugin":
         raise RuntimeError("DeepSpeed was requested but Accelerate is not using it")
     torch.manual_seed(cfg.train.seed)
-    dit = build_dit(cfg)
+    build = build_autoencoder_from if stage == "autoencoder" else build_dit
+    dit = build(cfg)
     if cfg.train.init is not None:
         init, _ = load_checkpoint(cfg.train.init)
         dit.load_state_dict(init.state_dict())
@@ -148,7 +162,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             step = json.loads((Path(folder) / "step.json").read_text())["step"]
             if ema is not None and (Path(folder) / "ema").is_dir():
                 ema = dict(load_checkpoint(Path(folder) / "ema")[0].state_dict())
-    texts = _text_table(latents)
+    texts = _text_table(latents) if stage != "autoencoder" else {}
     run = None
     if rank == 0 and config.get("mlflow_run_id"):
         mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
@@ -162,9 +176,12 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
             if cfg.train.overfit_batch:
                 fixed = fixed or batch
                 batch = fixed
-            D, T = int(batch["latent_channels"][0]), int(batch["latent_frames"][0])
-            lat = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in batch["latent_mean"]])).reshape(-1, D, T)
-            text = torch.stack([texts[str(c)] for c in batch["caption"]]) if cfg.dit.cond_token_dim else None
+            if stage == "autoencoder":
+                lat, text = torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32)), None
+            else:
+                D, T = int(batch["latent_channels"][0]), int(batch["latent_frames"][0])
+                lat = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in batch["latent_mean"]])).reshape(-1, D, T)
+                text = torch.stack([texts[str(c)] for c in batch["caption"]]) if cfg.dit.cond_token_dim else None
             with accelerator.accumulate(model):
                 loss = model(lat, text)
                 accelerator.backward(loss)
@@ -199,7 +216,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                     if rank == 0:
                         (Path(folder) / "step.json").write_text(json.dumps({"step": step}))
                         save_checkpoint(Path(folder) / "model", accelerator.unwrap_model(model).dit, {"stage": stage, "step": step})
-                        ema_model = build_dit(cfg)
+                        ema_model = build(cfg)
                         ema_model.load_state_dict(ema)  # type: ignore[arg-type]
                         save_checkpoint(Path(folder) / "ema", ema_model, {"stage": stage, "step": step, "ema_decay": cfg.train.ema_decay})
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -211,7 +228,37 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         mlflow.end_run()
 
 
-def run_train(cfg: Config, stage: str, latents: Path, mlflow_run_id: str | None = None) -> TrainResult:
+def _audio_dataset(cfg: Config) -> Any:
+    """Autoencoder stage: audio chunks of ``train.audio_chunk_frames`` latent frames, decoded by Ray Data tasks."""
+    import dataclasses
+
+    import ray.data
+
+    from lmdm.data.chunks import list_inputs
+    from lmdm.pipelines.precompute import _decode_batch
+
+    ratio = cfg.autoencoder.downsampling_ratio
+    source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
+    assert source_path is not None
+    records = list_inputs(cfg.data.source, source_path, cfg.data.captions)
+    items = [{"record": json.dumps(dataclasses.asdict(r))} for r in records]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
+    ds = ds.map_batches(
+        _decode_batch,
+        batch_size=1,
+        num_cpus=0.5,
+        fn_kwargs={
+            "sample_rate": cfg.audio.sample_rate,
+            "channels": cfg.audio.channels,
+            "ratio": ratio,
+            "chunk_frames": cfg.train.audio_chunk_frames,
+            "frame_rate": cfg.data.frame_rate,
+        },
+    )
+    return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
+
+
+def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str | None = None) -> TrainResult:
     """Train ``stage`` on the latent shards in ``latents`` with ``cfg.train.workers`` Ray Train workers.
 
     Args:
@@ -226,18 +273,26 @@ def run_train(cfg: Config, stage: str, latents: Path, mlflow_run_id: str | None 
 
     from lmdm.pipelines.precompute import ensure_ray
 
-    if stage not in ("base", "lmdm"):
-        raise ValueError(f"stage {stage!r} is not implemented yet (available: base, lmdm)")
+    if stage not in ("autoencoder", "base", "lmdm"):
+        raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm)")
     ensure_ray(cfg)
-    latents = Path(latents).resolve()
-    if not (latents / "manifest.json").is_file():
-        raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point at its output)")
-    columns = ["caption", "latent_channels", "latent_frames", "latent_mean"]
-    dataset = ray.data.read_parquet(str(latents), file_extensions=["parquet"]).select_columns(columns)
+    if stage == "autoencoder":
+        dataset = _audio_dataset(cfg)
+    else:
+        if latents is None or not (Path(latents) / "manifest.json").is_file():
+            raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
+        latents = Path(latents).resolve()
+        columns = ["caption", "latent_channels", "latent_frames", "latent_mean"]
+        dataset = ray.data.read_parquet(str(latents), file_extensions=["parquet"]).select_columns(columns)
     storage = Path(cfg.train.storage_path).resolve()
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": stage, "latents": str(latents), "mlflow_run_id": mlflow_run_id},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "stage": stage,
+            "latents": str(latents or ""),
+            "mlflow_run_id": mlflow_run_id,
+        },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}

@@ -102,3 +102,15 @@ def test_worker_failure_resumes_from_the_last_checkpoint(tmp_path: Path, latents
     assert result.metrics["step"] == 4
     assert (tmp_path / "ray_results" / "quickstart-base.failed-once").is_file()  # the drill really fired
     assert [s for s, _ in loss_history(uri, run.info.run_id)] == [1, 2, 3, 4]  # one continuous history
+
+
+def test_autoencoder_stage_on_audio_chunks(tmp_path: Path, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary]) -> None:
+    _, summary = tiny_corpus
+    cfg = tiny_config(
+        f"data.root={summary.root}", "autoencoder.channels=4", "autoencoder.latent_channels=4", "autoencoder.strides=[2,4]",
+        "autoencoder.channel_mults=[1,2]", "train.audio_chunk_frames=256", "train.workers=2", "train.batch_size=2", "train.steps=3",
+        "train.checkpoint_every=3", f"train.storage_path={tmp_path / 'ray_results'}", "train.lr=1e-3",
+    )  # fmt: skip
+    result = run_train(cfg, "autoencoder", None)
+    vae, meta = load_checkpoint(result.checkpoint / "model")  # type: ignore[operator]
+    assert isinstance(vae, OobleckVAE) and meta["stage"] == "autoencoder" and result.metrics["step"] == 3

@@ -218,6 +218,8 @@ class TrainConfig(Section):
     cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
     overfit_batch: bool = Field(False, description="train on the first batch only (tests, debugging)")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clip (DDP and DeepSpeed alike)")
+    audio_chunk_frames: int = Field(16, ge=1, le=100_000, description="autoencoder stage: latent frames of audio per example")
+    kl_weight: float = Field(1e-4, ge=0.0, le=1.0, description="autoencoder stage: KL weight")
     fail_once_at_step: int | None = Field(None, ge=1, description="fault-tolerance drill: rank 1 raises once at this step")
 
 
