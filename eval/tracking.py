@@ -15,7 +15,7 @@ from typing import Any
 
 from lmdm.config import Config
 
-__all__ = ["flatten", "mlflow_run", "prepare_tracking", "ui_command"]
+__all__ = ["absolute_tracking_uri", "flatten", "mlflow_run", "prepare_tracking", "ui_command"]
 
 # MLflow caps a param value at 6000 characters (and a key at 250).
 _MAX_PARAM = 6000
@@ -31,6 +31,12 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)[:_MAX_PARAM]
     return flat
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A relative ``sqlite:///runs/mlflow.db`` made absolute (Ray workers run in other directories)."""
+    db = _sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
 def _sqlite_path(uri: str) -> Path | None:

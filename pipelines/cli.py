@@ -168,25 +168,25 @@ def data_scan(
 @app.command()
 def quickstart(
     config: ConfigOption = "quickstart",
+    quick: Annotated[bool, typer.Option("--quick", help="The few-minute profile (configs/quick.yaml); CI runs it.")] = False,
     force: Annotated[bool, typer.Option(help="Rebuild the corpus even if one with other settings exists.")] = False,
     overrides: Overrides = None,
 ) -> None:
-    """Run the embedded default chain. Today: build the corpus, print its summary and plot one clip."""
-    from lmdm.audio.io import load_audio
-    from lmdm.data.corpus import read_corpus_metadata
-    from lmdm.eval.plots import plot_clip
+    """Run the whole chain on the embedded default: corpus → autoencoder → precompute → base → LMDM →
+    a 30-s stream (WAV + spectrogram) with likeness figures against the corpus, beside an untrained model."""
+    from lmdm.eval.tracking import ui_command
+    from lmdm.pipelines.quickstart import run_quickstart
 
     started = time.perf_counter()
-    cfg = _load(config, overrides)
+    cfg = _load("quick" if quick else config, overrides)
     console.rule(f"[bold]lmdm quickstart[/] · config {cfg.name}")
-    summary = _build_corpus(cfg, force)
-    console.print(_corpus_table(summary))
-    row = read_corpus_metadata(summary.root)[0]
-    audio = load_audio(summary.root / row["file_name"], cfg.audio.sample_rate, cfg.audio.channels)
-    curves = {k: row[k] for k in ("f0_hz", "loudness_db", "brightness_hz")}
-    png = plot_clip(audio, cfg.audio.sample_rate, cfg.data.frame_rate, curves, row["caption"], Path("runs") / cfg.name / "corpus_clip.png")
-    console.print(f"plot of {row['clip_id']}: {png}")
-    console.print(f"done in {time.perf_counter() - started:.1f} s")
+    console.print(_corpus_table(_build_corpus(cfg, force)))
+
+    def corpus(c: Config) -> CorpusSummary:
+        return _build_corpus(c, force)
+
+    run_quickstart(cfg, console, corpus)
+    console.print(f"done in {time.perf_counter() - started:.1f} s · MLflow: {ui_command(cfg)}")
 
 
 @app.command()

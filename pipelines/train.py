@@ -271,8 +271,15 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from lmdm.eval.tracking import absolute_tracking_uri
     from lmdm.pipelines.precompute import ensure_ray
 
+    # Workers run in other directories: every path they read must be absolute.
+    cfg = cfg.model_copy(deep=True)
+    cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
+    cfg.train.storage_path = Path(cfg.train.storage_path).resolve()
+    if cfg.train.init is not None:
+        cfg.train.init = Path(cfg.train.init).resolve()
     if stage not in ("autoencoder", "base", "lmdm"):
         raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm)")
     ensure_ray(cfg)
@@ -283,7 +290,8 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
         columns = ["caption", "latent_channels", "latent_frames", "latent_mean"]
-        dataset = ray.data.read_parquet(str(latents), file_extensions=["parquet"]).select_columns(columns)
+        shards = sorted(str(p) for p in latents.glob("shard_*.parquet"))  # not text_embeddings.parquet beside them
+        dataset = ray.data.read_parquet(shards).select_columns(columns)
     storage = Path(cfg.train.storage_path).resolve()
     trainer = TorchTrainer(
         _train_loop,

@@ -223,6 +223,16 @@ class TrainConfig(Section):
     fail_once_at_step: int | None = Field(None, ge=1, description="fault-tolerance drill: rank 1 raises once at this step")
 
 
+class QuickstartConfig(Section):
+    """The `lmdm quickstart` chain: how long each stage trains, and the final stream."""
+
+    autoencoder_steps: int = Field(300, ge=1)
+    base_steps: int = Field(400, ge=1)
+    lmdm_steps: int = Field(300, ge=1)
+    stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    likeness_clips: int = Field(24, ge=1, description="corpus clips the likeness figures compare against")
+
+
 class EvalConfig(Section):
     """Long-rollout evaluation."""
 
@@ -260,6 +270,7 @@ class Config(BaseModel):
     text: TextConfig = Field(default_factory=TextConfig)
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    quickstart: QuickstartConfig = Field(default_factory=QuickstartConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -57,7 +57,7 @@ def list_inputs(source: str, path: Path, captions: Path | None = None) -> list[I
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
-    path = Path(path)
+    path = Path(path).resolve()  # absolute: Ray tasks run in other working directories
     if not path.exists():
         raise FileNotFoundError(f"{source} input {path} does not exist")
     if source == "corpus":

@@ -1,0 +1,49 @@
+"""The quickstart chain end to end (`lmdm quickstart --quick`), as a new user runs it: local Ray, local
+MLflow, the built-in corpus; checks every stage's outputs exist and MLflow has the nested runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from lmdm.pipelines.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: object) -> None:
+    monkeypatch.chdir(tmp_path)
+    overrides = [
+        "data.corpus.num_clips=8",
+        "quickstart.autoencoder_steps=4",
+        "quickstart.base_steps=4",
+        "quickstart.lmdm_steps=4",
+        "quickstart.stream_seconds=8",
+        "quickstart.likeness_clips=2",
+    ]
+    result = CliRunner().invoke(app, ["quickstart", "--quick", *overrides])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "quick"
+    for folder in ("autoencoder", "base", "lmdm"):
+        assert (out / folder / "model.safetensors").is_file()
+    audio, rate = sf.read(out / "stream.wav")
+    assert rate == 16000 and len(audio) == 8 * 16000
+    figures = json.loads((out / "quickstart.json").read_text())
+    assert set(figures["likeness"]) == {"trained", "untrained"} and set(figures["times_s"]) == {
+        "corpus",
+        "autoencoder",
+        "precompute",
+        "base",
+        "lmdm",
+        "stream",
+    }
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("quick")
+    assert experiment is not None
+    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
+    assert {"quickstart", "autoencoder", "precompute", "base", "lmdm"} <= names
