@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from lmdm.config import Config
 
-__all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "ensure_ray", "file_sha256", "run_precompute"]
+__all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "chunk_dataset", "ensure_ray", "file_sha256", "run_precompute"]
 
 FORMAT = 1
 
@@ -111,6 +111,27 @@ def _decode_batch(
         "audio": np.stack([r.get("audio", zeros) for r in rows]),
         **{k: np.stack([r.get(k, empty) for r in rows]) for k in ("f0_hz", "loudness_db", "brightness_hz")},
     }
+
+
+def chunk_dataset(cfg: Config, records: list[Any], ratio: int, chunk_frames: int) -> Any:
+    """A Ray Dataset of the inputs' audio chunks (decode, resample and cut in parallel tasks); an
+    unusable input becomes one row with its ``error`` (so nothing is dropped silently)."""
+    import ray.data
+
+    items = [{"record": json.dumps(dataclasses.asdict(r))} for r in records]
+    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
+    return ds.map_batches(
+        _decode_batch,
+        batch_size=1,
+        num_cpus=0.5,
+        fn_kwargs={
+            "sample_rate": cfg.audio.sample_rate,
+            "channels": cfg.audio.channels,
+            "ratio": ratio,
+            "chunk_frames": chunk_frames,
+            "frame_rate": cfg.data.frame_rate,
+        },
+    )
 
 
 class _Encoder:
@@ -237,20 +258,7 @@ def run_precompute(
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows arrive in input order: a shard is complete when the next begins
         ctx.enable_progress_bars = False
-        items = [{"record": json.dumps(dataclasses.asdict(r))} for r in todo]
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-        ds = ds.map_batches(
-            _decode_batch,
-            batch_size=1,
-            num_cpus=0.5,
-            fn_kwargs={
-                "sample_rate": cfg.audio.sample_rate,
-                "channels": cfg.audio.channels,
-                "ratio": vae.downsampling_ratio,
-                "chunk_frames": cfg.precompute.chunk_frames,
-                "frame_rate": cfg.data.frame_rate,
-            },
-        )
+        ds = chunk_dataset(cfg, todo, vae.downsampling_ratio, cfg.precompute.chunk_frames)
         ds = ds.map_batches(
             _Encoder,
             fn_constructor_kwargs={"autoencoder": str(autoencoder.resolve()), "torch_threads": cfg.precompute.torch_threads},

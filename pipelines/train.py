@@ -230,31 +230,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
 
 def _audio_dataset(cfg: Config) -> Any:
     """Autoencoder stage: audio chunks of ``train.audio_chunk_frames`` latent frames, decoded by Ray Data tasks."""
-    import dataclasses
-
-    import ray.data
 
     from lmdm.data.chunks import list_inputs
-    from lmdm.pipelines.precompute import _decode_batch
+    from lmdm.pipelines.precompute import chunk_dataset
 
-    ratio = cfg.autoencoder.downsampling_ratio
     source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
     assert source_path is not None
     records = list_inputs(cfg.data.source, source_path, cfg.data.captions)
-    items = [{"record": json.dumps(dataclasses.asdict(r))} for r in records]
-    ds = ray.data.from_items(items, override_num_blocks=min(len(items), 64))
-    ds = ds.map_batches(
-        _decode_batch,
-        batch_size=1,
-        num_cpus=0.5,
-        fn_kwargs={
-            "sample_rate": cfg.audio.sample_rate,
-            "channels": cfg.audio.channels,
-            "ratio": ratio,
-            "chunk_frames": cfg.train.audio_chunk_frames,
-            "frame_rate": cfg.data.frame_rate,
-        },
-    )
+    ds = chunk_dataset(cfg, records, cfg.autoencoder.downsampling_ratio, cfg.train.audio_chunk_frames)
     return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
 
 
