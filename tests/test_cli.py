@@ -51,15 +51,6 @@ def test_data_build_and_scan(tmp_path: Path) -> None:
     assert data["read"] == 3 and data["skipped"][0]["source"].endswith("broken.wav")
 
 
-def test_quickstart_builds_corpus_and_plot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["quickstart", *TINY])
-    assert result.exit_code == 0, result.output
-    png = tmp_path / "runs" / "quickstart" / "corpus_clip.png"
-    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
-    assert len(list((tmp_path / "runs" / "data" / "corpus").glob("audio/*.flac"))) == 3
-
-
 @pytest.mark.slow
 def test_console_script(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "lmdm")  # the script installed beside this interpreter

@@ -31,6 +31,7 @@ def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     out = tmp_path / "runs" / "quick"
     for folder in ("autoencoder", "base", "lmdm"):
         assert (out / folder / "model.safetensors").is_file()
+    assert (out / "stream.png").read_bytes()[:4] == b"\x89PNG"
     audio, rate = sf.read(out / "stream.wav")
     assert rate == 16000 and len(audio) == 8 * 16000
     figures = json.loads((out / "quickstart.json").read_text())
