@@ -226,9 +226,9 @@ class TrainConfig(Section):
 class QuickstartConfig(Section):
     """The `lmdm quickstart` chain: how long each stage trains, and the final stream."""
 
-    autoencoder_steps: int = Field(300, ge=1)
-    base_steps: int = Field(400, ge=1)
-    lmdm_steps: int = Field(300, ge=1)
+    autoencoder_steps: int = Field(150, ge=1)
+    base_steps: int = Field(150, ge=1)
+    lmdm_steps: int = Field(100, ge=1)
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     likeness_clips: int = Field(24, ge=1, description="corpus clips the likeness figures compare against")
 
