@@ -180,10 +180,11 @@ def quickstart(
     started = time.perf_counter()
     cfg = _load("quick" if quick else config, overrides)
     console.rule(f"[bold]lmdm quickstart[/] · config {cfg.name}")
-    console.print(_corpus_table(_build_corpus(cfg, force)))
 
-    def corpus(c: Config) -> CorpusSummary:
-        return _build_corpus(c, force)
+    def corpus(c: Config) -> CorpusSummary:  # the chain's corpus stage: built (or reused) once, then summarised
+        summary = _build_corpus(c, force)
+        console.print(_corpus_table(summary))
+        return summary
 
     run_quickstart(cfg, console, corpus)
     console.print(f"done in {time.perf_counter() - started:.1f} s · MLflow: {ui_command(cfg)}")
