@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test quickstart test lint
+.PHONY: install install-test quickstart test lint wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,8 @@ lint:
 # pytest exits 5 when it collects no test: make treats that as a failure, as it should.
 test: install-test lint
 	$(BIN)/python -m pytest
+
+# The wheel that `ray job submit --runtime-env infra/runtime_env.yaml` ships (README, "Running on a cluster").
+wheel: $(BIN)/python
+	$(BIN)/python -m pip install --quiet build
+	rm -rf dist && $(BIN)/python -m build --wheel --outdir dist .

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import lmdm
 from lmdm.config import Config, ConfigError, dump_config, load_config
 
 if TYPE_CHECKING:
@@ -230,6 +231,8 @@ def train(
     from lmdm.pipelines.train import run_train
 
     cfg = _load(config, overrides)
+    # Which code runs matters on a cluster (the job's wheel, or an image's older install): say it.
+    console.print(f"lmdm {lmdm.__version__} imported from {Path(lmdm.__file__).parent}", style="dim", soft_wrap=True)
     with mlflow_run(cfg, "train"), mlflow_run(cfg, stage, nested=True, params=False) as run:
         try:
             result = run_train(cfg, stage, latents, mlflow_run_id=run.info.run_id)
@@ -386,6 +389,59 @@ def bench_precompute(
     console.print(
         f"precompute {w1['chunks']} chunks: 1 worker {w1['chunks_per_second']:.2f} chunks/s, 2 workers {w2['chunks_per_second']:.2f} chunks/s "
         f"→ scaling 2 vs 1 = {results['precompute']['scaling_2_vs_1']:.2f}x (torch threads per worker: {results['torch_threads_per_worker']})"
+    )
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"figures: {json_out}")
+
+
+@bench_app.command("train")
+def bench_train(
+    quick: Annotated[bool, typer.Option("--quick", help="A small DiT, 6 steps (a few minutes on 2 cores).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """DDP vs DeepSpeed ZeRO-2: samples/s and per-worker training-state bytes, ratios printed."""
+    import tempfile
+
+    import torch
+
+    from lmdm.builders import build_autoencoder_from
+    from lmdm.checkpoints.format import save_checkpoint
+    from lmdm.pipelines.bench_train import run_train_bench
+    from lmdm.pipelines.precompute import run_precompute
+
+    data = [
+        "data.corpus.num_clips=24",
+        "data.corpus.clip_seconds=8",
+        "data.root=runs/data/corpus-bench-quick",
+        "precompute.chunk_frames=120",
+    ]
+    model = ["dit.width=128", "dit.depth=2", "train.steps=6"] if quick else ["train.steps=20"]
+    cfg = _load(config, [*data, *model, *(overrides or [])])
+    summary = _build_corpus(cfg, force=False)
+    with tempfile.TemporaryDirectory(prefix="lmdm-bench-train-data-") as tmp:
+        # Latents of a random-init autoencoder: throughput and memory do not depend on what they encode.
+        torch.manual_seed(0)
+        ae = save_checkpoint(Path(tmp) / "autoencoder", build_autoencoder_from(cfg))
+        cfg.data.root, cfg.precompute.out = summary.root, Path(tmp) / "latents"
+        run_precompute(cfg, ae)
+        results = run_train_bench(cfg, Path(tmp) / "latents")
+    table = Table(title=f"base stage, {cfg.train.workers} workers × batch {cfg.train.batch_size}, {cfg.train.steps} steps")
+    for column in ("strategy", "engine", "samples/s", "params MB", "grads MB", "optimizer MB", "total MB"):
+        table.add_column(column, justify="left" if column in ("strategy", "engine") else "right")
+    for name in ("ddp", "zero2"):
+        r = results[name]
+        worst = max(r["state_bytes_per_worker"], key=lambda w: w["total"])
+        mb = [f"{worst[k] / 1e6:.2f}" for k in ("params", "grads", "optimizer", "total")]
+        table.add_row(name, r["engine"], f"{r['samples_per_s']:.2f}", *mb)
+    console.print(table)
+    t = results["train"]
+    console.print(
+        f"ZeRO-2 / DDP per worker: optimizer state {t['zero2_vs_ddp_state_memory_ratio']:.3f} (1/N = {t['expected_optimizer_ratio']:.3f}), "
+        f"total training state {t['zero2_vs_ddp_total_state_ratio']:.3f}, samples/s {t['zero2_vs_ddp_samples_per_s_ratio']:.2f}"
     )
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

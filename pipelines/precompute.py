@@ -60,13 +60,16 @@ def file_sha256(path: Path) -> str:
 
 
 def ensure_ray(cfg: Config) -> None:
-    """Connect to ``ray.address``, or start a local Ray on loopback with its own temp dir."""
+    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``, set inside a Ray job), or start a local Ray on
+    loopback with its own temp dir."""
     import ray
 
     if ray.is_initialized():
         return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
+    # Inside `ray job submit` Ray sets RAY_ADDRESS for the entrypoint: join that cluster (ray.init semantics).
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
         return
     temp = Path(tempfile.gettempdir()) / f"lmdm-ray-{os.getuid()}"
     # Logical CPUs are scheduling slots, not cores (torch threads per task/actor are set explicitly):

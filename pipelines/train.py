@@ -24,7 +24,7 @@ from typing import Any
 
 from lmdm.config import Config
 
-__all__ = ["TrainResult", "run_train"]
+__all__ = ["TrainResult", "run_train", "training_state_bytes"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,48 @@ def _text_table(latents: Path) -> dict[str, Any]:
 
     table = pq.read_table(latents / "text_embeddings.parquet").to_pylist()
     return {row["caption"]: torch.from_numpy(np.asarray(row["tokens"], dtype=np.float32).reshape(-1, row["dim"])) for row in table}
+
+
+def training_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
+    """Bytes of this worker's training state, measured from the tensors themselves (each storage once).
+
+    ``params``: the model's parameters (a full replica under DDP and ZeRO-1/2 alike); ``grads``: their
+    ``.grad`` tensors plus, under DeepSpeed ZeRO, the partitioned gradient buffers it reduces into;
+    ``optimizer``: every tensor in the wrapped torch optimizer's own ``state`` (Adam's moments). Under
+    ZeRO the fp32 master partition that optimizer steps counts as parameters, its ``.grad`` as grads.
+    DDP's internal gradient buckets are not reachable through a public API and are not counted.
+    """
+    import torch
+
+    seen: set[int] = set()
+
+    def size(tensors: Any) -> int:
+        total = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.numel():
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    total += t.untyped_storage().nbytes()
+        return total
+
+    module = getattr(model, "module", model)
+    params = list(module.parameters())
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # Accelerate's wrapper → (DeepSpeed's ZeRO optimizer →) torch's optimizer
+        inner = inner.optimizer
+    zero = getattr(getattr(model, "optimizer", None), "single_partition_of_fp32_groups", None)
+    # Parameters: the model's, plus under ZeRO the fp32 master partition its optimizer steps.
+    masters = [p for group in inner.param_groups for p in group["params"]]
+    figures = {"params": size(params) + size(masters)}
+    grads = [p.grad for p in params + masters]
+    if zero is not None:
+        averaged = getattr(model.optimizer, "averaged_gradients", {}).values()  # per group: a tensor or a list of them
+        grads += [t for v in averaged for t in (v if isinstance(v, list) else [v])]
+    figures["grads"] = size(grads)
+    figures["optimizer"] = size(t for per_param in inner.state.values() for t in per_param.values())
+    figures["total"] = figures["params"] + figures["grads"] + figures["optimizer"]
+    return figures
 
 
 class _StageLoss:
@@ -171,11 +213,13 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     shard = ray.train.get_dataset_shard("train")
     fixed: dict[str, Any] | None = None
     pending_metrics: list[Any] = []
+    clock = (time.perf_counter(), step)
     while step < cfg.train.steps:
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
-            if cfg.train.overfit_batch:
+            if cfg.train.overfit_batch:  # the same batch *and* the same noise, timesteps and masks every step
                 fixed = fixed or batch
                 batch = fixed
+                generator.manual_seed(cfg.train.seed * 1000 + rank)
             if stage == "autoencoder":
                 lat, text = torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32)), None
             else:
@@ -197,6 +241,16 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                 marker.write_text("the fault-tolerance drill raised here once")
                 raise RuntimeError(f"fault-tolerance drill: rank {rank} fails at step {step}")
             metrics = {"step": step, "train/loss": float(loss.detach()), "engine": type(model).__name__}
+            if config.get("measure"):
+                if step == 1:  # the first step (allocations, DeepSpeed's lazy buffers) is not timed
+                    clock = (time.perf_counter(), step)
+                if step == cfg.train.steps:
+                    seconds = time.perf_counter() - clock[0]
+                    samples = (step - clock[1]) * cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+                    metrics["samples_per_s"] = samples / seconds if seconds > 0 else float("nan")
+                    per_rank: list[Any] = [None] * accelerator.num_processes
+                    torch.distributed.all_gather_object(per_rank, training_state_bytes(model, optimizer))
+                    metrics["state_bytes_per_worker"] = per_rank
             if ema is not None:
                 with torch.no_grad():
                     for k, v in accelerator.unwrap_model(model).dit.state_dict().items():
@@ -241,11 +295,13 @@ def _audio_dataset(cfg: Config) -> Any:
     return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
 
 
-def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str | None = None) -> TrainResult:
+def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str | None = None, measure: bool = False) -> TrainResult:
     """Train ``stage`` on the latent shards in ``latents`` with ``cfg.train.workers`` Ray Train workers.
 
     Args:
         mlflow_run_id: an existing MLflow run (e.g. the stage's nested run) that rank 0 logs metrics into.
+        measure: also report samples/s (after the first step) and every worker's training-state bytes
+            (:func:`training_state_bytes`) with the last step (``lmdm bench train``).
 
     Returns:
         The latest checkpoint folder (``model/`` and ``ema/`` inside, in our format) and final metrics.
@@ -283,6 +339,7 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
             "stage": stage,
             "latents": str(latents or ""),
             "mlflow_run_id": mlflow_run_id,
+            "measure": measure,
         },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -45,15 +45,33 @@ def train_cfg(tmp_path: Path, *more: str) -> Config:
     )  # fmt: skip
 
 
-def test_base_then_lmdm_with_two_workers(tmp_path: Path, latents: Path) -> None:
-    base = run_train(train_cfg(tmp_path, "train.steps=6"), "base", latents)
-    assert base.checkpoint is not None and base.metrics["step"] == 6
+def decreases(history: list[tuple[int, float]]) -> bool:
+    """The loss on the fixed batch (fixed noise too: ``train.overfit_batch``) ends well below where it began."""
+    losses = [v for _, v in history]
+    return losses[-1] < 0.9 * losses[0] and min(losses[len(losses) // 2 :]) < min(losses[: len(losses) // 2])
+
+
+def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, latents: Path) -> None:
+    from lmdm.eval.tracking import mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = train_cfg(tmp_path, "train.steps=8", "train.checkpoint_every=4", f"tracking.tracking_uri={uri}")
+    with mlflow_run(cfg, "base") as run:
+        base = run_train(cfg, "base", latents, mlflow_run_id=run.info.run_id)
+    assert base.checkpoint is not None and base.metrics["step"] == 8
     model, meta = load_checkpoint(base.checkpoint / "model")
-    assert isinstance(model, DiT) and meta == {"stage": "base", "step": 6}
-    lmdm = run_train(
-        train_cfg(tmp_path, "train.steps=3", f"train.init={base.checkpoint / 'model'}", "stream.variant=block_causal"), "lmdm", latents
-    )
+    assert isinstance(model, DiT) and meta == {"stage": "base", "step": 8}
+    history = loss_history(uri, run.info.run_id)
+    assert [s for s, _ in history] == list(range(1, 9)) and decreases(history), history
+    cfg = train_cfg(
+        tmp_path, "train.steps=8", "train.checkpoint_every=8", f"train.init={base.checkpoint / 'model'}",
+        "stream.variant=block_causal", f"tracking.tracking_uri={uri}",
+    )  # fmt: skip
+    with mlflow_run(cfg, "lmdm") as run:
+        lmdm = run_train(cfg, "lmdm", latents, mlflow_run_id=run.info.run_id)
     assert lmdm.checkpoint is not None and (lmdm.checkpoint / "ema" / "model.safetensors").is_file()
+    history = loss_history(uri, run.info.run_id)
+    assert decreases(history), history
 
 
 def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
@@ -104,13 +122,22 @@ def test_worker_failure_resumes_from_the_last_checkpoint(tmp_path: Path, latents
     assert [s for s, _ in loss_history(uri, run.info.run_id)] == [1, 2, 3, 4]  # one continuous history
 
 
-def test_autoencoder_stage_on_audio_chunks(tmp_path: Path, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary]) -> None:
+def test_autoencoder_stage_on_audio_chunks_and_the_loss_decreases(
+    tmp_path: Path, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary]
+) -> None:
+    from lmdm.eval.tracking import mlflow_run
+
     _, summary = tiny_corpus
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(
         f"data.root={summary.root}", "autoencoder.channels=4", "autoencoder.latent_channels=4", "autoencoder.strides=[2,4]",
-        "autoencoder.channel_mults=[1,2]", "train.audio_chunk_frames=256", "train.workers=2", "train.batch_size=2", "train.steps=3",
-        "train.checkpoint_every=3", f"train.storage_path={tmp_path / 'ray_results'}", "train.lr=1e-3",
+        "autoencoder.channel_mults=[1,2]", "train.audio_chunk_frames=256", "train.workers=2", "train.batch_size=2", "train.steps=8",
+        "train.checkpoint_every=8", f"train.storage_path={tmp_path / 'ray_results'}", "train.lr=3e-3", "train.overfit_batch=true",
+        f"tracking.tracking_uri={uri}",
     )  # fmt: skip
-    result = run_train(cfg, "autoencoder", None)
+    with mlflow_run(cfg, "autoencoder") as run:
+        result = run_train(cfg, "autoencoder", None, mlflow_run_id=run.info.run_id)
     vae, meta = load_checkpoint(result.checkpoint / "model")  # type: ignore[operator]
-    assert isinstance(vae, OobleckVAE) and meta["stage"] == "autoencoder" and result.metrics["step"] == 3
+    assert isinstance(vae, OobleckVAE) and meta["stage"] == "autoencoder" and result.metrics["step"] == 8
+    history = loss_history(uri, run.info.run_id)
+    assert decreases(history), history

@@ -216,7 +216,9 @@ class TrainConfig(Section):
     context_dropout: float = Field(0.1, ge=0.0, le=1.0)
     oldest_dropout: float = Field(0.1, ge=0.0, le=1.0)
     cfg_dropout: float = Field(0.1, ge=0.0, le=1.0)
-    overfit_batch: bool = Field(False, description="train on the first batch only (tests, debugging)")
+    overfit_batch: bool = Field(
+        False, description="train on the first batch with the same noise, timesteps and masks every step (tests, debugging)"
+    )
     grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clip (DDP and DeepSpeed alike)")
     audio_chunk_frames: int = Field(16, ge=1, le=100_000, description="autoencoder stage: latent frames of audio per example")
     kl_weight: float = Field(1e-4, ge=0.0, le=1.0, description="autoencoder stage: KL weight")
