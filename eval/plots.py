@@ -16,6 +16,7 @@ def plot_clip(
     curves: dict[str, np.ndarray],
     title: str,
     path: Path,
+    f0_source: str = "pyin",
 ) -> Path:
     """Waveform, spectrogram with f0 and brightness overlaid, and loudness of one clip.
 
@@ -23,6 +24,7 @@ def plot_clip(
         audio: ``(C, N)`` or ``(N,)`` audio.
         curves: ``f0_hz``, ``brightness_hz``, ``loudness_db``, each ``(F,)`` at ``frame_rate``.
         path: PNG to write (folders are created).
+        f0_source: where ``f0_hz`` came from, for the legend (``pyin`` estimate, or ``score`` for a corpus clip).
 
     Returns:
         ``path``.
@@ -44,7 +46,7 @@ def plot_clip(
     axes[1].pcolormesh(times, freqs, db, shading="auto", cmap="magma", vmin=db.max() - 80, vmax=db.max())
     frame_t = np.arange(len(curves["f0_hz"])) / frame_rate
     f0 = np.where(np.asarray(curves["f0_hz"]) > 0, curves["f0_hz"], np.nan)
-    axes[1].plot(frame_t, f0, color="cyan", lw=1.2, label="f0 (score)")
+    axes[1].plot(frame_t, f0, color="cyan", lw=1.2, label=f"f0 ({f0_source})")
     axes[1].plot(frame_t, curves["brightness_hz"], color="lime", lw=0.8, label="brightness (centroid)")
     axes[1].set_yscale("symlog", linthresh=200)
     axes[1].set_ylim(30, sample_rate / 2)

@@ -131,8 +131,10 @@ def test_curves_match_recomputation_from_written_audio(tiny_corpus: tuple[Config
 
 def test_existing_corpus_is_reused_or_refused(tmp_path: Path, tiny_corpus: tuple[Config, CorpusSummary]) -> None:
     cfg, summary = tiny_corpus
-    again = build_corpus(summary.root, cfg.data.corpus, cfg.audio, cfg.data.frame_rate)
+    calls: list[tuple[int, int]] = []
+    again = build_corpus(summary.root, cfg.data.corpus, cfg.audio, cfg.data.frame_rate, progress=lambda d, t: calls.append((d, t)))
     assert again.reused and again.num_clips == 6
+    assert calls == [(6, 6)]  # a reused corpus shows a full progress bar, not 0/6
     other = cfg.data.corpus.model_copy(update={"seed": 5})
     with pytest.raises(CorpusExistsError, match=r"built with other settings.*--force"):
         build_corpus(summary.root, other, cfg.audio, cfg.data.frame_rate)

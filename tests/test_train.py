@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from lmdm.builders import build_dit
 from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
 from lmdm.config import Config
 from lmdm.data.corpus import CorpusSummary
@@ -141,3 +142,19 @@ def test_autoencoder_stage_on_audio_chunks_and_the_loss_decreases(
     assert isinstance(vae, OobleckVAE) and meta["stage"] == "autoencoder" and result.metrics["step"] == 8
     history = loss_history(uri, run.info.run_id)
     assert decreases(history), history
+
+
+def test_bench_train_zero2_partitions_optimizer_state(tmp_path: Path, latents: Path) -> None:
+    """`lmdm bench train`'s figures: ZeRO-2's optimizer state per worker is about 1/N of DDP's."""
+    from lmdm.pipelines.bench_train import run_train_bench
+
+    results = run_train_bench(train_cfg(tmp_path, "train.steps=3", "train.overfit_batch=false"), latents)
+    ddp, zero2 = results["ddp"], results["zero2"]
+    assert (ddp["engine"], zero2["engine"]) == ("DistributedDataParallel", "DeepSpeedEngine")
+    assert len(ddp["state_bytes_per_worker"]) == len(zero2["state_bytes_per_worker"]) == 2
+    n_params = sum(p.numel() for p in build_dit(train_cfg(tmp_path)).parameters())
+    # DDP: Adam's two fp32 moments of every parameter (+ its step counters) on every worker.
+    assert 2 * 4 * n_params <= ddp["max_optimizer_bytes"] <= 2 * 4 * n_params + 4096
+    assert 0.45 <= results["train"]["zero2_vs_ddp_state_memory_ratio"] <= 0.55
+    assert results["train"]["zero2_vs_ddp_total_state_ratio"] < 1.0
+    assert ddp["samples_per_s"] > 0 and zero2["samples_per_s"] > 0

@@ -312,6 +312,8 @@ def build_corpus(
     if root.exists():
         if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint and not force:
             info = json.loads(manifest.read_text())
+            if progress:  # nothing to render: report it complete
+                progress(info["num_clips"], info["num_clips"])
             return CorpusSummary(root, info["num_clips"], info["seconds"], info["build_seconds"], reused=True)
         if not force:
             raise CorpusExistsError(
