@@ -52,11 +52,30 @@ def _text_table(latents: Path) -> dict[str, Any]:
     return {row["caption"]: torch.from_numpy(np.asarray(row["tokens"], dtype=np.float32).reshape(-1, row["dim"])) for row in table}
 
 
+def _innermost(optimizer: Any) -> Any:
+    """Accelerate's wrapper → (DeepSpeed's ZeRO optimizer →) the torch optimizer that holds the state."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _measure_at_next_step(model: Any, optimizer: Any, into: dict[str, int]) -> None:
+    """Fill ``into`` with :func:`training_state_bytes` once, just before the torch optimizer's next step."""
+    inner = _innermost(optimizer)
+
+    def pre_hook(*_: Any) -> None:
+        into.update(training_state_bytes(model, optimizer))
+        handle.remove()
+
+    handle = inner.register_step_pre_hook(pre_hook)
+
+
 def training_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
     """Bytes of this worker's training state, measured from the tensors themselves (each storage once).
 
     ``params``: the model's parameters (a full replica under DDP and ZeRO-1/2 alike); ``grads``: their
-    ``.grad`` tensors plus, under DeepSpeed ZeRO, the partitioned gradient buffers it reduces into;
+    ``.grad`` tensors plus, under DeepSpeed ZeRO, its gradient buffers (this rank's reduced partition
+    and the reduction buckets);
     ``optimizer``: every tensor in the wrapped torch optimizer's own ``state`` (Adam's moments). Under
     ZeRO the fp32 master partition that optimizer steps counts as parameters, its ``.grad`` as grads.
     DDP's internal gradient buckets are not reachable through a public API and are not counted.
@@ -77,17 +96,18 @@ def training_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
 
     module = getattr(model, "module", model)
     params = list(module.parameters())
-    inner = optimizer
-    while hasattr(inner, "optimizer"):  # Accelerate's wrapper → (DeepSpeed's ZeRO optimizer →) torch's optimizer
-        inner = inner.optimizer
+    inner = _innermost(optimizer)
     zero = getattr(getattr(model, "optimizer", None), "single_partition_of_fp32_groups", None)
     # Parameters: the model's, plus under ZeRO the fp32 master partition its optimizer steps.
     masters = [p for group in inner.param_groups for p in group["params"]]
     figures = {"params": size(params) + size(masters)}
     grads = [p.grad for p in params + masters]
     if zero is not None:
-        averaged = getattr(model.optimizer, "averaged_gradients", {}).values()  # per group: a tensor or a list of them
+        zero_opt = model.optimizer
+        averaged = getattr(zero_opt, "averaged_gradients", {}).values()  # per group: a tensor or a list of them
         grads += [t for v in averaged for t in (v if isinstance(v, list) else [v])]
+        grads.append(getattr(zero_opt, "grads_in_partition", None))  # ZeRO-2: this rank's reduced gradients
+        grads += [t for bucket in getattr(zero_opt, "ipg_buckets", {}).values() for t in getattr(bucket, "buffer", [])]
     figures["grads"] = size(grads)
     figures["optimizer"] = size(t for per_param in inner.state.values() for t in per_param.values())
     figures["total"] = figures["params"] + figures["grads"] + figures["optimizer"]
@@ -213,7 +233,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     shard = ray.train.get_dataset_shard("train")
     fixed: dict[str, Any] | None = None
     pending_metrics: list[Any] = []
-    clock = (time.perf_counter(), step)
+    clock, state_bytes = (time.perf_counter(), step), dict[str, int]()
     while step < cfg.train.steps:
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
             if cfg.train.overfit_batch:  # the same batch *and* the same noise, timesteps and masks every step
@@ -228,6 +248,10 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                 text = torch.stack([texts[str(c)] for c in batch["caption"]]) if cfg.dit.cond_token_dim else None
             with accelerator.accumulate(model):
                 loss = model(lat, text)
+                if config.get("measure") and step + 1 == cfg.train.steps and not state_bytes:
+                    # Measured inside the torch optimizer's step (DDP: full gradients; ZeRO: this rank's
+                    # partition), where gradients, parameters and Adam state all exist at once.
+                    _measure_at_next_step(model, optimizer, state_bytes)
                 accelerator.backward(loss)
                 if plugin is None and accelerator.sync_gradients:  # DeepSpeed clips itself (gradient_clipping)
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -249,7 +273,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                     samples = (step - clock[1]) * cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
                     metrics["samples_per_s"] = samples / seconds if seconds > 0 else float("nan")
                     per_rank: list[Any] = [None] * accelerator.num_processes
-                    torch.distributed.all_gather_object(per_rank, training_state_bytes(model, optimizer))
+                    torch.distributed.all_gather_object(per_rank, state_bytes)
                     metrics["state_bytes_per_worker"] = per_rank
             if ema is not None:
                 with torch.no_grad():

@@ -156,5 +156,8 @@ def test_bench_train_zero2_partitions_optimizer_state(tmp_path: Path, latents: P
     # DDP: Adam's two fp32 moments of every parameter (+ its step counters) on every worker.
     assert 2 * 4 * n_params <= ddp["max_optimizer_bytes"] <= 2 * 4 * n_params + 4096
     assert 0.45 <= results["train"]["zero2_vs_ddp_state_memory_ratio"] <= 0.55
-    assert results["train"]["zero2_vs_ddp_total_state_ratio"] < 1.0
+    # Measured inside the optimizer step: DDP holds every gradient, ZeRO-2 this rank's half (and an fp32 master half).
+    worst = {name: max(r["state_bytes_per_worker"], key=lambda w: w["total"]) for name, r in (("ddp", ddp), ("zero2", zero2))}
+    assert worst["ddp"]["grads"] >= 4 * n_params and 0 < worst["zero2"]["grads"] <= 0.55 * worst["ddp"]["grads"]
+    assert 0.7 <= results["train"]["zero2_vs_ddp_total_state_ratio"] <= 0.8
     assert ddp["samples_per_s"] > 0 and zero2["samples_per_s"] > 0
