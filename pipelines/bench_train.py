@@ -32,14 +32,15 @@ def run_train_bench(cfg: Config, latents: Path) -> dict[str, Any]:
             run_cfg.train.checkpoint_every = run_cfg.train.steps  # one checkpoint, at the end
             out = run_train(run_cfg, "base", latents, measure=True)
             per_worker = out.metrics["state_bytes_per_worker"]
-            name = "ddp" if strategy == "ddp" else "zero2"
-            results[name] = {
+            worst = max(per_worker, key=lambda w: w["total"])
+            results["ddp" if strategy == "ddp" else "zero2"] = {
                 "engine": out.metrics["engine"],
                 "samples_per_s": out.metrics["samples_per_s"],
                 "final_loss": out.metrics["train/loss"],
                 "state_bytes_per_worker": per_worker,
+                "worst_worker": worst,  # the worker with the most training state
                 "max_optimizer_bytes": max(w["optimizer"] for w in per_worker),
-                "max_total_bytes": max(w["total"] for w in per_worker),
+                "max_total_bytes": worst["total"],
             }
     ddp, zero2 = results["ddp"], results["zero2"]
     results["train"] = {

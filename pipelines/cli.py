@@ -10,7 +10,7 @@ import collections
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -318,6 +318,23 @@ def generate(
     )
 
 
+# The small corpus `bench precompute --quick` and `bench train` run on (built once, then reused).
+_BENCH_CORPUS = [
+    "data.corpus.num_clips=24",
+    "data.corpus.clip_seconds=8",
+    "data.root=runs/data/corpus-bench-quick",
+    "precompute.chunk_frames=120",
+]
+
+
+def _write_figures(json_out: Path | None, results: dict[str, Any]) -> None:
+    """``--json FILE`` of every benchmark: its figures, machine-readable."""
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=2))
+        console.print(f"figures: {json_out}")
+
+
 @bench_app.command("stream")
 def bench_stream(
     quick: Annotated[bool, typer.Option("--quick", help="A small shape (under a minute on 2 cores).")] = False,
@@ -361,10 +378,7 @@ def bench_stream(
     console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")
     results = run_stream_bench(shape, quickstart=cfg)
     console.print(stream_report(results))
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2))
-        console.print(f"figures: {json_out}")
+    _write_figures(json_out, results)
 
 
 @bench_app.command("precompute")
@@ -377,12 +391,7 @@ def bench_precompute(
     """Precompute throughput with 1 vs 2 Ray workers (same torch threads per worker), ratio printed."""
     from lmdm.pipelines.bench_precompute import run_precompute_bench
 
-    extra = (
-        ["data.corpus.num_clips=24", "data.corpus.clip_seconds=8", "data.root=runs/data/corpus-bench-quick", "precompute.chunk_frames=120"]
-        if quick
-        else []
-    )
-    cfg = _load(config, [*extra, *(overrides or [])])
+    cfg = _load(config, [*(_BENCH_CORPUS if quick else []), *(overrides or [])])
     summary = _build_corpus(cfg, force=False)
     results = run_precompute_bench(cfg, summary.root)
     w1, w2 = results["workers_1"], results["workers_2"]
@@ -390,10 +399,7 @@ def bench_precompute(
         f"precompute {w1['chunks']} chunks: 1 worker {w1['chunks_per_second']:.2f} chunks/s, 2 workers {w2['chunks_per_second']:.2f} chunks/s "
         f"→ scaling 2 vs 1 = {results['precompute']['scaling_2_vs_1']:.2f}x (torch threads per worker: {results['torch_threads_per_worker']})"
     )
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2))
-        console.print(f"figures: {json_out}")
+    _write_figures(json_out, results)
 
 
 @bench_app.command("train")
@@ -413,14 +419,8 @@ def bench_train(
     from lmdm.pipelines.bench_train import run_train_bench
     from lmdm.pipelines.precompute import run_precompute
 
-    data = [
-        "data.corpus.num_clips=24",
-        "data.corpus.clip_seconds=8",
-        "data.root=runs/data/corpus-bench-quick",
-        "precompute.chunk_frames=120",
-    ]
     model = ["dit.width=128", "dit.depth=2", "dit.project_cond_tokens=true", "train.steps=6"] if quick else ["train.steps=20"]
-    cfg = _load(config, [*data, *model, *(overrides or [])])
+    cfg = _load(config, [*_BENCH_CORPUS, *model, *(overrides or [])])
     summary = _build_corpus(cfg, force=False)
     with tempfile.TemporaryDirectory(prefix="lmdm-bench-train-data-") as tmp:
         # Latents of a random-init autoencoder: throughput and memory do not depend on what they encode.
@@ -434,18 +434,16 @@ def bench_train(
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for name in ("ddp", "zero2"):
         r = results[name]
-        worst = max(r["state_bytes_per_worker"], key=lambda w: w["total"])
-        table.add_row(name, f"{r['samples_per_s']:.2f}", *(f"{worst[k] / 1e6:.2f}" for k in ("params", "grads", "optimizer", "total")))
+        table.add_row(
+            name, f"{r['samples_per_s']:.2f}", *(f"{r['worst_worker'][k] / 1e6:.2f}" for k in ("params", "grads", "optimizer", "total"))
+        )
     console.print(table)
     t = results["train"]
     console.print(
         f"ZeRO-2 / DDP per worker: optimizer state {t['zero2_vs_ddp_state_memory_ratio']:.3f} (1/N = {t['expected_optimizer_ratio']:.3f}), "
         f"total training state {t['zero2_vs_ddp_total_state_ratio']:.3f}, samples/s {t['zero2_vs_ddp_samples_per_s_ratio']:.2f}"
     )
-    if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2))
-        console.print(f"figures: {json_out}")
+    _write_figures(json_out, results)
 
 
 def main() -> None:
