@@ -97,13 +97,12 @@ def training_state_bytes(model: Any, optimizer: Any) -> dict[str, int]:
     module = getattr(model, "module", model)
     params = list(module.parameters())
     inner = _innermost(optimizer)
-    zero = getattr(getattr(model, "optimizer", None), "single_partition_of_fp32_groups", None)
+    zero_opt = getattr(model, "optimizer", None)  # a DeepSpeed engine's ZeRO optimizer (DDP: none)
     # Parameters: the model's, plus under ZeRO the fp32 master partition its optimizer steps.
     masters = [p for group in inner.param_groups for p in group["params"]]
     figures = {"params": size(params) + size(masters)}
     grads = [p.grad for p in params + masters]
-    if zero is not None:
-        zero_opt = model.optimizer
+    if hasattr(zero_opt, "single_partition_of_fp32_groups"):
         averaged = getattr(zero_opt, "averaged_gradients", {}).values()  # per group: a tensor or a list of them
         grads += [t for v in averaged for t in (v if isinstance(v, list) else [v])]
         grads.append(getattr(zero_opt, "grads_in_partition", None))  # ZeRO-2: this rank's reduced gradients
