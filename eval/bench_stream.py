@@ -21,6 +21,7 @@ from rich.table import Table
 from lmdm.config import Config
 from lmdm.models.autoencoder import StreamingDecoder
 from lmdm.models.dit import DiT, DiTArgs
+from lmdm.models.packed import pack_linears
 from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
@@ -45,6 +46,7 @@ class BenchShape:
     latent_rate: float = 21.5
     repeats: int = 10
     warmup: int = 2
+    packed: bool = True  # oneDNN-packed linear layers (lmdm.models.packed) for every method alike
 
 
 def matmul_peak_flops(repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
@@ -122,6 +124,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         input_concat_dim=C + 1,
     )
     dit = DiT(args).eval()
+    packed_layers = pack_linears(dit) if shape.packed else 0  # one model: every method gets the same layers
     geometry = BlockGeometry(shape.block_frames, shape.context_blocks)
     sampling = Sampling(steps=shape.steps, cfg_scale=shape.cfg_scale)
     text = torch.randn(shape.batch, shape.text_tokens, text_dim) if text_dim else None
@@ -150,6 +153,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
             "threads": torch.get_num_threads(),
             "matmul_peak_flops": peak,
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "linear": f"oneDNN packed ({packed_layers} layers)" if packed_layers else "F.linear (BLAS)",
         },
     }
     with torch.inference_mode():
@@ -178,7 +182,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
                 entry["kv_cache_bytes_per_context_second"] = cache.nbytes() / (Kc / shape.latent_rate)
             results[name] = entry
         if quickstart is not None:
-            results["quickstart"] = _quickstart_rtf(quickstart, max(shape.repeats, 20), shape.warmup, seed)
+            results["quickstart"] = _quickstart_rtf(quickstart, max(shape.repeats, 20), shape.warmup, seed, shape.packed)
     outpaint = results["outpainting"]["median_s"]
     results["lmdm_vs_outpainting"] = {
         "measured_speedup": outpaint / results["block_causal"]["median_s"],
@@ -196,7 +200,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
     return results
 
 
-def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int) -> dict[str, Any]:
+def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int, packed: bool) -> dict[str, Any]:
     """Real-time factor of the quickstart model: block-causal LMDM step + streaming decode, per block.
 
     Runs with denormals flushed (set by :func:`run_stream_bench`): the decoder's tiny activations
@@ -206,6 +210,8 @@ def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int) -> dict[s
 
     torch.manual_seed(seed)
     dit, vae = build_dit(cfg).eval(), build_autoencoder_from(cfg).eval()
+    if packed:
+        pack_linears(dit)
     engine = build_engine(cfg, dit, "block_causal")
     text = torch.randn(1, 64, cfg.dit.cond_token_dim) if cfg.dit.cond_token_dim else None
     condition = Condition(text, "bench")
@@ -255,7 +261,8 @@ def stream_report(results: dict[str, Any]) -> Table:
     table.caption = (
         f"block-causal speedup {s['measured_speedup']:.2f}x measured vs {s['analytical_speedup']:.2f}x analytical "
         f"(steps·(Kc+Bf)/(steps·Bf+Bf)) = {s['efficiency']:.2f} of the ratio; encdec {s['encdec_measured_speedup']:.2f}x vs "
-        f"{s['encdec_analytical_speedup']:.2f}x. Matmul peak {results['machine']['matmul_peak_flops'] / 1e9:.1f} GFLOP/s."
+        f"{s['encdec_analytical_speedup']:.2f}x. Matmul peak {results['machine']['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; "
+        f"linear layers: {results['machine']['linear']}."
     )
     if "quickstart" in results:
         q = results["quickstart"]

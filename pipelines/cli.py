@@ -286,6 +286,7 @@ def generate(
     from lmdm.checkpoints.format import load_checkpoint
     from lmdm.models.autoencoder import OobleckVAE
     from lmdm.models.dit import DiT
+    from lmdm.models.packed import pack_linears
     from lmdm.streaming.engines import Condition
     from lmdm.streaming.stream import Stream
 
@@ -301,6 +302,7 @@ def generate(
         raise typer.Exit(1)
     dit.eval()
     vae.eval()
+    pack_linears(dit)  # oneDNN-packed linear layers: same outputs to float32 rounding, faster small matmuls
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
     blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
     stream = Stream(build_engine(cfg, dit), vae, Condition(), generator=torch.Generator().manual_seed(seed))
@@ -350,6 +352,9 @@ def bench_stream(
     matmul_precision: Annotated[
         str, typer.Option(help="float32 matmul precision for every method: highest (fp32) | high | medium (oneDNN bf16 dot products).")
     ] = "highest",
+    packed: Annotated[
+        bool, typer.Option("--packed/--no-packed", help="oneDNN-packed linear layers for every method (--no-packed: F.linear).")
+    ] = True,
     config: ConfigOption = "quickstart",
 ) -> None:
     """Per-block latency of outpainting vs LMDM (encdec, block-causal), speedup vs the analytical ratio,
@@ -373,6 +378,7 @@ def bench_stream(
         "batch": batch,
         "cfg_scale": cfg_scale,
         "repeats": repeats,
+        "packed": packed,
     }
     shape = BenchShape(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
     console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")

@@ -26,11 +26,13 @@ def _stream(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: in
     import torch
 
     from lmdm.builders import build_engine
+    from lmdm.models.packed import pack_linears
     from lmdm.streaming.engines import Condition
     from lmdm.streaming.stream import Stream
 
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
     blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
+    pack_linears(dit)
     stream = Stream(
         build_engine(cfg, dit.eval(), "block_causal"), vae.eval(), Condition(text, "prompt"), generator=torch.Generator().manual_seed(seed)
     )
@@ -73,7 +75,11 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         start = stage("autoencoder (Ray Train)")
         with mlflow_run(cfg, "autoencoder", nested=True, params=False) as run:
             ae_cfg = cfg.model_copy(
-                update={"train": cfg.train.model_copy(update={"steps": q.autoencoder_steps, "checkpoint_every": q.autoencoder_steps})}
+                update={
+                    "train": cfg.train.model_copy(
+                        update={"steps": q.autoencoder_steps, "checkpoint_every": q.autoencoder_steps, "lr": q.autoencoder_lr}
+                    )
+                }
             )
             ae = run_train(ae_cfg, "autoencoder", None, mlflow_run_id=run.info.run_id)
         assert ae.checkpoint is not None

@@ -7,7 +7,8 @@ shards (Ray Data, one shard per worker) and the caption-keyed text-embedding tab
 
 Every ``train.checkpoint_every`` steps each rank saves its share of the training state
 (``accelerator.save_state``: ZeRO shards optimizer state per rank) and reports it with
-``ray.train.report``; rank 0 also writes the model in our format (``model/``) and its EMA
+``ray.train.report`` (the only reports: Ray Train's report blocks until its controller polls);
+rank 0 also writes the model in our format (``model/``) and its EMA
 (``ema/``). A failed worker restarts the group from the latest checkpoint (``FailureConfig``), and the
 step count continues. Metrics go to MLflow from rank 0 only, committed with each checkpoint (so a
 resumed run's history has no duplicate steps).
@@ -15,6 +16,7 @@ resumed run's history has no duplicate steps).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -24,7 +26,7 @@ from typing import Any
 
 from lmdm.config import Config
 
-__all__ = ["TrainResult", "run_train", "training_state_bytes"]
+__all__ = ["TrainResult", "run_name", "run_train", "training_state_bytes"]
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,9 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     ema = {k: v.detach().clone() for k, v in dit.state_dict().items()} if rank == 0 else None
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
     model = _StageLoss.build(cfg, stage, dit, generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    # Stable Audio's autoencoder recipe uses betas (0.8, 0.99); the DiT stages keep AdamW's defaults.
+    betas = (0.8, 0.99) if stage == "autoencoder" else (0.9, 0.999)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=betas)
     model, optimizer = accelerator.prepare(model, optimizer)
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -233,6 +237,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     fixed: dict[str, Any] | None = None
     pending_metrics: list[Any] = []
     clock, state_bytes = (time.perf_counter(), step), dict[str, int]()
+    reports = 0  # ray.train.report calls by this worker in this attempt (one per checkpoint)
     while step < cfg.train.steps:
         for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
             if cfg.train.overfit_batch:  # the same batch *and* the same noise, timesteps and masks every step
@@ -296,9 +301,11 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                         ema_model = build(cfg)
                         ema_model.load_state_dict(ema)  # type: ignore[arg-type]
                         save_checkpoint(Path(folder) / "ema", ema_model, {"stage": stage, "step": step, "ema_decay": cfg.train.ema_decay})
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-            else:
-                ray.train.report(metrics)
+                    reports += 1
+                    ray.train.report({**metrics, "reports": reports}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            # No `ray.train.report` between checkpoints: each report blocks until the Train controller
+            # polls the workers (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), which capped
+            # training at one step per 2 s. Per-step metrics reach MLflow from rank 0 (above).
             if step >= cfg.train.steps:
                 break
     if run is not None:
@@ -316,6 +323,35 @@ def _audio_dataset(cfg: Config) -> Any:
     records = list_inputs(cfg.data.source, source_path, cfg.data.captions)
     ds = chunk_dataset(cfg, records, cfg.autoencoder.downsampling_ratio, cfg.train.audio_chunk_frames)
     return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
+
+
+# Settings that change where or how long a run goes, not what it trains: a rerun that differs only in
+# these resumes the same Ray Train run (its latest checkpoint), e.g. to extend `train.steps`.
+_RESUMABLE_CHANGES = {
+    "train": ("steps", "checkpoint_every", "storage_path", "max_failures", "fail_once_at_step"),
+    "tracking": None,
+    "ray": None,
+    "quickstart": None,
+}
+
+
+def run_name(cfg: Config, stage: str, latents: Path | None) -> str:
+    """The Ray Train run folder under ``train.storage_path``: ``<config name>-<stage>-<fingerprint>``.
+
+    Ray Train resumes a run whose folder already exists. The fingerprint (model, data, optimizer and
+    every other setting outside :data:`_RESUMABLE_CHANGES`, plus the latents folder) keeps a rerun with
+    other settings from silently continuing an old run's checkpoint.
+    """
+    settings = cfg.model_dump(mode="json")
+    for section, keys in _RESUMABLE_CHANGES.items():
+        if keys is None:
+            settings.pop(section, None)
+        else:
+            for key in keys:
+                settings[section].pop(key, None)
+    settings["stage"], settings["latents"] = stage, str(Path(latents).resolve()) if latents else None
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.name}-{stage}-{digest}"
 
 
 def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str | None = None, measure: bool = False) -> TrainResult:
@@ -369,7 +405,7 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{stage}",
+            name=run_name(cfg, stage, latents),
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),

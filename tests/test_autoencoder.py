@@ -337,3 +337,17 @@ def test_build_autoencoder_from_config() -> None:
     assert "encoder.layers.0.parametrizations.weight.original0" in keys and "decoder.layers.4.weight" not in keys
     with pytest.raises(ValueError, match="even"):
         OobleckVAE(audio_channels=1, channels=8, c_mults=[1], strides=[3], latent_dim=4)
+
+
+def test_training_init_makes_the_decoder_read_its_latents() -> None:
+    """A regression test: with PyTorch's default init the decoder's random biases drowned latents of std
+    ~0.07 under posterior noise of std ~0.69, and training settled on one input-independent output."""
+    torch.manual_seed(0)
+    vae = OobleckVAE(audio_channels=1, channels=8, c_mults=[1, 2, 4], strides=[2, 4, 8], latent_dim=8)
+    assert vae.decode(torch.zeros(2, 8, 5)).abs().max() == 0  # no input-independent output
+    t = torch.arange(64 * 8) / 16000
+    audio = (0.1 * torch.sin(2 * torch.pi * 220 * t) * torch.linspace(0.2, 1.0, t.numel()))[None, None]  # about -20 dBFS
+    with torch.no_grad():
+        posterior = vae.encode(audio)
+    assert posterior.std.max() < 0.01  # the posterior starts narrow: samples carry the signal
+    assert posterior.mean.std() > 5 * posterior.std.max()  # and the latents are far above the noise

@@ -185,7 +185,7 @@ def test_ray_job_submit_trains_with_the_wheel_in_the_runtime_env(
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-6000:]
 
-    checkpoints = sorted((shared / "ray_results" / "submitted-base").glob("checkpoint_*/model"))
+    checkpoints = sorted((shared / "ray_results").glob("submitted-base-*/checkpoint_*/model"))
     assert checkpoints, logs[-3000:]
     model, meta = load_checkpoint(checkpoints[-1])
     assert isinstance(model, DiT) and meta == {"stage": "base", "step": 3}

@@ -60,6 +60,8 @@ def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, 
     with mlflow_run(cfg, "base") as run:
         base = run_train(cfg, "base", latents, mlflow_run_id=run.info.run_id)
     assert base.checkpoint is not None and base.metrics["step"] == 8
+    # Reports only with the 2 checkpoints: each `ray.train.report` waits for the controller's 2-s poll.
+    assert base.metrics["reports"] == 2
     model, meta = load_checkpoint(base.checkpoint / "model")
     assert isinstance(model, DiT) and meta == {"stage": "base", "step": 8}
     history = loss_history(uri, run.info.run_id)
@@ -161,3 +163,28 @@ def test_bench_train_zero2_partitions_optimizer_state(tmp_path: Path, latents: P
     assert worst["ddp"]["grads"] >= 4 * n_params and 0 < worst["zero2"]["grads"] <= 0.55 * worst["ddp"]["grads"]
     assert 0.7 <= results["train"]["zero2_vs_ddp_total_state_ratio"] <= 0.8
     assert ddp["samples_per_s"] > 0 and zero2["samples_per_s"] > 0
+
+
+def test_run_name_resumes_only_the_same_training(tmp_path: Path) -> None:
+    """Ray Train continues a run whose folder exists: a rerun with another model, optimizer or data must
+    get a new folder (it resumed the old checkpoint before), one that only extends the steps the same one."""
+    from lmdm.pipelines.train import run_name
+
+    cfg = train_cfg(tmp_path)
+    name = run_name(cfg, "base", tmp_path / "latents")
+    assert name.startswith("quickstart-base-")
+    assert (
+        run_name(
+            train_cfg(tmp_path, "train.steps=999", "train.max_failures=0", "tracking.tracking_uri=sqlite:///x.db"),
+            "base",
+            tmp_path / "latents",
+        )
+        == name
+    )
+    for changed in (
+        run_name(train_cfg(tmp_path, "train.lr=1e-4"), "base", tmp_path / "latents"),
+        run_name(train_cfg(tmp_path, "dit.depth=3"), "base", tmp_path / "latents"),
+        run_name(cfg, "base", tmp_path / "other-latents"),
+        run_name(cfg, "lmdm", tmp_path / "latents"),
+    ):
+        assert changed != name

@@ -229,6 +229,7 @@ class QuickstartConfig(Section):
     """The `lmdm quickstart` chain: how long each stage trains, and the final stream."""
 
     autoencoder_steps: int = Field(150, ge=1)
+    autoencoder_lr: float = Field(3e-4, gt=0.0, le=1.0, description="the autoencoder stage's learning rate (the DiT stages use train.lr)")
     base_steps: int = Field(150, ge=1)
     lmdm_steps: int = Field(100, ge=1)
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)

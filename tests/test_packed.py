@@ -1,0 +1,68 @@
+"""oneDNN-packed linear layers: the same outputs as ``F.linear`` (float32 rounding), gradients through the
+plain path, re-packing after an in-place weight change, and the same LMDM stream as the unpacked model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lmdm.models.dit import DiT, DiTArgs
+from lmdm.models.packed import PackedLinear, pack_linears, packing_available
+from lmdm.streaming.engines import Condition, LMDMEngine, Sampling
+from lmdm.streaming.sequences import BlockGeometry
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(49, 64), (2, 97, 64), (1, 1, 64)])
+def test_packed_linear_equals_f_linear(bias: bool, shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96, bias=bias)
+    packed = PackedLinear(linear)
+    x = torch.randn(*shape)
+    with torch.inference_mode():
+        out = packed(x)
+    ref = F.linear(x, linear.weight, linear.bias)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_use_the_plain_path_and_weight_updates_are_repacked() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    packed = PackedLinear(linear)
+    x = torch.randn(5, 32)
+    packed(x).square().sum().backward()  # grad enabled: F.linear, so the shared weight gets its gradient
+    expected = torch.autograd.grad(F.linear(x, linear.weight, linear.bias).square().sum(), linear.weight)[0]
+    assert linear.weight.grad is not None and torch.allclose(linear.weight.grad, expected)
+    with torch.no_grad():
+        before = packed(x)
+        torch.optim.SGD(linear.parameters(), lr=0.5).step()  # an in-place update of the weight
+        after = packed(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_dit_streams_the_same_blocks_with_the_same_state_dict() -> None:
+    torch.manual_seed(0)
+    dit = DiT(DiTArgs(io_channels=8, width=64, depth=2, head_dim=32, cond_token_dim=32, input_concat_dim=9)).eval()
+    for p in dit.parameters():  # non-zero everywhere (the default init zeroes the residual convs)
+        nn.init.normal_(p, std=0.1)
+    plain = copy.deepcopy(dit)
+    keys = list(dit.state_dict())
+    assert pack_linears(dit) == sum(type(m) is nn.Linear for m in plain.modules()) > 0
+    assert list(dit.state_dict()) == keys
+    text = torch.randn(1, 5, 32)
+    geometry = BlockGeometry(block_frames=4, context_blocks=2)
+    blocks = {}
+    for name, model in (("packed", dit), ("plain", plain)):
+        engine = LMDMEngine(model, "block_causal", geometry, Sampling(steps=3))
+        with torch.inference_mode():
+            state = engine.start(Condition(text, "p"), 1, generator=torch.Generator().manual_seed(0))
+            blocks[name] = torch.cat([engine.step(state, Condition(text, "p")) for _ in range(5)], dim=-1)
+    ref = blocks["plain"]
+    assert (blocks["packed"] - ref).abs().max() / ref.abs().max() < 1e-4
