@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,10 @@ def test_round_trip(tmp_path: Path) -> None:
 
 def test_defaults_are_valid() -> None:
     assert Config().audio.sample_rate == 16000
+
+
+@pytest.mark.parametrize("value", ["0", "-3e-4", "2"])
+def test_autoencoder_lr_out_of_range_names_the_key(value: str) -> None:
+    # YAML reads "-3e-4" as a string; pydantic still checks its value.
+    with pytest.raises(ConfigError, match=rf"quickstart.autoencoder_lr: got '?{re.escape(value)}'?: Input should be"):
+        load_config("quickstart", [f"quickstart.autoencoder_lr={value}"])
