@@ -22,12 +22,17 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from lmdm.models.rotary import apply_rotary
 
 __all__ = ["CrossAttention", "FeedForward", "KVHook", "LayerNorm", "Projected", "SelfAttention", "TransformerBlock"]
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """``(B, H, S, Dh) → (B, S, H·Dh)``."""
+    B, H, S, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, S, H * Dh)
 
 
 class Projected(NamedTuple):
@@ -70,7 +75,8 @@ class SelfAttention(nn.Module):
 
     def project(self, x: Tensor, freqs: Tensor) -> Projected:
         """q, k, v of ``x`` ``(B, S, D)``; q and k rotated together by the rotary table ``freqs``."""
-        qkv = rearrange(self.to_qkv(x), "b s (three h d) -> three b h s d", three=3, h=self.heads)
+        B, S, _ = x.shape
+        qkv = self.to_qkv(x).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
         q, k = apply_rotary(qkv[:2], freqs).unbind(0)
         return Projected(q, k, qkv[1], qkv[2])
 
@@ -85,7 +91,7 @@ class SelfAttention(nn.Module):
             ``(B, S, D)``.
         """
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(rearrange(out, "b h s d -> b s (h d)"))
+        return self.to_out(_merge_heads(out))
 
 
 class CrossAttention(nn.Module):
@@ -104,14 +110,16 @@ class CrossAttention(nn.Module):
 
     def kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of text tokens ``(B, L, Dc)`` → each ``(B, Hkv, L, Dh)`` (cache these per prompt)."""
-        k, v = rearrange(self.to_kv(context), "b l (two h d) -> two b h l d", two=2, h=self.kv_heads)
+        B, L, _ = context.shape
+        k, v = self.to_kv(context).view(B, L, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
     def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """Attend ``x`` ``(B, S, D)`` to text keys/values; ``mask`` (bool, True = attend) ``(S, K)`` or ``(B, 1, S, K)``."""
-        q = rearrange(self.to_q(x), "b s (h d) -> b h s d", h=self.heads)
+        B, S, _ = x.shape
+        q = self.to_q(x).view(B, S, self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        return self.to_out(rearrange(out, "b h s d -> b s (h d)"))
+        return self.to_out(_merge_heads(out))
 
 
 class _GLU(nn.Module):
@@ -132,8 +140,8 @@ class FeedForward(nn.Module):
         self.ff = nn.Sequential(_GLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim), nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.ff(x)
-        return out
+        glu, out = self.ff[0], self.ff[2]  # direct calls: the Identity slots only keep Stable Audio's indices
+        return out(glu(x))  # type: ignore[no-any-return]
 
 
 def _own_kv(p: Projected) -> tuple[Tensor, Tensor]:

@@ -43,19 +43,17 @@ class PackedLinear(nn.Module):
         self._packed: Tensor | None = None
         self._packed_version = -1
 
-    def _fast(self, x: Tensor) -> bool:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
-            return False
-        return not (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))
-
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) → (..., out_features)``."""
-        if not self._fast(x):
-            return F.linear(x, self.weight, self.bias)
-        version = -2 if self.weight.is_inference() else self.weight._version  # inference tensors keep no version: pack once
-        if self._packed is None or self._packed_version != version:
+        weight = self.weight
+        if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
+            return F.linear(x, weight, self.bias)
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+            return F.linear(x, weight, self.bias)
+        version = -2 if weight.is_inference() else weight._version  # inference tensors keep no version: pack once
+        if self._packed_version != version or self._packed is None:
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
             self._packed_version = version
         out: Tensor = torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return out
