@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -238,8 +239,10 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     pending_metrics: list[Any] = []
     clock, state_bytes = (time.perf_counter(), step), dict[str, int]()
     reports = 0  # ray.train.report calls by this worker in this attempt (one per checkpoint)
+    epoch = 0
     while step < cfg.train.steps:
-        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+        epoch += 1
+        for batch in epoch_batches(shard, cfg, rank, epoch):
             if cfg.train.overfit_batch:  # the same batch *and* the same noise, timesteps and masks every step
                 fixed = fixed or batch
                 batch = fixed
@@ -312,6 +315,33 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
         mlflow.end_run()
 
 
+def epoch_batches(shard: Any, cfg: Config, rank: int, epoch: int) -> Any:
+    """One epoch of a worker's Ray Data shard as numpy batches of ``train.batch_size`` rows, shuffled
+    through a local buffer of ``train.shuffle_buffer`` rows seeded by (seed, rank, epoch).
+
+    Inputs arrive grouped (every chunk of one clip in one block): without the buffer a batch would be
+    consecutive seconds of a single clip.
+    """
+    buffer = cfg.train.shuffle_buffer
+    return shard.iter_batches(
+        batch_size=cfg.train.batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=buffer or None,
+        local_shuffle_seed=(cfg.train.seed * 1_000_003 + rank * 1009 + epoch) if buffer else None,
+    )
+
+
+def _read_order(items: list[Any], cfg: Config) -> list[Any]:
+    """``items`` in a seeded random order (``train.shuffle_buffer`` > 0), so workers do not read the
+    inputs in the order they were written (clip by clip, shard by shard)."""
+    if not cfg.train.shuffle_buffer:
+        return list(items)
+    order = list(items)
+    random.Random(cfg.train.seed).shuffle(order)
+    return order
+
+
 def _audio_dataset(cfg: Config) -> Any:
     """Autoencoder stage: audio chunks of ``train.audio_chunk_frames`` latent frames, decoded by Ray Data tasks."""
 
@@ -320,7 +350,7 @@ def _audio_dataset(cfg: Config) -> Any:
 
     source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
     assert source_path is not None
-    records = list_inputs(cfg.data.source, source_path, cfg.data.captions)
+    records = _read_order(list_inputs(cfg.data.source, source_path, cfg.data.captions), cfg)
     ds = chunk_dataset(cfg, records, cfg.autoencoder.downsampling_ratio, cfg.train.audio_chunk_frames)
     return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
 
@@ -388,7 +418,7 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
         columns = ["caption", "latent_channels", "latent_frames", "latent_mean"]
-        shards = sorted(str(p) for p in latents.glob("shard_*.parquet"))  # not text_embeddings.parquet beside them
+        shards = _read_order(sorted(str(p) for p in latents.glob("shard_*.parquet")), cfg)  # not text_embeddings.parquet
         dataset = ray.data.read_parquet(shards).select_columns(columns)
     storage = Path(cfg.train.storage_path).resolve()
     trainer = TorchTrainer(

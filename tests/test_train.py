@@ -188,3 +188,24 @@ def test_run_name_resumes_only_the_same_training(tmp_path: Path) -> None:
         run_name(cfg, "lmdm", tmp_path / "latents"),
     ):
         assert changed != name
+
+
+def test_workers_read_shuffled_batches(local_ray: object) -> None:
+    """Inputs arrive grouped (a clip's chunks in one block): a worker's batches are drawn through a seeded
+    local shuffle buffer, every row once per epoch, in another order the next epoch; 0 turns it off."""
+    import ray.data
+
+    from lmdm.pipelines.train import epoch_batches
+
+    cfg = tiny_config("train.batch_size=4", "train.shuffle_buffer=32")
+    rows = ray.data.range(64, override_num_blocks=4)
+
+    def epoch(c: Config, number: int) -> list[int]:
+        return [int(i) for b in epoch_batches(rows.iterator(), c, rank=0, epoch=number) for i in b["id"]]
+
+    first = epoch(cfg, 1)
+    assert sorted(first) == list(range(64))
+    assert first != list(range(64)) and first[:4] != [0, 1, 2, 3]
+    assert epoch(cfg, 1) == first  # seeded
+    assert epoch(cfg, 2) != first
+    assert epoch(tiny_config("train.batch_size=4", "train.shuffle_buffer=0"), 1) == list(range(64))

@@ -220,6 +220,13 @@ class TrainConfig(Section):
         False, description="train on the first batch with the same noise, timesteps and masks every step (tests, debugging)"
     )
     grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clip (DDP and DeepSpeed alike)")
+    shuffle_buffer: int = Field(
+        256,
+        ge=0,
+        le=1_000_000,
+        description="rows in each worker's local shuffle buffer, reseeded every epoch; inputs are also read in a seeded "
+        "random order (0 = read everything in order)",
+    )
     audio_chunk_frames: int = Field(16, ge=1, le=100_000, description="autoencoder stage: latent frames of audio per example")
     kl_weight: float = Field(1e-4, ge=0.0, le=1.0, description="autoencoder stage: KL weight")
     fail_once_at_step: int | None = Field(None, ge=1, description="fault-tolerance drill: rank 1 raises once at this step")
