@@ -14,7 +14,17 @@ import numpy as np
 
 from lmdm.audio.features import f0_pyin, loudness_db, spectral_centroid
 
-__all__ = ["AudioStats", "audio_stats", "likeness"]
+__all__ = ["FIGURES", "AudioStats", "audio_stats", "compare", "likeness"]
+
+# The distances :func:`likeness` returns (lower is closer to the reference).
+FIGURES = (
+    "pitch_class_l1",
+    "voiced_diff",
+    "loudness_mean_diff_db",
+    "loudness_std_diff_db",
+    "brightness_mean_diff_hz",
+    "brightness_std_diff_hz",
+)
 
 
 @dataclass(frozen=True)
@@ -67,3 +77,21 @@ def likeness(generated: AudioStats, reference: AudioStats) -> dict[str, Any]:
         "brightness_std_diff_hz": abs(generated.brightness_std - reference.brightness_std),
         "stats": asdict(generated),
     }
+
+
+def compare(model: dict[str, Any], baseline: dict[str, Any], tie: float = 0.02) -> dict[str, Any]:
+    """Figure by figure, whether ``model`` is closer to the reference than ``baseline`` (both from
+    :func:`likeness`). Distances within ``tie`` (relative to the larger one) count as ties.
+
+    Returns:
+        ``closer``, ``farther`` and ``tied`` (lists of figure names) and ``beats``: closer on more
+        figures than farther.
+    """
+    closer, farther, tied = [], [], []
+    for name in FIGURES:
+        a, b = float(model[name]), float(baseline[name])
+        if abs(a - b) <= tie * max(abs(a), abs(b), 1e-12):
+            tied.append(name)
+        else:
+            (closer if a < b else farther).append(name)
+    return {"closer": closer, "farther": farther, "tied": tied, "beats": len(closer) > len(farther)}

@@ -51,7 +51,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
     from lmdm.builders import build_dit
     from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
     from lmdm.data.corpus import read_corpus_metadata
-    from lmdm.eval.likeness import audio_stats, likeness
+    from lmdm.eval.likeness import FIGURES, audio_stats, compare, likeness
     from lmdm.eval.plots import plot_clip
     from lmdm.eval.tracking import mlflow_run
     from lmdm.pipelines.precompute import run_precompute
@@ -130,6 +130,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             "trained": likeness(audio_stats([trained], cfg.audio.sample_rate), reference),
             "untrained": likeness(audio_stats([untrained], cfg.audio.sample_rate), reference),
         }
+        figures["verdict"] = compare(figures["trained"], figures["untrained"])
         from lmdm.audio.features import f0_pyin, loudness_db, spectral_centroid
 
         fr = cfg.data.frame_rate
@@ -157,20 +158,21 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         mlflow.log_metrics({f"time/{k}": v for k, v in times.items()})
         for who in ("trained", "untrained"):
             mlflow.log_metrics({f"likeness/{who}/{k}": v for k, v in figures[who].items() if isinstance(v, float)})
+        mlflow.log_metric("likeness/trained_closer_figures", len(figures["verdict"]["closer"]))
         result["mlflow_run_id"] = parent.info.run_id
     table = Table(title="likeness to the corpus (lower is closer)")
     table.add_column("figure")
     table.add_column("trained LMDM", justify="right")
     table.add_column("untrained", justify="right")
-    for key in (
-        "pitch_class_l1",
-        "voiced_diff",
-        "loudness_mean_diff_db",
-        "loudness_std_diff_db",
-        "brightness_mean_diff_hz",
-        "brightness_std_diff_hz",
-    ):
-        table.add_row(key, f"{figures['trained'][key]:.3f}", f"{figures['untrained'][key]:.3f}")
+    table.add_column("closer", justify="center")
+    verdict = figures["verdict"]
+    for key in FIGURES:
+        mark = "trained" if key in verdict["closer"] else "untrained" if key in verdict["farther"] else "tie"
+        table.add_row(key, f"{figures['trained'][key]:.3f}", f"{figures['untrained'][key]:.3f}", mark)
+    table.caption = (
+        f"trained closer on {len(verdict['closer'])} of {len(FIGURES)} figures, untrained on {len(verdict['farther'])}, "
+        f"{len(verdict['tied'])} tied (within 2%)"
+    )
     console.print(table)
     timing = Table(title="wall time per stage")
     timing.add_column("stage")

@@ -35,7 +35,7 @@ def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     audio, rate = sf.read(out / "stream.wav")
     assert rate == 16000 and len(audio) == 8 * 16000
     figures = json.loads((out / "quickstart.json").read_text())
-    assert set(figures["likeness"]) == {"trained", "untrained"} and set(figures["times_s"]) == {
+    assert set(figures["likeness"]) == {"trained", "untrained", "verdict"} and set(figures["times_s"]) == {
         "corpus",
         "autoencoder",
         "precompute",
