@@ -46,9 +46,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) → (..., out_features)``."""
         weight = self.weight
-        if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad):
-            return F.linear(x, weight, self.bias)
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        needs_grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+        if needs_grad or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
             return F.linear(x, weight, self.bias)
         version = -2 if weight.is_inference() else weight._version  # inference tensors keep no version: pack once
         if self._packed_version != version or self._packed is None:
