@@ -150,3 +150,9 @@ def test_autoencoder_lr_out_of_range_names_the_key(value: str) -> None:
     # YAML reads "-3e-4" as a string; pydantic still checks its value.
     with pytest.raises(ConfigError, match=rf"quickstart.autoencoder_lr: got '?{re.escape(value)}'?: Input should be"):
         load_config("quickstart", [f"quickstart.autoencoder_lr={value}"])
+
+
+@pytest.mark.parametrize("value", ["-1", "2000000", "many"])
+def test_shuffle_buffer_out_of_range_names_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"train.shuffle_buffer: got '?{re.escape(value)}'?: Input should be"):
+        load_config("quickstart", [f"train.shuffle_buffer={value}"])
