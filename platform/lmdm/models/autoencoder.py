@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 from lmdm.config import AudioConfig, AutoencoderConfig
+from lmdm.models.snake import SnakeBeta
 
 __all__ = [
     "DecoderBlock",
@@ -53,25 +54,6 @@ STD_FLOOR = 1e-4  # std = softplus(scale) + STD_FLOOR, as in stable-audio-tools'
 LATENT_INIT_GAIN = 15.0
 SCALE_INIT_BIAS = -5.0
 RESIDUAL_DILATIONS = (1, 3, 9)
-
-
-class SnakeBeta(nn.Module):
-    """Periodic activation ``x + 1 / (exp(β) + 1e-9) · sin²(exp(α) · x)``, per channel.
-
-    ``alpha`` and ``beta`` are log-scale parameters of shape ``(H,)`` initialised to zero, as in
-    stable-audio-tools (``alpha_logscale=True``).
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(channels))
-        self.beta = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, H, N) → (B, H, N)``."""
-        alpha = self.alpha.exp()[None, :, None]  # (1, H, 1)
-        beta = self.beta.exp()[None, :, None]  # (1, H, 1)
-        return x + (1.0 / (beta + 1e-9)) * torch.sin(x * alpha).pow(2)
 
 
 def wn_conv1d(
