@@ -66,3 +66,41 @@ def test_packed_dit_streams_the_same_blocks_with_the_same_state_dict() -> None:
             blocks[name] = torch.cat([engine.step(state, Condition(text, "p")) for _ in range(5)], dim=-1)
     ref = blocks["plain"]
     assert (blocks["packed"] - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_residual_add_and_glu_equal_the_plain_ops(bias: bool) -> None:
+    """``forward_add`` = ``residual + linear(x)`` and ``forward_glu`` = ``value · silu(gate)``, packed (inference)
+    and plain (gradients on, where both also give the reference gradients)."""
+    torch.manual_seed(0)
+    proj, out = nn.Linear(64, 2 * 96, bias=bias), nn.Linear(96, 64, bias=bias)
+    packed_proj, packed_out = PackedLinear(proj), PackedLinear(out)
+    x, residual = torch.randn(2, 49, 64), torch.randn(2, 49, 64)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        value, gate = F.linear(x, proj.weight, proj.bias).chunk(2, dim=-1)
+        return residual + F.linear(value * F.silu(gate), out.weight, out.bias)
+
+    with torch.inference_mode():
+        fused = packed_out.forward_add(packed_proj.forward_glu(x), residual)
+    torch.testing.assert_close(fused, reference(x), rtol=1e-5, atol=1e-5)
+    x_grad = x.clone().requires_grad_()
+    packed_out.forward_add(packed_proj.forward_glu(x_grad), residual).square().sum().backward()
+    x_ref = x.clone().requires_grad_()
+    reference(x_ref).square().sum().backward()
+    assert x_grad.grad is not None and x_ref.grad is not None
+    torch.testing.assert_close(x_grad.grad, x_ref.grad)
+
+
+def test_fused_glu_is_repacked_after_a_weight_update() -> None:
+    torch.manual_seed(0)
+    proj = nn.Linear(32, 2 * 16)
+    packed = PackedLinear(proj)
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        before = packed.forward_glu(x)
+        proj.weight.mul_(0.5)  # in place: the cached packed halves are stale
+        after = packed.forward_glu(x)
+        value, gate = F.linear(x, proj.weight, proj.bias).chunk(2, dim=-1)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, value * F.silu(gate), rtol=1e-5, atol=1e-5)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmdm.models.packed import linear_add, linear_glu
 from lmdm.models.rotary import apply_rotary
 
 __all__ = ["CrossAttention", "FeedForward", "KVHook", "LayerNorm", "Projected", "SelfAttention", "TransformerBlock"]
@@ -80,18 +81,19 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(qkv[:2], freqs).unbind(0)
         return Projected(q, k, qkv[1], qkv[2])
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
         """Scaled dot-product attention and the output projection.
 
         Args:
             q: ``(B, H, S, Dh)``; k, v: ``(B, H, K, Dh)``.
             mask: bool, True = may attend, broadcastable to ``(B, H, S, K)``; ``None`` = all.
+            residual: ``(B, S, D)`` added to the output (fused into the projection where packed).
 
         Returns:
             ``(B, S, D)``.
         """
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.to_out(_merge_heads(out))
+        out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return self.to_out(out) if residual is None else linear_add(self.to_out, out, residual)
 
 
 class CrossAttention(nn.Module):
@@ -114,12 +116,13 @@ class CrossAttention(nn.Module):
         k, v = self.to_kv(context).view(B, L, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Attend ``x`` ``(B, S, D)`` to text keys/values; ``mask`` (bool, True = attend) ``(S, K)`` or ``(B, 1, S, K)``."""
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """Attend ``x`` ``(B, S, D)`` to text keys/values; ``mask`` (bool, True = attend) ``(S, K)`` or ``(B, 1, S, K)``;
+        ``residual`` ``(B, S, D)`` is added to the output."""
         B, S, _ = x.shape
         q = self.to_q(x).view(B, S, self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        return self.to_out(_merge_heads(out))
+        out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads))
+        return self.to_out(out) if residual is None else linear_add(self.to_out, out, residual)
 
 
 class _GLU(nn.Module):
@@ -128,8 +131,7 @@ class _GLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.silu(gate)
+        return linear_glu(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -139,9 +141,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.ff = nn.Sequential(_GLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim), nn.Identity())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``(B, S, D) → (B, S, D)``, plus ``residual`` if given."""
         glu, out = self.ff[0], self.ff[2]  # direct calls: the Identity slots only keep Stable Audio's indices
-        return out(glu(x))
+        h = glu(x)
+        return out(h) if residual is None else linear_add(out, h, residual)
 
 
 def _own_kv(p: Projected) -> tuple[Tensor, Tensor]:
@@ -186,7 +190,7 @@ class TransformerBlock(nn.Module):
         """
         p = self.self_attn.project(self.pre_norm(x), freqs)
         k, v = (kv_hook or _own_kv)(p)
-        x = x + self.self_attn.attend(p.q, k, v, mask)
+        x = self.self_attn.attend(p.q, k, v, mask, residual=x)
         if self.cross_attend and text_kv is not None:
-            x = x + self.cross_attn(self.cross_attend_norm(x), text_kv[0], text_kv[1], text_mask)
-        return x + self.ff(self.ff_norm(x))
+            x = self.cross_attn(self.cross_attend_norm(x), text_kv[0], text_kv[1], text_mask, residual=x)
+        return self.ff(self.ff_norm(x), residual=x)

@@ -71,7 +71,7 @@ class _SnakeBetaFunction(torch.autograd.Function):
 
 def snake_beta(x: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """``x + sin²(exp(α)·x) / (exp(β) + 1e-9)`` per channel; ``(B, H, N) → (B, H, N)``, ``α, β: (H,)``."""
-    return cast(Tensor, _SnakeBetaFunction.apply(x, alpha, beta))
+    return cast(Tensor, _SnakeBetaFunction.apply(x, alpha, beta))  # type: ignore[no-untyped-call]
 
 
 class SnakeBeta(nn.Module):
