@@ -14,7 +14,7 @@ import numpy as np
 
 from lmdm.audio.features import f0_pyin, loudness_db, spectral_centroid
 
-__all__ = ["FIGURES", "AudioStats", "audio_stats", "compare", "likeness"]
+__all__ = ["FIGURES", "TIE", "AudioStats", "audio_stats", "compare", "likeness"]
 
 # The distances :func:`likeness` returns (lower is closer to the reference).
 FIGURES = (
@@ -25,6 +25,7 @@ FIGURES = (
     "brightness_mean_diff_hz",
     "brightness_std_diff_hz",
 )
+TIE = 0.02  # relative difference below which :func:`compare` calls two distances a tie
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def likeness(generated: AudioStats, reference: AudioStats) -> dict[str, Any]:
     }
 
 
-def compare(model: dict[str, Any], baseline: dict[str, Any], tie: float = 0.02) -> dict[str, Any]:
+def compare(model: dict[str, Any], baseline: dict[str, Any], tie: float = TIE) -> dict[str, Any]:
     """Figure by figure, whether ``model`` is closer to the reference than ``baseline`` (both from
     :func:`likeness`). Distances within ``tie`` (relative to the larger one) count as ties.
 

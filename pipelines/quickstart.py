@@ -51,7 +51,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
     from lmdm.builders import build_dit
     from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
     from lmdm.data.corpus import read_corpus_metadata
-    from lmdm.eval.likeness import FIGURES, audio_stats, compare, likeness
+    from lmdm.eval.likeness import FIGURES, TIE, audio_stats, compare, likeness
     from lmdm.eval.plots import plot_clip
     from lmdm.eval.tracking import mlflow_run
     from lmdm.pipelines.precompute import run_precompute
@@ -171,7 +171,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         table.add_row(key, f"{figures['trained'][key]:.3f}", f"{figures['untrained'][key]:.3f}", mark)
     table.caption = (
         f"trained closer on {len(verdict['closer'])} of {len(FIGURES)} figures, untrained on {len(verdict['farther'])}, "
-        f"{len(verdict['tied'])} tied (within 2%)"
+        f"{len(verdict['tied'])} tied (within {TIE:.0%})"
     )
     console.print(table)
     timing = Table(title="wall time per stage")

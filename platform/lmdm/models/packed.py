@@ -48,9 +48,8 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: Tensor | None = None
-        self._packed_version = -1
         self._halves: tuple[Tensor, Tensor] | None = None
-        self._halves_version = -1
+        self._packed_version = -1  # the weight version both packs belong to
 
     def _fast(self, *inputs: Tensor) -> bool:
         """Whether the packed path is exact here: float32 CPU tensors, no gradients needed."""
@@ -59,28 +58,26 @@ class PackedLinear(nn.Module):
             return False
         return weight.dtype == torch.float32 and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in inputs)
 
-    def _weight_version(self) -> int:
-        return -2 if self.weight.is_inference() else self.weight._version  # inference tensors keep no version: pack once
+    def _drop_stale_packs(self) -> None:
+        """Forget both packs after the weight changed in place (inference tensors keep no version: packed once)."""
+        version = -2 if self.weight.is_inference() else self.weight._version
+        if self._packed_version != version:
+            self._packed_version, self._packed, self._halves = version, None, None
 
     def _weight_packed(self) -> Tensor:
-        version = self._weight_version()
-        if self._packed_version != version or self._packed is None:
+        self._drop_stale_packs()
+        if self._packed is None:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
-            self._packed_version = version
         return self._packed
 
     def _halves_packed(self) -> tuple[Tensor, Tensor]:
         """The packed ``[value; gate]`` halves of the weight (for :meth:`forward_glu`)."""
-        version = self._weight_version()
-        if self._halves_version != version or self._halves is None:
+        self._drop_stale_packs()
+        if self._halves is None:
             with torch.no_grad():
-                value, gate = self.weight.detach().chunk(2, dim=0)
-                self._halves = (
-                    torch.ops.mkldnn._reorder_linear_weight(value.contiguous(), ROWS_HINT),
-                    torch.ops.mkldnn._reorder_linear_weight(gate.contiguous(), ROWS_HINT),
-                )
-            self._halves_version = version
+                value, gate = (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ROWS_HINT) for w in self.weight.detach().chunk(2))
+            self._halves = (value, gate)
         return self._halves
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,8 +113,12 @@ def _glu_reference(projected: Tensor) -> Tensor:
     return value * F.silu(gate)
 
 
-def linear_add(layer: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
-    """``residual + layer(x)`` for an ``nn.Linear`` or a :class:`PackedLinear` (fused into its output there)."""
+def linear_add(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
+    """``residual + layer(x)`` (just ``layer(x)`` for ``residual=None``) for an ``nn.Linear`` or a
+    :class:`PackedLinear`, where the add is fused into the linear's output."""
+    if residual is None:
+        out_only: Tensor = layer(x)
+        return out_only
     if isinstance(layer, PackedLinear):
         return layer.forward_add(x, residual)
     out: Tensor = residual + layer(x)
