@@ -104,3 +104,8 @@ def test_fused_glu_is_repacked_after_a_weight_update() -> None:
         value, gate = F.linear(x, proj.weight, proj.bias).chunk(2, dim=-1)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, value * F.silu(gate), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        proj.bias.add_(1.0)  # the bias alone, in place: its cached halves are stale too
+        shifted = packed.forward_glu(x)
+        value, gate = F.linear(x, proj.weight, proj.bias).chunk(2, dim=-1)
+    torch.testing.assert_close(shifted, value * F.silu(gate), rtol=1e-5, atol=1e-5)

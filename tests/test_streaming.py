@@ -219,6 +219,33 @@ def test_context_outputs_have_zero_gradient_wrt_target_and_t(variant: str) -> No
     assert torch.count_nonzero(target_grad) > 0  # and the test can fail: targets do depend on themselves
 
 
+def test_outputs_from_returns_the_later_tokens_and_the_same_keys() -> None:
+    """``run_layers(outputs_from=k)`` (the merged commit's last layer skips the committed block's outputs)
+    returns exactly rows ``k:`` of the full forward, and every layer hands the hook the same keys/values."""
+    dit = tiny_dit()
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(B, 7, 64, generator=g, dtype=F64)
+    text = dit.text_kv(prompts(1)[0])
+    mask = torch.rand(7, 7, generator=g) > 0.3
+    mask |= torch.eye(7, dtype=torch.bool)
+    text_mask = torch.rand(7, 5, generator=g) > 0.3
+    text_mask[:, 0] = True
+    seen: dict[int, list[torch.Tensor]] = {0: [], 3: []}
+
+    def hooks(k: int) -> list:
+        def hook(p):  # type: ignore[no-untyped-def]
+            seen[k].append(torch.cat([p.k, p.v]))
+            return p.k, p.v
+
+        return [hook] * len(dit.layers)
+
+    full = dit.run_layers(h, dit.freqs(torch.arange(7)), mask, text, text_mask, hooks(0))
+    part = dit.run_layers(h, dit.freqs(torch.arange(7)), mask, text, text_mask, hooks(3), outputs_from=3)
+    assert part.shape == (B, 4, 64)
+    torch.testing.assert_close(part, full[:, 3:], rtol=1e-12, atol=1e-12)  # float64: only the matmul row blocking differs
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[3], strict=True))
+
+
 def test_block_causal_mask_predicate() -> None:
     layout = TokenLayout.of([GLOBAL, CLEAN, CLEAN, CLEAN, NOISY], [3, 0, 1, 2, 3])
     mask = attention_mask(layout, layout, "block_causal", 1)

@@ -173,6 +173,7 @@ class TransformerBlock(nn.Module):
         text_kv: tuple[Tensor, Tensor] | None,
         text_mask: Tensor | None = None,
         kv_hook: KVHook | None = None,
+        outputs_from: int = 0,
     ) -> Tensor:
         """One block.
 
@@ -183,13 +184,20 @@ class TransformerBlock(nn.Module):
             text_kv: this layer's text keys/values, each ``(B, Hkv, L, Dh)``; ``None`` skips cross-attention.
             text_mask: which text keys each token may see, ``(S, L)`` (for per-block prompts).
             kv_hook: maps this layer's projections to the keys/values to attend over (default: own).
+            outputs_from: tokens before this index only give keys/values (to the hook); their outputs
+                are not computed (a last layer whose early tokens' outputs nobody reads).
 
         Returns:
-            ``(B, S, D)``.
+            ``(B, S − outputs_from, D)``.
         """
         p = self.self_attn.project(self.pre_norm(x), freqs)
         k, v = (kv_hook or _own_kv)(p)
-        x = self.self_attn.attend(p.q, k, v, mask, residual=x)
+        q = p.q
+        if outputs_from:
+            x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]  # contiguous: the fused residual add needs it
+            mask = mask[..., outputs_from:, :] if mask is not None else None
+            text_mask = text_mask[..., outputs_from:, :] if text_mask is not None else None
+        x = self.self_attn.attend(q, k, v, mask, residual=x)
         if self.cross_attend and text_kv is not None:
             x = self.cross_attn(self.cross_attend_norm(x), text_kv[0], text_kv[1], text_mask, residual=x)
         return self.ff(self.ff_norm(x), residual=x)

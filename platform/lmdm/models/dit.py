@@ -29,6 +29,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lmdm.models.attention import KVHook, TransformerBlock
+from lmdm.models.fused_block import FusedStack, fused_block_forward
 from lmdm.models.rotary import RotaryEmbedding
 
 __all__ = ["DiT", "DiTArgs", "TextKV"]
@@ -97,6 +98,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.preprocess_conv.weight)
         nn.init.zeros_(self.postprocess_conv.weight)
         self.transformer = _Transformer(args, context_dim)
+        self._fused = FusedStack(self.transformer.layers)
 
     @property
     def layers(self) -> Sequence[TransformerBlock]:
@@ -156,10 +158,23 @@ class DiT(nn.Module):
         text_kv: TextKV | None,
         text_mask: Tensor | None = None,
         kv_hooks: Sequence[KVHook] | None = None,
+        outputs_from: int = 0,
     ) -> Tensor:
-        """Run every block on tokens ``h`` ``(B, S, D)``; ``kv_hooks[i]`` routes layer i's keys/values."""
+        """Run every block on tokens ``h`` ``(B, S, D)``; ``kv_hooks[i]`` routes layer i's keys/values.
+
+        ``outputs_from``: only tokens from this index on are returned, ``(B, S − outputs_from, D)``; the last
+        layer computes the earlier tokens' keys/values only (their outputs would feed no later layer).
+        """
+        last = len(self.layers) - 1
+        packs = self._fused.packs(h)  # float32 CPU inference with packed linears: same bits, less Python
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, mask, text_kv[i] if text_kv is not None else None, text_mask, kv_hooks[i] if kv_hooks else None)
+            text = text_kv[i] if text_kv is not None else None
+            hook = kv_hooks[i] if kv_hooks else None
+            keep = outputs_from if i == last else 0
+            if packs is not None:
+                h = fused_block_forward(packs[i], h, freqs, mask, text, text_mask, hook, keep)
+            else:
+                h = layer(h, freqs, mask, text, text_mask, hook, keep)
         return h
 
     def forward_tokens(

@@ -20,6 +20,8 @@ output rows are ``[value; gate]``, as two half-width linears with ``swish`` and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -48,21 +50,40 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: Tensor | None = None
-        self._halves: tuple[Tensor, Tensor] | None = None
-        self._packed_version = -1  # the weight version both packs belong to
+        self._halves: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None = None  # value, gate weights; biases
+        self._packed_version: tuple[int, int] | None = None  # the weight and bias versions both packs belong to
+        self._packed_for: tuple[Tensor, Tensor | None] | None = None  # ... and the tensors themselves
 
-    def _fast(self, *inputs: Tensor) -> bool:
-        """Whether the packed path is exact here: float32 CPU tensors, no gradients needed."""
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry the parameters, not the packs (oneDNN's opaque tensors have no storage to
+        copy); a copy packs again on its first call."""
+        state = dict(self.__dict__)
+        state.update(_packed=None, _halves=None, _packed_for=None, _packed_version=None)
+        return state
+
+    def _fast(self, x: Tensor, other: Tensor | None = None) -> bool:
+        """Whether the packed path is exact here: float32 CPU tensors, no gradients needed (runs per call: kept cheap)."""
         weight = self.weight
-        if torch.is_grad_enabled() and (weight.requires_grad or any(x.requires_grad for x in inputs)):
+        if weight.dtype is not torch.float32 or x.dtype is not torch.float32 or not x.is_cpu:
             return False
-        return weight.dtype == torch.float32 and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in inputs)
+        if other is not None and (other.dtype is not torch.float32 or not other.is_cpu):
+            return False
+        needs_grad = weight.requires_grad or x.requires_grad or (other is not None and other.requires_grad)
+        return not (needs_grad and torch.is_grad_enabled())
 
     def _drop_stale_packs(self) -> None:
-        """Forget both packs after the weight changed in place (inference tensors keep no version: packed once)."""
-        version = -2 if self.weight.is_inference() else self.weight._version
-        if self._packed_version != version:
-            self._packed_version, self._packed, self._halves = version, None, None
+        """Forget both packs after the weight or bias changed in place (inference tensors keep no version:
+        packed once)."""
+        weight, bias = self.weight, self.bias
+        version = (_version(weight), _version(bias))
+        if (
+            self._packed_for is None
+            or self._packed_for[0] is not weight
+            or self._packed_for[1] is not bias
+            or self._packed_version != version
+        ):
+            self._packed_for, self._packed_version = (weight, bias), version  # new tensors (load with assign=True) re-pack too
+            self._packed, self._halves = None, None
 
     def _weight_packed(self) -> Tensor:
         self._drop_stale_packs()
@@ -71,13 +92,14 @@ class PackedLinear(nn.Module):
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
         return self._packed
 
-    def _halves_packed(self) -> tuple[Tensor, Tensor]:
-        """The packed ``[value; gate]`` halves of the weight (for :meth:`forward_glu`)."""
+    def _halves_packed(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The packed ``[value; gate]`` halves of the weight and their biases (for :meth:`forward_glu`)."""
         self._drop_stale_packs()
         if self._halves is None:
             with torch.no_grad():
                 value, gate = (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ROWS_HINT) for w in self.weight.detach().chunk(2))
-            self._halves = (value, gate)
+                value_b, gate_b = self.bias.detach().chunk(2) if self.bias is not None else (None, None)
+            self._halves = (value, gate, value_b, gate_b)
         return self._halves
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,14 +120,20 @@ class PackedLinear(nn.Module):
         """``value · silu(gate)`` where ``[value, gate] = linear(x).chunk(2, -1)``: ``(..., in) → (..., out / 2)``."""
         if not self._fast(x):
             return _glu_reference(F.linear(x, self.weight, self.bias))
-        value_w, gate_w = self._halves_packed()
-        value_b, gate_b = self.bias.chunk(2) if self.bias is not None else (None, None)
+        value_w, gate_w, value_b, gate_b = self._halves_packed()
         gate = torch.ops.mkldnn._linear_pointwise(x, gate_w, gate_b, "swish", [], "")
         out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, gate, value_w, value_b, "mul")
         return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=oneDNN"
+
+
+def _version(tensor: Tensor | None) -> int:
+    """In-place modification counter (-1: no tensor; -2: an inference tensor, which cannot change)."""
+    if tensor is None:
+        return -1
+    return -2 if tensor.is_inference() else tensor._version
 
 
 def _glu_reference(projected: Tensor) -> Tensor:

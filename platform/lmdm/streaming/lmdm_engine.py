@@ -138,7 +138,9 @@ class LMDMEngine(_Base):
         cache = state.cache
         assert cache is not None
         valid = cache.slot_valid(self.device)
-        state.mask = additive_mask(torch.cat([valid, valid.new_ones(1 + self.geometry.block_frames)])[None, :], self.dtype)
+        keys = torch.cat([valid, valid.new_ones(1 + self.geometry.block_frames)])
+        # one row per query, materialised: SDPA over the cache view is slower with a broadcast (1, K) mask
+        state.mask = additive_mask(keys[None, :].expand(1 + self.geometry.block_frames, -1), self.dtype)
         state.freqs = self.dit.freqs(self._own_positions(state.block))
         state.hooks = [self._step_hook(state, i) for i in range(len(self.dit.layers))]
 
@@ -217,8 +219,8 @@ class LMDMEngine(_Base):
         Bf = self.geometry.block_frames
         emb = self.dit.embed_frames(torch.cat([state.pending, frames], dim=-1))
         h = torch.cat([emb[:, :Bf], g, emb[:, Bf:]], dim=1)
-        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, state.hooks)
-        out = self.dit.unembed_frames(h[:, Bf + 1 :])
+        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, state.hooks, outputs_from=Bf)
+        out = self.dit.unembed_frames(h[:, 1:])
         self._finish_commit(state)
         return self._combine(out, state)
 

@@ -1,0 +1,131 @@
+"""The fused block forward (straight-line oneDNN calls) computes the same bits as the module path, and its
+gathered weights follow every change to the model (in-place updates, replaced tensors, packing)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from lmdm.models.attention import Projected, TransformerBlock
+from lmdm.models.dit import DiT, DiTArgs
+from lmdm.models.fused_block import FusedStack, fused_block_forward
+from lmdm.models.packed import pack_linears, packing_available
+from lmdm.models.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
+
+D, DH = 64, 32
+
+
+def tiny_dit(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    dit = DiT(DiTArgs(io_channels=4, width=D, depth=2, head_dim=DH, cond_token_dim=32, input_concat_dim=5)).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return dit
+
+
+def _inputs(B: int, S: int, K: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, S, D, generator=g)
+    mask = torch.rand(S, K, generator=g) > 0.3
+    mask[:, -1] = True
+    return x, mask, torch.randn(B, 2, 5, DH, generator=g), torch.randn(B, 2, 5, DH, generator=g)
+
+
+@pytest.mark.parametrize("context_dim", [None, D, 2 * DH])  # no cross-attention; as many K/V heads as queries; grouped
+@pytest.mark.parametrize(("B", "outputs_from"), [(1, 0), (2, 0), (2, 3)])
+def test_fused_block_equals_module_block(context_dim: int | None, B: int, outputs_from: int) -> None:
+    torch.manual_seed(0)
+    block = TransformerBlock(D, DH, context_dim).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    pack_linears(block)
+    S, extra = 7, 4  # the hook adds 4 cached keys in front of the block's own
+    x, mask, text_k, text_v = _inputs(B, S, extra + S)
+    freqs = RotaryEmbedding(DH)(torch.arange(S))
+    text_mask = torch.ones(S, 5, dtype=torch.bool)
+    text_mask[::2, 3:] = False
+    text_kv = None
+    if context_dim is not None:
+        text_kv = (text_k[:, : context_dim // DH], text_v[:, : context_dim // DH])
+    cached = torch.randn(B, D // DH, extra, DH)
+    seen: list[list[torch.Tensor]] = [[], []]
+
+    def hook_for(i: int):  # type: ignore[no-untyped-def]
+        def hook(p: Projected) -> tuple[torch.Tensor, torch.Tensor]:
+            seen[i].append(torch.cat([p.q, p.k, p.k_raw, p.v]))
+            return torch.cat([cached, p.k], 2), torch.cat([cached, p.v], 2)
+
+        return hook
+
+    stack = FusedStack(torch.nn.ModuleList([block]))
+    with torch.inference_mode():
+        reference = block(x, freqs, mask, text_kv, text_mask, hook_for(0), outputs_from)
+        packs = stack.packs(x)
+        assert packs is not None
+        fused = fused_block_forward(packs[0], x, freqs, mask, text_kv, text_mask, hook_for(1), outputs_from)
+    assert fused.shape == (B, S - outputs_from, D)
+    assert torch.equal(fused, reference)
+    assert torch.equal(seen[0][0], seen[1][0])
+
+
+def test_run_layers_takes_the_fused_path_only_where_it_applies() -> None:
+    dit = tiny_dit()
+    h = torch.randn(1, 6, D)
+    freqs, text = dit.freqs(torch.arange(6)), dit.text_kv(torch.randn(1, 5, 32))
+    with torch.inference_mode():
+        assert dit._fused.packs(h) is None  # not packed yet: the module path
+        unpacked = dit.run_layers(h, freqs, None, text)
+    pack_linears(dit)  # replaces modules: the stack notices without being told
+    with torch.inference_mode():
+        assert dit._fused.packs(h) is not None
+        fused = dit.run_layers(h, freqs, None, text)
+        assert dit._fused.packs(h.double()) is None
+        module = h
+        for layer, kv in zip(dit.layers, text, strict=True):  # the module path, with the same packed kernels
+            module = layer(module, freqs, None, kv)
+    assert dit._fused.packs(h) is None  # autograd on (parameters require grad): the module path
+    torch.testing.assert_close(fused, unpacked, rtol=1e-5, atol=1e-5)  # packed vs BLAS: float32 rounding
+    assert torch.equal(fused, module)
+
+
+def test_fused_stack_follows_in_place_updates_and_replaced_tensors() -> None:
+    dit = tiny_dit()
+    pack_linears(dit)
+    h = torch.randn(1, 6, D)
+    freqs = dit.freqs(torch.arange(6))
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            fused = dit.run_layers(h, freqs, None, None)
+            out = h
+            for layer in dit.layers:  # the module path
+                out = layer(out, freqs, None, None)
+        return fused, out
+
+    first, _ = both()
+    with torch.no_grad():
+        dit.layers[1].ff.ff[2].weight.mul_(0.5)  # in place, as an optimizer step
+        dit.layers[0].pre_norm.gamma.add_(0.1)
+    fused, module = both()
+    assert not torch.equal(fused, first) and torch.equal(fused, module)
+    state = {k: v + 0.01 for k, v in dit.state_dict().items()}
+    dit.load_state_dict(state, assign=True)  # new tensor objects, fresh version counters
+    fused, module = both()
+    assert torch.equal(fused, module)
+
+
+def test_copies_and_pickles_carry_no_packs() -> None:
+    dit = tiny_dit()
+    pack_linears(dit)
+    h = torch.randn(1, 6, D)
+    freqs = dit.freqs(torch.arange(6))
+    with torch.inference_mode():
+        out = dit.run_layers(h, freqs, None, None)
+        for clone in (copy.deepcopy(dit), pickle.loads(pickle.dumps(dit))):
+            assert clone._fused._packs is None and clone._fused.layers is clone.transformer.layers
+            assert torch.equal(clone.run_layers(h, freqs, None, None), out)
