@@ -117,6 +117,10 @@ def test_fused_stack_follows_in_place_updates_and_replaced_tensors() -> None:
     dit.load_state_dict(state, assign=True)  # new tensor objects, fresh version counters
     fused, module = both()
     assert torch.equal(fused, module)
+    plain = h
+    for layer in dit.layers:  # autograd on: F.linear on the live weights, no pack involved
+        plain = layer(plain, freqs, None, None)
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)  # no stale pack anywhere
 
 
 def test_copies_and_pickles_carry_no_packs() -> None:

@@ -109,3 +109,22 @@ def test_fused_glu_is_repacked_after_a_weight_update() -> None:
         shifted = packed.forward_glu(x)
         value, gate = F.linear(x, proj.weight, proj.bias).chunk(2, dim=-1)
     torch.testing.assert_close(shifted, value * F.silu(gate), rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_weight_is_repacked_even_at_the_same_version() -> None:
+    """``load_state_dict(assign=True)`` swaps in new tensors whose version counters may equal the old ones'."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    packed = PackedLinear(linear)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        packed(x)  # packs the old weight
+    new = nn.Parameter(torch.randn(8, 16))
+    with torch.no_grad():
+        while new._version < packed.weight._version:
+            new.add_(0.0)
+    assert new._version == packed.weight._version
+    packed.weight = new
+    with torch.inference_mode():
+        out = packed(x)
+    torch.testing.assert_close(out, F.linear(x, new, linear.bias), rtol=1e-5, atol=1e-5)

@@ -2,11 +2,11 @@
 
 :meth:`TransformerBlock.forward <lmdm.models.attention.TransformerBlock.forward>` walks nine
 ``nn.Module`` calls per layer (norms, attentions, linears), each with its own attribute lookups and
-packed-path checks. At the 49-token passes of an LMDM denoising step that Python work is a tenth of
-the layer's time (measured on the 2-core dev machine: an 8-layer, width-512 stack of 49-token passes,
-29.3 → 26.8 ms; 241 tokens, 110 → 106 ms). :func:`fused_block_forward` runs the *same operations in
-the same order* on weights gathered once per pass (:func:`block_packs`), so its outputs are
-bit-identical to the module path; :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>` uses it for
+packed-path checks. At the 49-token passes of an LMDM denoising step that Python work is close to a
+tenth of the layer's time (measured on the 2-core dev machine, ``DiT.run_layers`` of the width-512,
+depth-8 bench model, medians of 20 interleaved passes: 49 tokens over 241 keys 30.5 → 28.1 ms; 241
+tokens 110.7 → 107.3 ms). :func:`fused_block_forward` runs the *same operations in the same order* on
+weights gathered once (:class:`FusedStack`), so its outputs are bit-identical to the module path; :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>` uses it for
 float32 CPU inference of a model whose linears are packed (:func:`~lmdm.models.packed.pack_linears`),
 and the module path everywhere else (autograd, other dtypes or devices, unpacked models).
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmdm.models.attention import KVHook, Projected, TransformerBlock, _merge_heads
-from lmdm.models.packed import PackedLinear, _version
+from lmdm.models.packed import PackedLinear, tensor_version
 from lmdm.models.rotary import apply_rotary
 
 __all__ = ["BlockPacks", "FusedStack", "fused_block_forward"]
@@ -38,6 +38,17 @@ class _Packed:
 
 
 @dataclass(frozen=True)
+class _CrossPacks:
+    """Cross-attention weights: its LayerNorm, packed ``to_q`` / ``to_out``, query and key/value heads."""
+
+    norm: tuple[Tensor, Tensor]
+    to_q: _Packed
+    to_out: _Packed
+    heads: int
+    kv_heads: int
+
+
+@dataclass(frozen=True)
 class BlockPacks:
     """A block's weights for :func:`fused_block_forward` (LayerNorm scale/shift pairs and packed linears)."""
 
@@ -45,7 +56,7 @@ class BlockPacks:
     pre_norm: tuple[Tensor, Tensor]
     qkv: _Packed
     attn_out: _Packed
-    cross: tuple[tuple[Tensor, Tensor], _Packed, _Packed, int, int] | None  # norm, to_q, to_out, H, Hkv
+    cross: _CrossPacks | None
     ff_norm: tuple[Tensor, Tensor]
     value: _Packed  # GLU value half
     gate: _Packed  # GLU gate half (swish post-op)
@@ -86,7 +97,7 @@ class FusedStack:
     def _current(self) -> bool:
         if self._versions is None or any(d.get(k) is not held for d, k, held in self._reads):
             return False
-        return tuple(_version(t) for t in self._tensors) == self._versions
+        return tuple(tensor_version(t) for t in self._tensors) == self._versions
 
     def _read(self, parent: nn.Module, name: str) -> Any:
         for store in (parent._modules, parent._parameters, parent._buffers):
@@ -103,7 +114,7 @@ class FusedStack:
         blocks = [self._read(self.layers, str(i)) for i in range(len(self.layers))]
         packs = [self._block(layer) for layer in blocks]
         self._packs = None if any(p is None for p in packs) else packs  # type: ignore[assignment]
-        self._versions = tuple(_version(t) for t in self._tensors)
+        self._versions = tuple(tensor_version(t) for t in self._tensors)
 
     def _norm(self, layer: nn.Module, name: str) -> tuple[Tensor, Tensor]:
         norm = self._read(layer, name)
@@ -128,7 +139,7 @@ class FusedStack:
             to_q, to_out = self._linear(ca, "to_q"), self._linear(ca, "to_out")
             if to_q is None or to_out is None:
                 return None
-            cross = (self._norm(layer, "cross_attend_norm"), _packed(to_q), _packed(to_out), ca.heads, ca.kv_heads)
+            cross = _CrossPacks(self._norm(layer, "cross_attend_norm"), _packed(to_q), _packed(to_out), ca.heads, ca.kv_heads)
         if qkv is None or attn_out is None or glu is None or ff_out is None:
             return None
         value_w, gate_w, value_b, gate_b = glu._halves_packed()
@@ -174,11 +185,11 @@ def fused_block_forward(
     out = _merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
     x = _linear_binary(out, x, w.attn_out.weight, w.attn_out.bias, "add")
     if w.cross is not None and text_kv is not None:
-        norm, to_q, to_out, heads, kv_heads = w.cross
-        Sq = x.shape[1]
-        qc = _linear(F.layer_norm(x, (D,), *norm), to_q.weight, to_q.bias, "none", [], "").view(B, Sq, heads, -1).transpose(1, 2)
-        out = _merge_heads(F.scaled_dot_product_attention(qc, *text_kv, attn_mask=text_mask, enable_gqa=heads != kv_heads))
-        x = _linear_binary(out, x, to_out.weight, to_out.bias, "add")
+        c, Sq = w.cross, x.shape[1]
+        qc = _linear(F.layer_norm(x, (D,), *c.norm), c.to_q.weight, c.to_q.bias, "none", [], "")
+        qc = qc.view(B, Sq, c.heads, -1).transpose(1, 2)  # (B, H, S, Dh)
+        out = _merge_heads(F.scaled_dot_product_attention(qc, *text_kv, attn_mask=text_mask, enable_gqa=c.heads != c.kv_heads))
+        x = _linear_binary(out, x, c.to_out.weight, c.to_out.bias, "add")
     y = F.layer_norm(x, (D,), *w.ff_norm)
     gate = _linear(y, w.gate.weight, w.gate.bias, "swish", [], "")
     hidden = _linear_binary(y, gate, w.value.weight, w.value.bias, "mul")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["PackedLinear", "linear_add", "linear_glu", "pack_linears", "packing_available"]
+__all__ = ["PackedLinear", "linear_add", "linear_glu", "pack_linears", "packing_available", "tensor_version"]
 
 ROWS_HINT = 64  # oneDNN picks its weight blocking for about this many input rows (49, 64 or 256: same speed here)
 
@@ -75,7 +75,7 @@ class PackedLinear(nn.Module):
         """Forget both packs after the weight or bias changed in place (inference tensors keep no version:
         packed once)."""
         weight, bias = self.weight, self.bias
-        version = (_version(weight), _version(bias))
+        version = (tensor_version(weight), tensor_version(bias))
         if (
             self._packed_for is None
             or self._packed_for[0] is not weight
@@ -129,7 +129,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=oneDNN"
 
 
-def _version(tensor: Tensor | None) -> int:
+def tensor_version(tensor: Tensor | None) -> int:
     """In-place modification counter (-1: no tensor; -2: an inference tensor, which cannot change)."""
     if tensor is None:
         return -1
