@@ -6,9 +6,10 @@ packed-path checks. At the 49-token passes of an LMDM denoising step that Python
 tenth of the layer's time (measured on the 2-core dev machine, ``DiT.run_layers`` of the width-512,
 depth-8 bench model, medians of 20 interleaved passes: 49 tokens over 241 keys 30.5 → 28.1 ms; 241
 tokens 110.7 → 107.3 ms). :func:`fused_block_forward` runs the *same operations in the same order* on
-weights gathered once (:class:`FusedStack`), so its outputs are bit-identical to the module path; :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>` uses it for
-float32 CPU inference of a model whose linears are packed (:func:`~lmdm.models.packed.pack_linears`),
-and the module path everywhere else (autograd, other dtypes or devices, unpacked models).
+weights gathered once (:class:`FusedStack`), so its outputs are bit-identical to the module path.
+:meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>` uses it for float32 CPU inference of a model
+whose linears are packed (:func:`~lmdm.models.packed.pack_linears`), and the module path everywhere
+else (autograd, other dtypes or devices, unpacked models).
 
 Legend: B batch, S tokens, D width, H heads, Dh head dim, L text tokens.
 """

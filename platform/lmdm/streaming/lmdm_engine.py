@@ -4,7 +4,7 @@ token and the target block (see :mod:`lmdm.streaming.engines` for the shared int
 ``encdec`` re-encodes the context bidirectionally once per block. ``block_causal`` encodes each block
 once, ever: the block generated last is committed into the FIFO ring by the *next* block's first
 denoising step (one merged pass of ``[block j−1 | global | target j]``, so the commit costs no extra
-pass of small matmuls); a starting context is committed block by block in its own passes.
+pass of small matmuls, and its last layer computes only block j−1's keys/values); a starting context is committed block by block in its own passes.
 
 Legend: B batch, R rows (B × branches), C latent channels, Bf block frames, Ctx context blocks,
 Kc = Ctx·Bf context frames, Ly layers.
