@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
+from lmdm.eval import bench_stream
 from lmdm.models.autoencoder import OobleckVAE
 from lmdm.models.dit import DiT, DiTArgs
 from lmdm.pipelines.cli import app
@@ -116,3 +118,15 @@ def test_bench_stream_json(tmp_path: Path) -> None:
     assert figures["lmdm_vs_outpainting"]["measured_speedup"] > 0
     assert figures["lmdm"]["realtime_factor"] > 0
     assert figures["block_causal"]["kv_cache_bytes"] > 0
+
+
+def test_bench_stream_peak_is_the_best_of_before_and_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow moment while the peak is measured (a shared machine) must not inflate every MFU: the peak is
+    measured before and after the timed blocks and the higher rate kept."""
+    rates = iter([50e9, 200e9])  # slow before, fast after
+    monkeypatch.setattr(bench_stream, "matmul_peak_flops", lambda: next(rates))
+    shape = bench_stream.BenchShape(width=64, depth=1, block_frames=4, steps=2, repeats=2, warmup=1, text_tokens=4)
+    figures = bench_stream.run_stream_bench(shape)
+    assert figures["machine"]["matmul_peak_flops"] == 200e9
+    for name in ("outpainting", "encdec", "block_causal"):
+        assert figures[name]["mfu"] == pytest.approx(figures[name]["achieved_flops"] / 200e9)
