@@ -25,7 +25,7 @@ from lmdm.models.packed import PackedLinear, pack_linears, packing_available
 from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["BenchShape", "matmul_peak_flops", "pass_flops", "run_stream_bench"]
+__all__ = ["BenchShape", "commit_flops", "matmul_peak_flops", "pass_flops", "run_stream_bench"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,16 @@ def pass_flops(args: DiTArgs, queries: int, keys: int, text_tokens: int) -> floa
     per_layer = 36 * S * D * D + 4 * S * K * D + 4 * S * L * D
     io = 2 * S * D * (2 * args.io_channels + args.input_concat_dim)
     return float(args.depth * per_layer + io)
+
+
+def commit_flops(args: DiTArgs, block: int, keys: int, text_tokens: int) -> float:
+    """Matmul FLOPs of committing a clean block of ``block`` tokens into the block-causal cache: a pass
+    whose last layer computes the tokens' keys/values only (``6·S·D²``: no attention, cross-attention,
+    output projection, feed-forward or ``project_out``; :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>`
+    ``outputs_from``)."""
+    S, K, D, L = block, keys, args.width, text_tokens if args.cond_token_dim else 0
+    skipped = 30 * S * D * D + 4 * S * K * D + 4 * S * L * D + 2 * S * D * args.io_channels
+    return pass_flops(args, block, keys, text_tokens) - skipped
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
@@ -146,7 +156,8 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
     flops = {
         "outpainting": steps * pass_flops(args, 1 + Kc + Bf, 1 + Kc + Bf, shape.text_tokens),
         "encdec": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens) + pass_flops(args, Kc, Kc, shape.text_tokens),
-        "block_causal": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens) + pass_flops(args, Bf, Kc + Bf, shape.text_tokens),
+        "block_causal": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens)
+        + commit_flops(args, Bf, Kc + Bf, shape.text_tokens),
     }
     analytical = {
         "encdec": steps * (Kc + Bf) / (steps * Bf + Kc),

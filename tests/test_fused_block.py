@@ -14,6 +14,8 @@ from lmdm.models.dit import DiT, DiTArgs
 from lmdm.models.fused_block import FusedStack, fused_block_forward
 from lmdm.models.packed import pack_linears, packing_available
 from lmdm.models.rotary import RotaryEmbedding
+from lmdm.streaming.engines import Condition, LMDMEngine, Sampling
+from lmdm.streaming.sequences import BlockGeometry
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
 
@@ -62,7 +64,9 @@ def test_fused_block_equals_module_block(context_dim: int | None, B: int, output
 
         return hook
 
-    stack = FusedStack(torch.nn.ModuleList([block]))
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList([block])
+    stack = FusedStack(holder)
     with torch.inference_mode():
         reference = block(x, freqs, mask, text_kv, text_mask, hook_for(0), outputs_from)
         packs = stack.packs(x)
@@ -131,5 +135,110 @@ def test_copies_and_pickles_carry_no_packs() -> None:
     with torch.inference_mode():
         out = dit.run_layers(h, freqs, None, None)
         for clone in (copy.deepcopy(dit), pickle.loads(pickle.dumps(dit))):
-            assert clone._fused._packs is None and clone._fused.layers is clone.transformer.layers
+            assert clone._fused._packs is None and clone._fused.owner is clone.transformer
             assert torch.equal(clone.run_layers(h, freqs, None, None), out)
+
+
+def _module_path(dit: DiT, h: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    for layer in dit.layers:
+        h = layer(h, freqs, None, None)
+    return h
+
+
+def test_a_replaced_or_grown_layer_list_is_noticed() -> None:
+    dit, other = tiny_dit(0), tiny_dit(1)
+    pack_linears(dit)
+    pack_linears(other)
+    h = torch.randn(1, 6, D)
+    freqs = dit.freqs(torch.arange(6))
+    with torch.inference_mode():
+        dit.run_layers(h, freqs, None, None)  # gathers the packs of the first list
+        dit.transformer.layers = other.transformer.layers  # a new list object
+        torch.testing.assert_close(dit.run_layers(h, freqs, None, None), _module_path(other, h, freqs), rtol=0, atol=0)
+        dit.transformer.layers.append(copy.deepcopy(other.transformer.layers[0]))  # the same list, one more block
+        assert torch.equal(dit.run_layers(h, freqs, None, None), _module_path(dit, h, freqs))
+
+
+def test_hooks_subclasses_and_strided_tokens_take_the_module_path() -> None:
+    dit = tiny_dit()
+    pack_linears(dit)
+    h = torch.randn(1, 6, D)
+    with torch.inference_mode():
+        assert dit._fused.packs(h) is not None
+        assert dit._fused.packs(torch.randn(1, 6, 2 * D)[..., ::2]) is None  # strided: the unfused residual add
+        calls: list[int] = []
+        handle = dit.layers[1].ff.register_forward_hook(lambda *_: calls.append(1))
+        assert dit._fused.packs(h) is None
+        dit.run_layers(h, dit.freqs(torch.arange(6)), None, None)
+        assert calls == [1]  # the hook ran
+        handle.remove()
+        assert dit._fused.packs(h) is not None
+
+        class Doubled(TransformerBlock):
+            def forward(self, x, *args, **kwargs):  # type: ignore[no-untyped-def]
+                return 2 * super().forward(x, *args, **kwargs)
+
+        doubled = Doubled(D, DH, 32)
+        doubled.load_state_dict(dit.layers[0].state_dict())
+        pack_linears(doubled)
+        dit.transformer.layers[0] = doubled
+        assert dit._fused.packs(h) is None
+
+
+def test_a_bias_assigned_later_is_noticed() -> None:
+    dit = tiny_dit()
+    pack_linears(dit)
+    h = torch.randn(1, 6, D)
+    freqs = dit.freqs(torch.arange(6))
+    with torch.inference_mode():
+        dit.run_layers(h, freqs, None, None)
+    to_out = dit.layers[0].self_attn.to_out
+    assert to_out.bias is None
+    to_out.bias = torch.nn.Parameter(torch.full((D,), 0.5))
+    with torch.inference_mode():
+        assert torch.equal(dit.run_layers(h, freqs, None, None), _module_path(dit, h, freqs))
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 7), (7, 7), (2, 1, 7, 7), (2, 1, 1, 7)])
+def test_outputs_from_with_masks_broadcast_over_queries(mask_shape: tuple[int, ...]) -> None:
+    dit = tiny_dit()
+    pack_linears(dit)
+    h = torch.randn(2, 7, D)
+    mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[..., -1] = True
+    if len(mask_shape) >= 2 and mask_shape[-2] == 7:
+        mask |= torch.eye(7, dtype=torch.bool)
+    freqs = dit.freqs(torch.arange(7))
+    with torch.inference_mode():
+        full = dit.run_layers(h, freqs, mask, None)
+        part = dit.run_layers(h, freqs, mask, None, outputs_from=3)
+    torch.testing.assert_close(part, full[:, 3:], rtol=1e-5, atol=1e-6)
+    for bad in (-1, 7):
+        with pytest.raises(ValueError, match="outputs_from must be in"):
+            dit.run_layers(h, freqs, mask, None, outputs_from=bad)
+
+
+def test_packed_block_causal_stream_with_cfg_and_prompt_changes_is_the_same_fused_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engine level: CFG rows, per-block prompts (the merged commit pass slices its text mask) and FIFO
+    eviction give the same blocks, bit for bit, on the fused and the module path."""
+    dit = tiny_dit()
+    pack_linears(dit)
+    geometry = BlockGeometry(block_frames=3, context_blocks=2)
+    g = torch.Generator().manual_seed(5)
+    texts = [torch.randn(2, 5, 32, generator=g) for _ in range(3)]
+
+    def stream() -> list[torch.Tensor]:
+        engine = LMDMEngine(dit, "block_causal", geometry, Sampling(steps=2, cfg_scale=3.0))
+        state = engine.start(Condition(texts[0], "p0"), 2, generator=torch.Generator().manual_seed(0))
+        blocks = []
+        with torch.inference_mode():
+            for j in range(5):
+                k = min(j // 2, 2)
+                blocks.append(engine.step(state, Condition(texts[k], f"p{k}")))
+        return blocks
+
+    fused = stream()
+    monkeypatch.setattr(FusedStack, "packs", lambda self, h: None)
+    module = stream()
+    for a, b in zip(fused, module, strict=True):
+        assert torch.equal(a, b)

@@ -130,3 +130,14 @@ def test_bench_stream_peak_is_the_best_of_before_and_after(monkeypatch: pytest.M
     assert figures["machine"]["matmul_peak_flops"] == 200e9
     for name in ("outpainting", "encdec", "block_causal"):
         assert figures[name]["mfu"] == pytest.approx(figures[name]["achieved_flops"] / 200e9)
+
+
+def test_commit_flops_charge_the_last_layer_keys_and_values_only() -> None:
+    """The merged commit pass runs its last layer for keys/values only (``outputs_from``): the bench's FLOP
+    count (and so block-causal's MFU) must not charge that layer's attention, feed-forward or output."""
+    from dataclasses import replace
+
+    args = DiTArgs(io_channels=8, width=64, depth=3, head_dim=32, cond_token_dim=32, input_concat_dim=9)
+    S, K, L, D = 4, 12, 5, 64
+    first_layers = bench_stream.pass_flops(replace(args, depth=2), S, K, L) - 2 * S * D * args.io_channels  # no project_out
+    assert bench_stream.commit_flops(args, S, K, L) == first_layers + 6 * S * D * D  # + the last layer's qkv

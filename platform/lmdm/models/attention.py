@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lmdm.models.packed import linear_add, linear_glu
 from lmdm.models.rotary import apply_rotary
 
-__all__ = ["CrossAttention", "FeedForward", "KVHook", "LayerNorm", "Projected", "SelfAttention", "TransformerBlock"]
+__all__ = ["CrossAttention", "FeedForward", "KVHook", "LayerNorm", "Projected", "SelfAttention", "TransformerBlock", "query_rows"]
 
 
 def _merge_heads(x: Tensor) -> Tensor:
@@ -147,6 +147,14 @@ class FeedForward(nn.Module):
         return linear_add(out, glu(x), residual)
 
 
+def query_rows(mask: Tensor | None, start: int) -> Tensor | None:
+    """The rows of ``mask`` (``(..., S, K)``, or broadcast over queries: ``(K,)``, ``(..., 1, K)``) for the
+    queries from ``start`` on."""
+    if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., start:, :]
+
+
 def _own_kv(p: Projected) -> tuple[Tensor, Tensor]:
     return p.k, p.v
 
@@ -193,10 +201,9 @@ class TransformerBlock(nn.Module):
         p = self.self_attn.project(self.pre_norm(x), freqs)
         k, v = (kv_hook or _own_kv)(p)
         q = p.q
-        if outputs_from:
-            x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]  # contiguous: the fused residual add needs it
-            mask = mask[..., outputs_from:, :] if mask is not None else None
-            text_mask = text_mask[..., outputs_from:, :] if text_mask is not None else None
+        if outputs_from:  # contiguous: a strided residual would take the unfused add (other bits than the fused path)
+            x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]
+            mask, text_mask = query_rows(mask, outputs_from), query_rows(text_mask, outputs_from)
         x = self.self_attn.attend(q, k, v, mask, residual=x)
         if self.cross_attend and text_kv is not None:
             x = self.cross_attn(self.cross_attend_norm(x), text_kv[0], text_kv[1], text_mask, residual=x)

@@ -98,7 +98,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.preprocess_conv.weight)
         nn.init.zeros_(self.postprocess_conv.weight)
         self.transformer = _Transformer(args, context_dim)
-        self._fused = FusedStack(self.transformer.layers)
+        self._fused = FusedStack(self.transformer, "layers")
 
     @property
     def layers(self) -> Sequence[TransformerBlock]:
@@ -165,6 +165,8 @@ class DiT(nn.Module):
         ``outputs_from``: only tokens from this index on are returned, ``(B, S − outputs_from, D)``; the last
         layer computes the earlier tokens' keys/values only (their outputs would feed no later layer).
         """
+        if not 0 <= outputs_from < h.shape[1]:
+            raise ValueError(f"outputs_from must be in [0, {h.shape[1]}) for {h.shape[1]} tokens, got {outputs_from}")
         last = len(self.layers) - 1
         packs = self._fused.packs(h)  # float32 CPU inference with packed linears: same bits, less Python
         for i, layer in enumerate(self.layers):

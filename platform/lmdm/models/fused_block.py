@@ -22,8 +22,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_lib
 
-from lmdm.models.attention import KVHook, Projected, TransformerBlock, _merge_heads
+from lmdm.models.attention import (
+    _GLU,
+    CrossAttention,
+    FeedForward,
+    KVHook,
+    LayerNorm,
+    Projected,
+    SelfAttention,
+    TransformerBlock,
+    _merge_heads,
+    query_rows,
+)
 from lmdm.models.packed import PackedLinear, tensor_version
 from lmdm.models.rotary import apply_rotary
 
@@ -32,7 +44,7 @@ __all__ = ["BlockPacks", "FusedStack", "fused_block_forward"]
 
 @dataclass(frozen=True)
 class _Packed:
-    """One packed linear: the oneDNN weight and the (unpacked) bias."""
+    """One packed linear: the oneDNN weight (an opaque blocked layout of ``(out, in)``) and the bias ``(out,)``."""
 
     weight: Tensor
     bias: Tensor | None
@@ -51,7 +63,8 @@ class _CrossPacks:
 
 @dataclass(frozen=True)
 class BlockPacks:
-    """A block's weights for :func:`fused_block_forward` (LayerNorm scale/shift pairs and packed linears)."""
+    """A block's weights for :func:`fused_block_forward`: LayerNorm (gamma, beta) pairs, each ``(D,)``, and
+    packed linears (qkv ``D → 3D``, attention out ``D → D``, GLU halves ``D → 4D``, feed-forward out ``4D → D``)."""
 
     heads: int
     pre_norm: tuple[Tensor, Tensor]
@@ -65,100 +78,150 @@ class BlockPacks:
 
 
 class FusedStack:
-    """The :class:`BlockPacks` of a stack of blocks, gathered once and re-gathered only when a module,
-    parameter or buffer they were read from has been replaced or changed in place (an optimizer step,
-    ``load_state_dict``, :func:`~lmdm.models.packed.pack_linears`), which costs a few µs per pass to check.
+    """The :class:`BlockPacks` of a stack of blocks, gathered once and re-gathered when a module, parameter
+    or buffer they were read from has been replaced (``load_state_dict(assign=True)``,
+    :func:`~lmdm.models.packed.pack_linears`, a new layer list) or changed in place through autograd's
+    version counter (an optimizer step, ``load_state_dict``), which costs a few µs per pass to check.
+
+    The fused path stands aside (:meth:`packs` returns ``None``, so the module path runs) where it would
+    not compute what the modules compute: a layer or sub-module of another class (a subclass with its
+    own ``forward``), a forward hook on any of them (or a global one), an unpacked linear.
+
+    Not seen (as for autograd): writes through ``param.data`` and in-place writes to inference tensors.
+    After those, call :meth:`clear` (and ``PackedLinear`` re-packs only on a version change: re-assign the
+    parameter instead).
 
     Args:
-        layers: the blocks (a ``ModuleList``), read through their module/parameter/buffer dicts.
+        owner: the module holding the blocks' ``ModuleList``.
+        name: its attribute name on ``owner``.
     """
 
-    def __init__(self, layers: nn.ModuleList) -> None:
-        self.layers = layers
+    def __init__(self, owner: nn.Module, name: str = "layers") -> None:
+        self.owner, self.name = owner, name
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the gathered packs (the next pass gathers them again)."""
         self._reads: list[tuple[dict[str, Any], str, object]] = []  # (dict, key, what it held)
         self._tensors: list[Tensor] = []
+        self._modules_read: list[nn.Module] = []
+        self._list: nn.Module | None = None
+        self._count = -1
         self._versions: tuple[int, ...] | None = None
         self._packs: list[BlockPacks] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry the layers, not the packs
-        return {"layers": self.layers}
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles carry the owner, not the packs
+        return {"owner": self.owner, "name": self.name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["layers"])  # type: ignore[misc]
+        self.owner, self.name = state["owner"], state["name"]
+        self.clear()
 
     def packs(self, h: Tensor) -> list[BlockPacks] | None:
-        """Every block's packs for tokens ``h``, or ``None`` where the fused path does not apply (autograd
-        on, tokens not float32 on CPU, or a linear layer not packed)."""
-        if torch.is_grad_enabled() or h.dtype is not torch.float32 or not h.is_cpu:
+        """Every block's packs, or ``None`` where the fused path does not apply.
+
+        Args:
+            h: the tokens ``(B, S, D)`` about to run: the fused path needs them float32, contiguous, on CPU,
+                with autograd off.
+
+        Returns:
+            One :class:`BlockPacks` per block, in order; ``None``: run the module path.
+        """
+        if torch.is_grad_enabled() or h.dtype is not torch.float32 or not h.is_cpu or not h.is_contiguous():
             return None
         if not self._current():
             self._gather()
+        if self._packs is None or _hooked(self._modules_read):
+            return None
         return self._packs
 
     def _current(self) -> bool:
         if self._versions is None or any(d.get(k) is not held for d, k, held in self._reads):
             return False
+        if self._list is None or len(self._list._modules) != self._count:
+            return False
         return tuple(tensor_version(t) for t in self._tensors) == self._versions
 
-    def _read(self, parent: nn.Module, name: str) -> Any:
+    def _read(self, parent: nn.Module, name: str, kinds: tuple[type, ...] = ()) -> Any:
+        """``parent.name``, recorded so that a replacement is noticed; ``None`` if absent or not exactly of
+        one of ``kinds`` (a subclass may compute something else)."""
         for store in (parent._modules, parent._parameters, parent._buffers):
             if name in store:
                 held = store[name]
                 self._reads.append((store, name, held))
                 if isinstance(held, Tensor):
                     self._tensors.append(held)
-                return held
-        raise AttributeError(f"{type(parent).__name__} has no {name!r}")
+                if isinstance(held, nn.Module):
+                    self._modules_read.append(held)
+                return held if not kinds or type(held) in kinds else None
+        self._reads.append((parent._parameters, name, None))  # absent: noticed if it is assigned later
+        return None
 
     def _gather(self) -> None:
-        self._reads, self._tensors = [], []
-        blocks = [self._read(self.layers, str(i)) for i in range(len(self.layers))]
-        packs = [self._block(layer) for layer in blocks]
+        self.clear()
+        self._list = self._read(self.owner, self.name, (nn.ModuleList,))
+        if self._list is None:
+            self._versions = ()
+            return
+        self._count = len(self._list._modules)
+        packs = [self._block(self._read(self._list, str(i), (TransformerBlock,))) for i in range(self._count)]
         self._packs = None if any(p is None for p in packs) else packs  # type: ignore[assignment]
         self._versions = tuple(tensor_version(t) for t in self._tensors)
 
-    def _norm(self, layer: nn.Module, name: str) -> tuple[Tensor, Tensor]:
-        norm = self._read(layer, name)
-        return self._read(norm, "gamma"), self._read(norm, "beta")
+    def _norm(self, layer: nn.Module, name: str) -> tuple[Tensor, Tensor] | None:
+        norm = self._read(layer, name, (LayerNorm,))
+        return None if norm is None else (self._read(norm, "gamma"), self._read(norm, "beta"))
 
-    def _linear(self, parent: nn.Module, name: str) -> PackedLinear | None:
-        linear = self._read(parent, name)
-        if not isinstance(linear, PackedLinear) or linear.weight.dtype is not torch.float32 or not linear.weight.is_cpu:
+    def _linear(self, parent: nn.Module | None, name: str) -> _Packed | None:
+        linear = None if parent is None else self._read(parent, name, (PackedLinear,))
+        if linear is None or linear.weight.dtype is not torch.float32 or not linear.weight.is_cpu:
             return None
         self._read(linear, "weight")
-        if linear.bias is not None:
-            self._read(linear, "bias")
-        return linear
+        self._read(linear, "bias")
+        return _Packed(linear._weight_packed(), linear.bias)
 
-    def _block(self, layer: TransformerBlock) -> BlockPacks | None:
-        attn, ff = self._read(layer, "self_attn"), self._read(self._read(layer, "ff"), "ff")
-        qkv, attn_out = self._linear(attn, "to_qkv"), self._linear(attn, "to_out")
-        glu, ff_out = self._linear(self._read(ff, "0"), "proj"), self._linear(ff, "2")
+    def _block(self, layer: TransformerBlock | None) -> BlockPacks | None:
+        if layer is None:
+            return None
+        attn = self._read(layer, "self_attn", (SelfAttention,))
+        ff = self._read(layer, "ff", (FeedForward,))
+        seq = None if ff is None else self._read(ff, "ff", (nn.Sequential,))
+        glu_module = None if seq is None else self._read(seq, "0", (_GLU,))
+        glu = None if glu_module is None else self._read(glu_module, "proj", (PackedLinear,))
+        qkv, attn_out, ff_out = self._linear(attn, "to_qkv"), self._linear(attn, "to_out"), self._linear(seq, "2")
+        pre_norm, ff_norm = self._norm(layer, "pre_norm"), self._norm(layer, "ff_norm")
         cross = None
         if layer.cross_attend:
-            ca = self._read(layer, "cross_attn")
-            to_q, to_out = self._linear(ca, "to_q"), self._linear(ca, "to_out")
-            if to_q is None or to_out is None:
+            ca = self._read(layer, "cross_attn", (CrossAttention,))
+            to_q, to_out, norm = self._linear(ca, "to_q"), self._linear(ca, "to_out"), self._norm(layer, "cross_attend_norm")
+            if ca is None or to_q is None or to_out is None or norm is None:
                 return None
-            cross = _CrossPacks(self._norm(layer, "cross_attend_norm"), _packed(to_q), _packed(to_out), ca.heads, ca.kv_heads)
-        if qkv is None or attn_out is None or glu is None or ff_out is None:
+            cross = _CrossPacks(norm, to_q, to_out, ca.heads, ca.kv_heads)
+        if attn is None or glu is None or glu.weight.dtype is not torch.float32 or not glu.weight.is_cpu:
             return None
-        value_w, gate_w, value_b, gate_b = glu._halves_packed()
+        if qkv is None or attn_out is None or ff_out is None or pre_norm is None or ff_norm is None:
+            return None
+        self._read(glu, "weight")
+        self._read(glu, "bias")
+        halves = glu._halves_packed()
         return BlockPacks(
             heads=attn.heads,
-            pre_norm=self._norm(layer, "pre_norm"),
-            qkv=_packed(qkv),
-            attn_out=_packed(attn_out),
+            pre_norm=pre_norm,
+            qkv=qkv,
+            attn_out=attn_out,
             cross=cross,
-            ff_norm=self._norm(layer, "ff_norm"),
-            value=_Packed(value_w, value_b),
-            gate=_Packed(gate_w, gate_b),
-            ff_out=_packed(ff_out),
+            ff_norm=ff_norm,
+            value=_Packed(halves.value, halves.value_bias),
+            gate=_Packed(halves.gate, halves.gate_bias),
+            ff_out=ff_out,
         )
 
 
-def _packed(linear: PackedLinear) -> _Packed:
-    return _Packed(linear._weight_packed(), linear.bias)
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward (pre-)hook is registered on any of ``modules`` or globally (the fused path would skip it)."""
+    if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def fused_block_forward(
@@ -171,8 +234,17 @@ def fused_block_forward(
     kv_hook: KVHook | None = None,
     outputs_from: int = 0,
 ) -> Tensor:
-    """:meth:`TransformerBlock.forward <lmdm.models.attention.TransformerBlock.forward>` (same arguments,
-    same bits) for float32 CPU inference with packed weights ``w``: ``(B, S, D) → (B, S − outputs_from, D)``."""
+    """:meth:`TransformerBlock.forward <lmdm.models.attention.TransformerBlock.forward>`, same bits, for
+    float32 CPU inference with packed weights.
+
+    Args:
+        w: the block's packs (:meth:`FusedStack.packs`).
+        x, freqs, mask, text_kv, text_mask, kv_hook, outputs_from: as for ``TransformerBlock.forward``;
+            ``x`` ``(B, S, D)`` contiguous.
+
+    Returns:
+        ``(B, S − outputs_from, D)``.
+    """
     _linear, _linear_binary = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.binary
     B, S, D = x.shape
     qkv = _linear(F.layer_norm(x, (D,), *w.pre_norm), w.qkv.weight, w.qkv.bias, "none", [], "")
@@ -181,8 +253,7 @@ def fused_block_forward(
     keys, values = kv_hook(Projected(q, k, qkv[1], qkv[2])) if kv_hook is not None else (k, qkv[2])
     if outputs_from:
         x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]
-        mask = mask[..., outputs_from:, :] if mask is not None else None
-        text_mask = text_mask[..., outputs_from:, :] if text_mask is not None else None
+        mask, text_mask = query_rows(mask, outputs_from), query_rows(text_mask, outputs_from)
     out = _merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
     x = _linear_binary(out, x, w.attn_out.weight, w.attn_out.bias, "add")
     if w.cross is not None and text_kv is not None:

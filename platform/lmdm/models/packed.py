@@ -20,13 +20,14 @@ output rows are ``[value; gate]``, as two half-width linears with ``swish`` and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["PackedLinear", "linear_add", "linear_glu", "pack_linears", "packing_available", "tensor_version"]
+__all__ = ["GluHalves", "PackedLinear", "linear_add", "linear_glu", "pack_linears", "packing_available", "tensor_version"]
 
 ROWS_HINT = 64  # oneDNN picks its weight blocking for about this many input rows (49, 64 or 256: same speed here)
 
@@ -35,6 +36,16 @@ def packing_available() -> bool:
     """Whether this torch build has oneDNN's packed linear (x86 CPU builds do)."""
     onednn = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
     return onednn and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+@dataclass(frozen=True)
+class GluHalves:
+    """A GLU projection's weight as two oneDNN packs (output rows ``[value; gate]``) and its bias halves."""
+
+    value: Tensor
+    gate: Tensor
+    value_bias: Tensor | None
+    gate_bias: Tensor | None
 
 
 class PackedLinear(nn.Module):
@@ -50,7 +61,7 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self._packed: Tensor | None = None
-        self._halves: tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None = None  # value, gate weights; biases
+        self._halves: GluHalves | None = None
         self._packed_version: tuple[int, int] | None = None  # the weight and bias versions both packs belong to
         self._packed_for: tuple[Tensor, Tensor | None] | None = None  # ... and the tensors themselves
 
@@ -92,14 +103,14 @@ class PackedLinear(nn.Module):
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
         return self._packed
 
-    def _halves_packed(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    def _halves_packed(self) -> GluHalves:
         """The packed ``[value; gate]`` halves of the weight and their biases (for :meth:`forward_glu`)."""
         self._drop_stale_packs()
         if self._halves is None:
             with torch.no_grad():
                 value, gate = (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ROWS_HINT) for w in self.weight.detach().chunk(2))
                 value_b, gate_b = self.bias.detach().chunk(2) if self.bias is not None else (None, None)
-            self._halves = (value, gate, value_b, gate_b)
+            self._halves = GluHalves(value, gate, value_b, gate_b)
         return self._halves
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,9 +131,9 @@ class PackedLinear(nn.Module):
         """``value · silu(gate)`` where ``[value, gate] = linear(x).chunk(2, -1)``: ``(..., in) → (..., out / 2)``."""
         if not self._fast(x):
             return _glu_reference(F.linear(x, self.weight, self.bias))
-        value_w, gate_w, value_b, gate_b = self._halves_packed()
-        gate = torch.ops.mkldnn._linear_pointwise(x, gate_w, gate_b, "swish", [], "")
-        out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, gate, value_w, value_b, "mul")
+        h = self._halves_packed()
+        gate = torch.ops.mkldnn._linear_pointwise(x, h.gate, h.gate_bias, "swish", [], "")
+        out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, gate, h.value, h.value_bias, "mul")
         return out
 
     def extra_repr(self) -> str:
@@ -130,7 +141,8 @@ class PackedLinear(nn.Module):
 
 
 def tensor_version(tensor: Tensor | None) -> int:
-    """In-place modification counter (-1: no tensor; -2: an inference tensor, which cannot change)."""
+    """Autograd's in-place modification counter (-1: no tensor; -2: an inference tensor, which keeps none;
+    writes through ``.data`` do not count either)."""
     if tensor is None:
         return -1
     return -2 if tensor.is_inference() else tensor._version
