@@ -30,6 +30,13 @@ def tiny_dit(seed: int = 0) -> DiT:
     return dit
 
 
+def packed_tiny(seed: int = 0) -> tuple[DiT, torch.Tensor, torch.Tensor]:
+    """A packed tiny DiT, six tokens and their rotary table."""
+    dit = tiny_dit(seed)
+    pack_linears(dit)
+    return dit, torch.randn(1, 6, D), dit.freqs(torch.arange(6))
+
+
 def _inputs(B: int, S: int, K: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, S, D, generator=g)
@@ -98,10 +105,7 @@ def test_run_layers_takes_the_fused_path_only_where_it_applies() -> None:
 
 
 def test_fused_stack_follows_in_place_updates_and_replaced_tensors() -> None:
-    dit = tiny_dit()
-    pack_linears(dit)
-    h = torch.randn(1, 6, D)
-    freqs = dit.freqs(torch.arange(6))
+    dit, h, freqs = packed_tiny()
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
@@ -128,10 +132,7 @@ def test_fused_stack_follows_in_place_updates_and_replaced_tensors() -> None:
 
 
 def test_copies_and_pickles_carry_no_packs() -> None:
-    dit = tiny_dit()
-    pack_linears(dit)
-    h = torch.randn(1, 6, D)
-    freqs = dit.freqs(torch.arange(6))
+    dit, h, freqs = packed_tiny()
     with torch.inference_mode():
         out = dit.run_layers(h, freqs, None, None)
         for clone in (copy.deepcopy(dit), pickle.loads(pickle.dumps(dit))):
@@ -186,10 +187,7 @@ def test_hooks_subclasses_and_strided_tokens_take_the_module_path() -> None:
 
 
 def test_a_bias_assigned_later_is_noticed() -> None:
-    dit = tiny_dit()
-    pack_linears(dit)
-    h = torch.randn(1, 6, D)
-    freqs = dit.freqs(torch.arange(6))
+    dit, h, freqs = packed_tiny()
     with torch.inference_mode():
         dit.run_layers(h, freqs, None, None)
     to_out = dit.layers[0].self_attn.to_out

@@ -172,13 +172,18 @@ class FusedStack:
         norm = self._read(layer, name, (LayerNorm,))
         return None if norm is None else (self._read(norm, "gamma"), self._read(norm, "beta"))
 
-    def _linear(self, parent: nn.Module | None, name: str) -> _Packed | None:
+    def _packed_linear(self, parent: nn.Module | None, name: str) -> PackedLinear | None:
+        """``parent.name`` if it is a float32 CPU :class:`PackedLinear` (its weight and bias recorded)."""
         linear = None if parent is None else self._read(parent, name, (PackedLinear,))
         if linear is None or linear.weight.dtype is not torch.float32 or not linear.weight.is_cpu:
             return None
         self._read(linear, "weight")
         self._read(linear, "bias")
-        return _Packed(linear._weight_packed(), linear.bias)
+        return linear
+
+    def _linear(self, parent: nn.Module | None, name: str) -> _Packed | None:
+        linear = self._packed_linear(parent, name)
+        return None if linear is None else _Packed(linear._weight_packed(), linear.bias)
 
     def _block(self, layer: TransformerBlock | None) -> BlockPacks | None:
         if layer is None:
@@ -187,7 +192,7 @@ class FusedStack:
         ff = self._read(layer, "ff", (FeedForward,))
         seq = None if ff is None else self._read(ff, "ff", (nn.Sequential,))
         glu_module = None if seq is None else self._read(seq, "0", (_GLU,))
-        glu = None if glu_module is None else self._read(glu_module, "proj", (PackedLinear,))
+        glu = self._packed_linear(glu_module, "proj")
         qkv, attn_out, ff_out = self._linear(attn, "to_qkv"), self._linear(attn, "to_out"), self._linear(seq, "2")
         pre_norm, ff_norm = self._norm(layer, "pre_norm"), self._norm(layer, "ff_norm")
         cross = None
@@ -197,12 +202,8 @@ class FusedStack:
             if ca is None or to_q is None or to_out is None or norm is None:
                 return None
             cross = _CrossPacks(norm, to_q, to_out, ca.heads, ca.kv_heads)
-        if attn is None or glu is None or glu.weight.dtype is not torch.float32 or not glu.weight.is_cpu:
+        if attn is None or glu is None or qkv is None or attn_out is None or ff_out is None or pre_norm is None or ff_norm is None:
             return None
-        if qkv is None or attn_out is None or ff_out is None or pre_norm is None or ff_norm is None:
-            return None
-        self._read(glu, "weight")
-        self._read(glu, "bias")
         halves = glu._halves_packed()
         return BlockPacks(
             heads=attn.heads,
