@@ -270,6 +270,44 @@ def test_streaming_decode_equals_batch_decode(block: int, dtype: torch.dtype, at
     torch.testing.assert_close(torch.cat([streamed, tail], dim=-1), batch, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize(("start", "stop"), [(0, 512), (0, 1), (37, 38), (100, 300), (7, 505), (511, 512), (256, 512)])
+def test_decode_span_equals_a_slice_of_decode(start: int, stop: int) -> None:
+    """Every span, edges included (where the layers' zero padding shows), in float64 to 1e-12."""
+    vae = tiny_vae().double()
+    latents = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)  # 512 samples
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode_span(latents, start, stop), vae.decode(latents)[..., start:stop], atol=1e-12, rtol=0)
+
+
+def test_decode_span_refuses_spans_outside_the_audio() -> None:
+    vae = tiny_vae()
+    with pytest.raises(ValueError, match="outputs 500 … 519 are not inside the 512 outputs"):
+        vae.decode_span(torch.zeros(1, 4, 64), 500, 520)
+    with pytest.raises(ValueError, match="decode expects latents"):
+        vae.decode_span(torch.zeros(1, 3, 64), 0, 8)
+
+
+def test_streaming_decode_computes_only_the_new_audio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the audio rate (the last conv) each push computes its new samples, not the whole window again."""
+    vae = tiny_vae()
+    decoder = StreamingDecoder(vae)
+    last_conv = vae.decoder.layers[-2]
+    computed: list[int] = []
+    conv1d = torch.nn.functional.conv1d
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = conv1d(x, weight, *args, **kwargs)
+        if weight.shape == last_conv.weight.shape:
+            computed.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "conv1d", counting)
+    outputs, tail = stream(decoder, torch.randn(1, 4, 40, generator=torch.Generator().manual_seed(8)), 8)
+    emitted = [o.shape[-1] for o in [*outputs, tail] if o.shape[-1]]
+    # the window holds up to context + lookahead + 8 frames; only the emitted frames' audio is computed
+    assert computed == emitted == [40, 64, 64, 152]  # without span decoding: [192, 256, 320, 304]
+
+
 def test_streaming_decoder_is_reusable_after_flush() -> None:
     vae = tiny_vae()
     decoder = StreamingDecoder(vae)

@@ -118,6 +118,9 @@ def test_bench_stream_json(tmp_path: Path) -> None:
     assert figures["lmdm_vs_outpainting"]["measured_speedup"] > 0
     assert figures["lmdm"]["realtime_factor"] > 0
     assert figures["block_causal"]["kv_cache_bytes"] > 0
+    quickstart = figures["quickstart"]  # where a quickstart block's time goes: the DiT's steps, then the decode
+    assert quickstart["median_dit_s"] > 0 and quickstart["median_decode_s"] > 0
+    assert 0.5 < (quickstart["median_dit_s"] + quickstart["median_decode_s"]) / quickstart["median_s"] < 2
 
 
 def test_bench_stream_peak_is_the_best_of_before_and_after(monkeypatch: pytest.MonkeyPatch) -> None:

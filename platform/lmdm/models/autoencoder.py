@@ -43,6 +43,8 @@ __all__ = [
     "StreamingDecoder",
     "build_autoencoder",
     "input_span",
+    "output_length",
+    "span_forward",
     "wn_conv1d",
     "wn_conv_transpose1d",
 ]
@@ -168,6 +170,14 @@ class OobleckDecoder(nn.Module):
         """``(B, D, L) → (B, C, L · R)``."""
         return cast(Tensor, self.layers(latents))
 
+    def forward_span(self, latents: Tensor, start: int, stop: int) -> Tensor:
+        """Audio samples ``start … stop - 1`` of :meth:`forward`, computing at each layer only what they read.
+
+        ``(B, D, L) → (B, C, stop - start)``, equal to ``self(latents)[..., start:stop]`` to float rounding
+        (see :func:`span_forward`).
+        """
+        return span_forward(self.layers, latents, start, stop - 1)
+
     def receptive_field(self) -> tuple[int, int]:
         """Latent frames an audio frame reads, from the layer geometry (edges and zero padding ignored).
 
@@ -207,6 +217,90 @@ def input_span(module: nn.Module, first: int, last: int) -> tuple[int, int]:
     if isinstance(module, SnakeBeta | nn.Identity | nn.Tanh):
         return first, last
     raise TypeError(f"input_span: unknown layer type {type(module).__name__}")
+
+
+def output_length(module: nn.Module, n: int) -> int:
+    """Output length of ``module`` for an input of ``n`` steps (the layer types :func:`input_span` knows).
+
+    Raises:
+        TypeError: for a layer type this function does not know.
+    """
+    if isinstance(module, nn.ConvTranspose1d | nn.Conv1d):
+        (k,), (s,), (d,) = module.kernel_size, module.stride, module.dilation
+        p = cast(tuple[int], module.padding)[0]
+        if isinstance(module, nn.ConvTranspose1d):
+            return (n - 1) * s - 2 * p + d * (k - 1) + cast(tuple[int], module.output_padding)[0] + 1
+        return (n + 2 * p - d * (k - 1) - 1) // s + 1
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            n = output_length(layer, n)
+        return n
+    if isinstance(module, EncoderBlock | DecoderBlock | OobleckEncoder | OobleckDecoder):
+        return output_length(module.layers, n)
+    if isinstance(module, ResidualUnit | SnakeBeta | nn.Identity | nn.Tanh):
+        return n
+    raise TypeError(f"output_length: unknown layer type {type(module).__name__}")
+
+
+def span_forward(module: nn.Module, x: Tensor, first: int, last: int, offset: int = 0, length: int | None = None) -> Tensor:
+    """Outputs ``first … last`` of ``module`` on a signal, computing at each layer only the span they read.
+
+    The signal is ``length`` steps long (zero outside, as the layers' zero padding sees it); ``x``
+    ``(B, H, N)`` holds its steps ``offset … offset + N - 1``, which must cover what the outputs read
+    (:func:`input_span`, clipped to the signal). Each layer runs on its needed input span with the zero
+    padding made explicit, so the result equals ``module(signal)[..., first:last + 1]`` to float
+    rounding: a streaming decoder that emits ``n`` new frames per push then computes about ``n`` frames'
+    worth at the audio rate, instead of its whole window (which re-decodes ``context + lookahead`` frames).
+
+    Args:
+        module: a conv, transposed conv, pointwise layer, residual unit, block or ``nn.Sequential`` of them.
+        x: ``(B, H, N)`` input steps ``offset …``.
+        first, last: output steps wanted, ``0 <= first <= last < output_length(module, length)``.
+        offset: the signal step ``x[..., 0]`` holds.
+        length: the signal's length (default ``offset + N``).
+
+    Returns:
+        ``(B, H_out, last - first + 1)``.
+
+    Raises:
+        ValueError: an output span outside the signal, or an ``x`` that does not cover its input span.
+        TypeError: for a layer type :func:`input_span` does not know.
+    """
+    n_in = offset + x.shape[-1] if length is None else length
+    n_out = output_length(module, n_in)
+    if not 0 <= first <= last < n_out:
+        raise ValueError(f"span_forward: outputs {first} … {last} are not inside the {n_out} outputs of {type(module).__name__}")
+    if isinstance(module, nn.Sequential | EncoderBlock | DecoderBlock | OobleckEncoder | OobleckDecoder):
+        layers = list(module.layers if not isinstance(module, nn.Sequential) else module)
+        lengths = [n_in]
+        for layer in layers:
+            lengths.append(output_length(layer, lengths[-1]))
+        spans = [(first, last)]
+        for layer, n in zip(reversed(layers), reversed(lengths[:-1]), strict=True):  # what each layer's input must hold
+            a, b = input_span(layer, *spans[-1])
+            spans.append((max(a, 0), min(b, n - 1)))
+        spans.reverse()  # spans[i]: the steps layer i reads (clipped), spans[i + 1]: the outputs it computes
+        for i, layer in enumerate(layers):
+            x = span_forward(layer, x, *spans[i + 1], offset=offset, length=lengths[i])
+            offset = spans[i + 1][0]
+        return x
+    a, b = input_span(module, first, last)
+    lo, hi = max(a, 0), min(b, n_in - 1)  # the part of the read span inside the signal
+    if lo < offset or hi >= offset + x.shape[-1]:
+        raise ValueError(f"span_forward: {type(module).__name__} reads steps {lo} … {hi}, x holds {offset} … {offset + x.shape[-1] - 1}")
+    inside = x[..., lo - offset : hi - offset + 1]
+    if isinstance(module, ResidualUnit):
+        return x[..., first - offset : last - offset + 1] + span_forward(module.layers, inside, first, last, offset=lo, length=n_in)
+    if isinstance(module, SnakeBeta | nn.Identity | nn.Tanh):
+        return cast(Tensor, module(inside))
+    assert isinstance(module, nn.Conv1d | nn.ConvTranspose1d)
+    padded = F.pad(inside, (lo - a, b - hi)) if (lo - a or b - hi) else inside  # the zero padding, explicit
+    (s,), (d,) = module.stride, module.dilation
+    if isinstance(module, nn.Conv1d):
+        return F.conv1d(padded, module.weight, module.bias, stride=s, dilation=d)
+    p = cast(tuple[int], module.padding)[0]
+    y = F.conv_transpose1d(padded, module.weight, module.bias, stride=s, dilation=d)  # y[m] is output a·s − p + m
+    return y[..., first - a * s + p : last - a * s + p + 1]
 
 
 @dataclass(frozen=True)
@@ -349,6 +443,23 @@ class OobleckVAE(nn.Module):
             raise ValueError(f"decode expects latents (B, {self.latent_dim}, L), got {tuple(latents.shape)}")
         return cast(Tensor, self.decoder(latents))
 
+    def decode_span(self, latents: Tensor, start: int, stop: int) -> Tensor:
+        """Audio samples ``start … stop - 1`` of :meth:`decode`, computing only what they read (:func:`span_forward`).
+
+        Args:
+            latents: ``(B, D, L)``.
+            start, stop: ``0 <= start < stop <= L · R``.
+
+        Returns:
+            ``(B, C, stop - start)``, equal to ``decode(latents)[..., start:stop]`` to float rounding.
+
+        Raises:
+            ValueError: for latent channels other than D, or a span outside the audio.
+        """
+        if latents.ndim != 3 or latents.shape[1] != self.latent_dim:
+            raise ValueError(f"decode expects latents (B, {self.latent_dim}, L), got {tuple(latents.shape)}")
+        return self.decoder.forward_span(latents, start, stop)
+
 
 class StreamingDecoder:
     """Decodes a latent stream block by block; the concatenated audio equals ``vae.decode`` of the whole stream.
@@ -359,9 +470,11 @@ class StreamingDecoder:
     of every frame whose lookahead has arrived. So audio for frame ``f`` comes out once frame
     ``f + lookahead`` is pushed: a latency of ``lookahead`` latent frames (``latency_samples`` samples)
     on top of compute. :meth:`flush` ends the stream and returns the held-back frames, decoded with the
-    same right edge as a batch decode. Per push, the decoder runs on at most
-    ``context + lookahead + n`` frames. For Stable Audio Open's decoder (strides 2, 4, 4, 8, 8) both
-    are 10 frames: 20480 samples, about 0.46 s at 44.1 kHz.
+    same right edge as a batch decode. Per push, the window holds at most ``context + lookahead + n``
+    frames, but each layer computes only the span the new audio reads (:meth:`OobleckVAE.decode_span`):
+    at the audio rate, where a decoder spends most of its time, that is the ``n`` new frames plus a
+    few samples, not the whole window. For Stable Audio Open's decoder (strides 2, 4, 4, 8, 8) context
+    and lookahead are 10 frames each: 20480 samples, about 0.46 s at 44.1 kHz.
 
     Usage::
 
@@ -426,8 +539,8 @@ class StreamingDecoder:
         if ready <= self._emitted:
             self._window = window
             return window.new_zeros(window.shape[0], self.vae.audio_channels, 0)
-        audio = self.vae.decode(window)  # (B, C, W · R)
-        audio = audio[..., (self._emitted - self._start) * self.hop : (ready - self._start) * self.hop]
+        # (B, C, m · R): only the new frames' audio, each layer on the span it needs (not the whole window)
+        audio = self.vae.decode_span(window, (self._emitted - self._start) * self.hop, (ready - self._start) * self.hop)
         self._emitted = ready
         keep_from = max(self._start, ready - self.context)
         self._window = window[..., keep_from - self._start :]
