@@ -25,7 +25,9 @@ from lmdm.models.packed import PackedLinear, pack_linears, packing_available
 from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["BenchShape", "commit_flops", "matmul_peak_flops", "pass_flops", "run_stream_bench"]
+__all__ = ["BenchShape", "commit_flops", "matmul_peak_flops", "pass_flops", "run_stream_bench", "weight_streaming_probe"]
+
+COLD_BYTES = 96 * 2**20  # weights cycled by the cold probe: more than the last-level cache of the CPUs we run on
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,44 @@ def matmul_peak_flops(repeats: int = 8, dtype: torch.dtype = torch.float32) -> f
                     kernel()
                     best = max(best, 2 * m * k * n / (time.perf_counter() - start))
     return best
+
+
+def weight_streaming_probe(width: int, rows: tuple[int, ...], repeats: int = 10, packed: bool = True) -> dict[str, dict[str, float]]:
+    """Time of one ``width → 4·width`` linear (the feed-forward's shape) per row count, with its weights
+    in cache (one layer called again and again) and streamed from memory (a cycle of layers holding
+    more than a server CPU's last-level cache, as a pass over a whole DiT does).
+
+    A pass re-reads every weight, so the cold time is what a DiT pass pays; how much more it is than
+    the warm time shows how little of the weight traffic the kernel hides behind its arithmetic, which
+    costs a few-row LMDM pass far more (relatively) than a window-sized outpainting pass.
+
+    Returns:
+        Per row count ``"rows_<n>"``: ``warm_s`` and ``cold_s``, medians of ``repeats`` calls, and ``cold_over_warm``.
+    """
+    layer_bytes = 4 * width * width * 4  # float32 weight of width → 4·width
+    count = max(2, -(-COLD_BYTES // layer_bytes))
+    layers: list[torch.nn.Module] = [torch.nn.Linear(width, 4 * width, bias=False) for _ in range(count)]
+    if packed and packing_available():
+        layers = [PackedLinear(layer) for layer in layers]  # type: ignore[arg-type]
+    figures: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for n in rows:
+            x = torch.randn(n, width)
+            for layer in layers:  # pack (and warm the code paths) outside the timed calls
+                layer(x)
+            warm, cold = [], []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in range(len(layers)):
+                    layers[0](x)
+                warm.append((time.perf_counter() - start) / len(layers))
+                start = time.perf_counter()
+                for layer in layers:
+                    layer(x)
+                cold.append((time.perf_counter() - start) / len(layers))
+            w, c = statistics.median(warm), statistics.median(cold)
+            figures[f"rows_{n}"] = {"warm_s": w, "cold_s": c, "cold_over_warm": c / w}
+    return figures
 
 
 def pass_flops(args: DiTArgs, queries: int, keys: int, text_tokens: int) -> float:
@@ -187,6 +227,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         # moment on a shared machine cannot halve it (and double every MFU).
         peak = max(peak_before, matmul_peak_flops())
         results["machine"]["matmul_peak_flops"] = peak
+        results["machine"]["weight_streaming"] = weight_streaming_probe(shape.width, (1 + Bf, 1 + Kc + Bf), packed=shape.packed)
         for name, engine in engines.items():
             q = _quantiles(times[name])
             block_flops = branches * shape.batch * flops[name]
@@ -292,6 +333,14 @@ def stream_report(results: dict[str, Any]) -> Table:
         f"{s['encdec_analytical_speedup']:.2f}x. Matmul peak {results['machine']['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; "
         f"linear layers: {results['machine']['linear']}."
     )
+    probe = results["machine"].get("weight_streaming")
+    if probe:
+        timings = "; ".join(
+            f"{rows.removeprefix('rows_')} rows {t['warm_s'] * 1e6:.0f} µs with its weights in cache, {t['cold_s'] * 1e6:.0f} µs "
+            f"streamed from memory ({t['cold_over_warm']:.2f}x)"
+            for rows, t in probe.items()
+        )
+        table.caption += f" One linear of the feed-forward's shape: {timings} (a DiT pass streams every weight from memory)."
     if "quickstart" in results:
         q = results["quickstart"]
         table.caption += (

@@ -118,6 +118,10 @@ def test_bench_stream_json(tmp_path: Path) -> None:
     assert figures["lmdm_vs_outpainting"]["measured_speedup"] > 0
     assert figures["lmdm"]["realtime_factor"] > 0
     assert figures["block_causal"]["kv_cache_bytes"] > 0
+    probe = figures["machine"]["weight_streaming"]  # a linear with its weights in cache and streamed, at both methods' row counts
+    assert set(probe) == {"rows_5", "rows_21"}  # 1 + block, 1 + context + block
+    assert all(t["warm_s"] > 0 and t["cold_s"] > 0 and t["cold_over_warm"] == t["cold_s"] / t["warm_s"] for t in probe.values())
+    assert "streamed from memory" in " ".join(result.output.split())  # the caption, as rich wrapped it
     quickstart = figures["quickstart"]  # where a quickstart block's time goes: the DiT's steps, then the decode
     assert quickstart["median_dit_s"] > 0 and quickstart["median_decode_s"] > 0
     assert 0.5 < (quickstart["median_dit_s"] + quickstart["median_decode_s"]) / quickstart["median_s"] < 2
