@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from lmdm.checkpoints.errors import CheckpointError
 from lmdm.checkpoints.sao_autoencoder import load_sao_autoencoder, read_sao_autoencoder_config
 from lmdm.config import AudioConfig, AutoencoderConfig
-from lmdm.models.autoencoder import OobleckVAE, StreamingDecoder, build_autoencoder
+from lmdm.models.autoencoder import OobleckVAE, StreamingDecoder, build_autoencoder, span_forward
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
 OOBLECK = FIXTURES / "oobleck_tiny"
@@ -285,6 +285,17 @@ def test_decode_span_refuses_spans_outside_the_audio() -> None:
         vae.decode_span(torch.zeros(1, 4, 64), 500, 520)
     with pytest.raises(ValueError, match="decode expects latents"):
         vae.decode_span(torch.zeros(1, 3, 64), 0, 8)
+
+
+def test_span_forward_refuses_a_transposed_conv_whose_kernel_is_shorter_than_its_stride() -> None:
+    """Such a layer has outputs no input reaches; spans that end on one are refused, the others are exact."""
+    layer = torch.nn.ConvTranspose1d(2, 2, kernel_size=2, stride=4)
+    x = torch.randn(1, 2, 5, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(span_forward(layer, x, 1, 9), layer(x)[..., 1:10], atol=1e-6, rtol=0)
+        for first, last in ((2, 2), (0, 2), (2, 5)):
+            with pytest.raises(ValueError, match="outputs no input reaches"):
+                span_forward(layer, x, first, last)
 
 
 def test_streaming_decode_computes_only_the_new_audio(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -285,6 +285,10 @@ def span_forward(module: nn.Module, x: Tensor, first: int, last: int, offset: in
             offset = spans[i + 1][0]
         return x
     a, b = input_span(module, first, last)
+    if isinstance(module, nn.ConvTranspose1d):
+        (s,), (d,), p = module.stride, module.dilation, cast(tuple[int], module.padding)[0]
+        if a > b or first + p < a * s or last + p > b * s + (module.kernel_size[0] - 1) * d:  # an end no input reaches
+            raise ValueError(f"span_forward: {module} has outputs no input reaches (kernel shorter than stride): not supported")
     lo, hi = max(a, 0), min(b, n_in - 1)  # the part of the read span inside the signal
     if lo < offset or hi >= offset + x.shape[-1]:
         raise ValueError(f"span_forward: {type(module).__name__} reads steps {lo} … {hi}, x holds {offset} … {offset + x.shape[-1] - 1}")
