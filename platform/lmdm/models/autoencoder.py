@@ -270,6 +270,11 @@ def span_forward(module: nn.Module, x: Tensor, first: int, last: int, offset: in
     n_out = output_length(module, n_in)
     if not 0 <= first <= last < n_out:
         raise ValueError(f"span_forward: outputs {first} … {last} are not inside the {n_out} outputs of {type(module).__name__}")
+    return _span_forward(module, x, first, last, offset, n_in)
+
+
+def _span_forward(module: nn.Module, x: Tensor, first: int, last: int, offset: int, n_in: int) -> Tensor:
+    """:func:`span_forward` without re-checking the span (its callers clip every span to the signal)."""
     if isinstance(module, nn.Sequential | EncoderBlock | DecoderBlock | OobleckEncoder | OobleckDecoder):
         layers = list(module.layers if not isinstance(module, nn.Sequential) else module)
         lengths = [n_in]
@@ -281,7 +286,7 @@ def span_forward(module: nn.Module, x: Tensor, first: int, last: int, offset: in
             spans.append((max(a, 0), min(b, n - 1)))
         spans.reverse()  # spans[i]: the steps layer i reads (clipped), spans[i + 1]: the outputs it computes
         for i, layer in enumerate(layers):
-            x = span_forward(layer, x, *spans[i + 1], offset=offset, length=lengths[i])
+            x = _span_forward(layer, x, *spans[i + 1], offset, lengths[i])
             offset = spans[i + 1][0]
         return x
     a, b = input_span(module, first, last)
@@ -294,15 +299,13 @@ def span_forward(module: nn.Module, x: Tensor, first: int, last: int, offset: in
         raise ValueError(f"span_forward: {type(module).__name__} reads steps {lo} … {hi}, x holds {offset} … {offset + x.shape[-1] - 1}")
     inside = x[..., lo - offset : hi - offset + 1]
     if isinstance(module, ResidualUnit):
-        return x[..., first - offset : last - offset + 1] + span_forward(module.layers, inside, first, last, offset=lo, length=n_in)
+        return x[..., first - offset : last - offset + 1] + _span_forward(module.layers, inside, first, last, lo, n_in)
     if isinstance(module, SnakeBeta | nn.Identity | nn.Tanh):
         return cast(Tensor, module(inside))
     assert isinstance(module, nn.Conv1d | nn.ConvTranspose1d)
     padded = F.pad(inside, (lo - a, b - hi)) if (lo - a or b - hi) else inside  # the zero padding, explicit
-    (s,), (d,) = module.stride, module.dilation
     if isinstance(module, nn.Conv1d):
-        return F.conv1d(padded, module.weight, module.bias, stride=s, dilation=d)
-    p = cast(tuple[int], module.padding)[0]
+        return F.conv1d(padded, module.weight, module.bias, stride=module.stride, dilation=module.dilation)
     y = F.conv_transpose1d(padded, module.weight, module.bias, stride=s, dilation=d)  # y[m] is output a·s − p + m
     return y[..., first - a * s + p : last - a * s + p + 1]
 
@@ -443,8 +446,7 @@ class OobleckVAE(nn.Module):
         Raises:
             ValueError: when the latent channel count is not D.
         """
-        if latents.ndim != 3 or latents.shape[1] != self.latent_dim:
-            raise ValueError(f"decode expects latents (B, {self.latent_dim}, L), got {tuple(latents.shape)}")
+        self._check_latents(latents)
         return cast(Tensor, self.decoder(latents))
 
     def decode_span(self, latents: Tensor, start: int, stop: int) -> Tensor:
@@ -460,9 +462,12 @@ class OobleckVAE(nn.Module):
         Raises:
             ValueError: for latent channels other than D, or a span outside the audio.
         """
+        self._check_latents(latents)
+        return self.decoder.forward_span(latents, start, stop)
+
+    def _check_latents(self, latents: Tensor) -> None:
         if latents.ndim != 3 or latents.shape[1] != self.latent_dim:
             raise ValueError(f"decode expects latents (B, {self.latent_dim}, L), got {tuple(latents.shape)}")
-        return self.decoder.forward_span(latents, start, stop)
 
 
 class StreamingDecoder:
