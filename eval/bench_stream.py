@@ -19,9 +19,10 @@ import torch
 from rich.table import Table
 
 from lmdm.config import Config
+from lmdm.models import cpu_gemm
 from lmdm.models.autoencoder import StreamingDecoder
 from lmdm.models.dit import DiT, DiTArgs
-from lmdm.models.packed import PackedLinear, pack_linears, packing_available
+from lmdm.models.packed import PackedLinear, kernels_used, pack_linears, packing_available
 from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
@@ -48,20 +49,22 @@ class BenchShape:
     latent_rate: float = 21.5
     repeats: int = 10
     warmup: int = 2
-    packed: bool = True  # oneDNN-packed linear layers (lmdm.models.packed) for every method alike
+    packed: bool = True  # packed linear layers (lmdm.models.packed) for every method alike
+    kernel: str = "auto"  # packed linears' kernel: auto (ours, lmdm.models.cpu_gemm, where it builds) | onednn
 
 
 def matmul_peak_flops(repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
     """This machine's measured matmul rate (FLOP/s) at the current float32 precision setting: the best
     of ``repeats`` runs over a few large shapes (square 1024/2048, and 1024 tokens × a 512→4096 layer),
-    with ``torch.mm`` and, where available, the oneDNN-packed linear the benchmarked layers use."""
+    with ``torch.mm`` and, where available, both packed linear kernels (ours and oneDNN's)."""
     best = 0.0
     for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (1024, 512, 4096)):
         a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         kernels = [lambda a=a, b=b: torch.mm(a, b)]
         if packing_available() and dtype == torch.float32:
-            layer = PackedLinear(torch.nn.Linear(k, n, bias=False))
-            kernels.append(lambda a=a, layer=layer: layer(a))
+            for kernel in ("auto", "onednn"):
+                layer = PackedLinear(torch.nn.Linear(k, n, bias=False), kernel)  # type: ignore[arg-type]
+                kernels.append(lambda a=a, layer=layer: layer(a))
         with torch.no_grad():
             for kernel in kernels:
                 kernel()
@@ -72,7 +75,9 @@ def matmul_peak_flops(repeats: int = 8, dtype: torch.dtype = torch.float32) -> f
     return best
 
 
-def weight_streaming_probe(width: int, rows: tuple[int, ...], repeats: int = 10, packed: bool = True) -> dict[str, dict[str, float]]:
+def weight_streaming_probe(
+    width: int, rows: tuple[int, ...], repeats: int = 10, packed: bool = True, kernel: str = "auto"
+) -> dict[str, dict[str, float]]:
     """Time of one ``width → 4·width`` linear (the feed-forward's shape) per row count, with its weights
     in cache (one layer called again and again) and streamed from memory (a cycle of layers holding
     more than a server CPU's last-level cache, as a pass over a whole DiT does).
@@ -88,7 +93,7 @@ def weight_streaming_probe(width: int, rows: tuple[int, ...], repeats: int = 10,
     count = max(2, -(-COLD_BYTES // layer_bytes))
     layers: list[torch.nn.Module] = [torch.nn.Linear(width, 4 * width, bias=False) for _ in range(count)]
     if packed and packing_available():
-        layers = [PackedLinear(layer) for layer in layers]  # type: ignore[arg-type]
+        layers = [PackedLinear(layer, kernel) for layer in layers]  # type: ignore[arg-type]
     figures: dict[str, dict[str, float]] = {}
     with torch.inference_mode():
         for n in rows:
@@ -181,7 +186,9 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         input_concat_dim=C + 1,
     )
     dit = DiT(args).eval()
-    packed_layers = pack_linears(dit) if shape.packed else 0  # one model: every method gets the same layers
+    if shape.kernel not in ("auto", "onednn"):
+        raise ValueError(f"kernel must be 'auto' or 'onednn', got {shape.kernel!r}")
+    packed_layers = pack_linears(dit, shape.kernel) if shape.packed else 0  # type: ignore[arg-type]  # one model: every method gets the same layers
     geometry = BlockGeometry(shape.block_frames, shape.context_blocks)
     sampling = Sampling(steps=shape.steps, cfg_scale=shape.cfg_scale)
     text = torch.randn(shape.batch, shape.text_tokens, text_dim) if text_dim else None
@@ -210,7 +217,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         "machine": {
             "threads": torch.get_num_threads(),
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "linear": f"oneDNN packed ({packed_layers} layers)" if packed_layers else "F.linear (BLAS)",
+            "linear": "F.linear (BLAS)",
         },
     }
     with torch.inference_mode():
@@ -227,7 +234,16 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         # moment on a shared machine cannot halve it (and double every MFU).
         peak = max(peak_before, matmul_peak_flops())
         results["machine"]["matmul_peak_flops"] = peak
-        results["machine"]["weight_streaming"] = weight_streaming_probe(shape.width, (1 + Bf, 1 + Kc + Bf), packed=shape.packed)
+        if packed_layers:
+            used = kernels_used(dit)
+            ours = f"{cpu_gemm.status()}: {used['cpu_gemm']} layers, " if used["cpu_gemm"] else ""
+            results["machine"]["linear"] = f"{ours}oneDNN packed: {used['onednn']} layers"
+            if shape.kernel == "auto" and not cpu_gemm.available():
+                results["machine"]["linear"] += f" (lmdm cpu_gemm {cpu_gemm.status()})"
+            results["machine"]["linear_kernels"] = used
+        results["machine"]["weight_streaming"] = weight_streaming_probe(
+            shape.width, (1 + Bf, 1 + Kc + Bf), packed=shape.packed, kernel=shape.kernel
+        )
         for name, engine in engines.items():
             q = _quantiles(times[name])
             block_flops = branches * shape.batch * flops[name]
@@ -244,7 +260,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
                 entry["kv_cache_bytes_per_context_second"] = cache.nbytes() / (Kc / shape.latent_rate)
             results[name] = entry
         if quickstart is not None:
-            results["quickstart"] = _quickstart_rtf(quickstart, max(shape.repeats, 20), shape.warmup, seed, shape.packed)
+            results["quickstart"] = _quickstart_rtf(quickstart, max(shape.repeats, 20), shape.warmup, seed, shape.packed, shape.kernel)
     outpaint = results["outpainting"]["median_s"]
     results["lmdm_vs_outpainting"] = {
         "measured_speedup": outpaint / results["block_causal"]["median_s"],
@@ -262,7 +278,7 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
     return results
 
 
-def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int, packed: bool) -> dict[str, Any]:
+def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int, packed: bool, kernel: str = "auto") -> dict[str, Any]:
     """Real-time factor of the quickstart model: block-causal LMDM step + streaming decode, per block.
 
     Runs with denormals flushed (set by :func:`run_stream_bench`): the decoder's tiny activations
@@ -273,7 +289,7 @@ def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int, packed: b
     torch.manual_seed(seed)
     dit, vae = build_dit(cfg).eval(), build_autoencoder_from(cfg).eval()
     if packed:
-        pack_linears(dit)
+        pack_linears(dit, kernel)  # type: ignore[arg-type]
     engine = build_engine(cfg, dit, "block_causal")
     text = torch.randn(1, 64, cfg.dit.cond_token_dim) if cfg.dit.cond_token_dim else None
     condition = Condition(text, "bench")

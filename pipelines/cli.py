@@ -302,7 +302,7 @@ def generate(
         raise typer.Exit(1)
     dit.eval()
     vae.eval()
-    pack_linears(dit)  # oneDNN-packed linear layers: same outputs to float32 rounding, faster small matmuls
+    pack_linears(dit)  # packed linear layers: same outputs to float32 rounding, faster small matmuls
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
     blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
     stream = Stream(build_engine(cfg, dit), vae, Condition(), generator=torch.Generator().manual_seed(seed))
@@ -353,8 +353,12 @@ def bench_stream(
         str, typer.Option(help="float32 matmul precision for every method: highest (fp32) | high | medium (oneDNN bf16 dot products).")
     ] = "highest",
     packed: Annotated[
-        bool, typer.Option("--packed/--no-packed", help="oneDNN-packed linear layers for every method (--no-packed: F.linear).")
+        bool, typer.Option("--packed/--no-packed", help="Packed linear layers for every method (--no-packed: F.linear).")
     ] = True,
+    kernel: Annotated[
+        str,
+        typer.Option(help="Packed linears' kernel for every method: auto (ours, prefetching, where it builds; else oneDNN) | onednn."),
+    ] = "auto",
     config: ConfigOption = "quickstart",
 ) -> None:
     """Per-block latency of outpainting vs LMDM (encdec, block-causal), speedup vs the analytical ratio,
@@ -365,6 +369,9 @@ def bench_stream(
 
     if matmul_precision not in ("highest", "high", "medium"):
         err_console.print(f"[bold red]error:[/] --matmul-precision must be highest, high or medium, got {matmul_precision!r}")
+        raise typer.Exit(2)
+    if kernel not in ("auto", "onednn"):
+        err_console.print(f"[bold red]error:[/] --kernel must be auto or onednn, got {kernel!r}")
         raise typer.Exit(2)
     torch.set_float32_matmul_precision(matmul_precision)
     cfg = _load(config, [])
@@ -379,6 +386,7 @@ def bench_stream(
         "cfg_scale": cfg_scale,
         "repeats": repeats,
         "packed": packed,
+        "kernel": kernel,
     }
     shape = BenchShape(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
     console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")

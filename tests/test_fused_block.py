@@ -1,4 +1,4 @@
-"""The fused block forward (straight-line oneDNN calls) computes the same bits as the module path, and its
+"""The fused block forward (straight-line packed-kernel calls, either kernel) computes the same bits as the module path, and its
 gathered weights follow every change to the model (in-place updates, replaced tensors, packing)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from lmdm.models.attention import Projected, TransformerBlock
 from lmdm.models.dit import DiT, DiTArgs
 from lmdm.models.fused_block import FusedStack, fused_block_forward
-from lmdm.models.packed import pack_linears, packing_available
+from lmdm.models.packed import Kernel, pack_linears, packing_available
 from lmdm.models.rotary import RotaryEmbedding
 from lmdm.streaming.engines import Condition, LMDMEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
@@ -45,14 +45,15 @@ def _inputs(B: int, S: int, K: int, seed: int = 1) -> tuple[torch.Tensor, ...]:
     return x, mask, torch.randn(B, 2, 5, DH, generator=g), torch.randn(B, 2, 5, DH, generator=g)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "onednn"])
 @pytest.mark.parametrize("context_dim", [None, D, 2 * DH])  # no cross-attention; as many K/V heads as queries; grouped
 @pytest.mark.parametrize(("B", "outputs_from"), [(1, 0), (2, 0), (2, 3)])
-def test_fused_block_equals_module_block(context_dim: int | None, B: int, outputs_from: int) -> None:
+def test_fused_block_equals_module_block(context_dim: int | None, B: int, outputs_from: int, kernel: Kernel) -> None:
     torch.manual_seed(0)
     block = TransformerBlock(D, DH, context_dim).eval()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    pack_linears(block)
+    pack_linears(block, kernel)
     S, extra = 7, 4  # the hook adds 4 cached keys in front of the block's own
     x, mask, text_k, text_v = _inputs(B, S, extra + S)
     freqs = RotaryEmbedding(DH)(torch.arange(S))
@@ -216,11 +217,14 @@ def test_outputs_from_with_masks_broadcast_over_queries(mask_shape: tuple[int, .
             dit.run_layers(h, freqs, mask, None, outputs_from=bad)
 
 
-def test_packed_block_causal_stream_with_cfg_and_prompt_changes_is_the_same_fused_or_not(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kernel", ["auto", "onednn"])
+def test_packed_block_causal_stream_with_cfg_and_prompt_changes_is_the_same_fused_or_not(
+    monkeypatch: pytest.MonkeyPatch, kernel: Kernel
+) -> None:
     """Engine level: CFG rows, per-block prompts (the merged commit pass slices its text mask) and FIFO
     eviction give the same blocks, bit for bit, on the fused and the module path."""
     dit = tiny_dit()
-    pack_linears(dit)
+    pack_linears(dit, kernel)
     geometry = BlockGeometry(block_frames=3, context_blocks=2)
     g = torch.Generator().manual_seed(5)
     texts = [torch.randn(2, 5, 32, generator=g) for _ in range(3)]

@@ -1,4 +1,4 @@
-"""A transformer block's inference forward as straight-line oneDNN calls (no module dispatch).
+"""A transformer block's inference forward as straight-line packed-linear calls (no module dispatch).
 
 :meth:`TransformerBlock.forward <lmdm.models.attention.TransformerBlock.forward>` walks nine
 ``nn.Module`` calls per layer (norms, attentions, linears), each with its own attribute lookups and
@@ -36,18 +36,10 @@ from lmdm.models.attention import (
     _merge_heads,
     query_rows,
 )
-from lmdm.models.packed import PackedLinear, tensor_version
+from lmdm.models.packed import GluPack, LinearPack, PackedLinear, tensor_version
 from lmdm.models.rotary import apply_rotary
 
 __all__ = ["BlockPacks", "FusedStack", "fused_block_forward"]
-
-
-@dataclass(frozen=True)
-class _Packed:
-    """One packed linear: the oneDNN weight (an opaque blocked layout of ``(out, in)``) and the bias ``(out,)``."""
-
-    weight: Tensor
-    bias: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -55,8 +47,8 @@ class _CrossPacks:
     """Cross-attention weights: its LayerNorm, packed ``to_q`` / ``to_out``, query and key/value heads."""
 
     norm: tuple[Tensor, Tensor]
-    to_q: _Packed
-    to_out: _Packed
+    to_q: LinearPack
+    to_out: LinearPack
     heads: int
     kv_heads: int
 
@@ -64,17 +56,16 @@ class _CrossPacks:
 @dataclass(frozen=True)
 class BlockPacks:
     """A block's weights for :func:`fused_block_forward`: LayerNorm (gamma, beta) pairs, each ``(D,)``, and
-    packed linears (qkv ``D → 3D``, attention out ``D → D``, GLU halves ``D → 4D``, feed-forward out ``4D → D``)."""
+    packed linears (qkv ``D → 3D``, attention out ``D → D``, GLU ``D → 2·4D → 4D``, feed-forward out ``4D → D``)."""
 
     heads: int
     pre_norm: tuple[Tensor, Tensor]
-    qkv: _Packed
-    attn_out: _Packed
+    qkv: LinearPack
+    attn_out: LinearPack
     cross: _CrossPacks | None
     ff_norm: tuple[Tensor, Tensor]
-    value: _Packed  # GLU value half
-    gate: _Packed  # GLU gate half (swish post-op)
-    ff_out: _Packed
+    glu: GluPack
+    ff_out: LinearPack
 
 
 class FusedStack:
@@ -181,9 +172,9 @@ class FusedStack:
         self._read(linear, "bias")
         return linear
 
-    def _linear(self, parent: nn.Module | None, name: str) -> _Packed | None:
+    def _linear(self, parent: nn.Module | None, name: str) -> LinearPack | None:
         linear = self._packed_linear(parent, name)
-        return None if linear is None else _Packed(linear._weight_packed(), linear.bias)
+        return None if linear is None else linear.pack()
 
     def _block(self, layer: TransformerBlock | None) -> BlockPacks | None:
         if layer is None:
@@ -204,7 +195,6 @@ class FusedStack:
             cross = _CrossPacks(norm, to_q, to_out, ca.heads, ca.kv_heads)
         if attn is None or glu is None or qkv is None or attn_out is None or ff_out is None or pre_norm is None or ff_norm is None:
             return None
-        halves = glu._halves_packed()
         return BlockPacks(
             heads=attn.heads,
             pre_norm=pre_norm,
@@ -212,8 +202,7 @@ class FusedStack:
             attn_out=attn_out,
             cross=cross,
             ff_norm=ff_norm,
-            value=_Packed(halves.value, halves.value_bias),
-            gate=_Packed(halves.gate, halves.gate_bias),
+            glu=glu.glu_pack(),
             ff_out=ff_out,
         )
 
@@ -246,9 +235,8 @@ def fused_block_forward(
     Returns:
         ``(B, S − outputs_from, D)``.
     """
-    _linear, _linear_binary = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.binary
     B, S, D = x.shape
-    qkv = _linear(F.layer_norm(x, (D,), *w.pre_norm), w.qkv.weight, w.qkv.bias, "none", [], "")
+    qkv = w.qkv(F.layer_norm(x, (D,), *w.pre_norm))
     qkv = qkv.view(B, S, 3, w.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
     q, k = apply_rotary(qkv[:2], freqs).unbind(0)
     keys, values = kv_hook(Projected(q, k, qkv[1], qkv[2])) if kv_hook is not None else (k, qkv[2])
@@ -256,15 +244,12 @@ def fused_block_forward(
         x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]
         mask, text_mask = query_rows(mask, outputs_from), query_rows(text_mask, outputs_from)
     out = _merge_heads(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
-    x = _linear_binary(out, x, w.attn_out.weight, w.attn_out.bias, "add")
+    x = w.attn_out.add(out, x)
     if w.cross is not None and text_kv is not None:
         c, Sq = w.cross, x.shape[1]
-        qc = _linear(F.layer_norm(x, (D,), *c.norm), c.to_q.weight, c.to_q.bias, "none", [], "")
+        qc = c.to_q(F.layer_norm(x, (D,), *c.norm))
         qc = qc.view(B, Sq, c.heads, -1).transpose(1, 2)  # (B, H, S, Dh)
         out = _merge_heads(F.scaled_dot_product_attention(qc, *text_kv, attn_mask=text_mask, enable_gqa=c.heads != c.kv_heads))
-        x = _linear_binary(out, x, c.to_out.weight, c.to_out.bias, "add")
-    y = F.layer_norm(x, (D,), *w.ff_norm)
-    gate = _linear(y, w.gate.weight, w.gate.bias, "swish", [], "")
-    hidden = _linear_binary(y, gate, w.value.weight, w.value.bias, "mul")
-    out_: Tensor = _linear_binary(hidden, x, w.ff_out.weight, w.ff_out.bias, "add")
-    return out_
+        x = c.to_out.add(out, x)
+    hidden = w.glu(F.layer_norm(x, (D,), *w.ff_norm))
+    return w.ff_out.add(hidden, x)

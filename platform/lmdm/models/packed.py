@@ -1,33 +1,56 @@
-"""Prepacked linear layers for CPU inference (oneDNN).
+"""Prepacked linear layers for CPU inference: our prefetching kernel where it builds, else oneDNN.
 
 ``F.linear`` on CPU runs a BLAS ``sgemm`` that re-packs the weight on every call; at the 49-token
 matmuls of an LMDM denoising step that re-packing and the BLAS's small-``M`` tiling run well below
-the FLOP rate of the 241-token matmuls of outpainting. oneDNN's linear with a weight reordered once
-into its blocked layout runs both near the same rate (measured on the 2-core dev machine, 512→1536:
-212 vs 227 GFLOP/s, against 145 vs 187 for ``F.linear``). :func:`pack_linears` swaps a model's
-``nn.Linear`` layers for :class:`PackedLinear`, which keeps the same parameters (state-dict keys and
-checkpoints are unchanged) and uses the packed copy only where it is exact to float32 rounding:
-float32 CPU inputs with gradients off. With gradients on it is a plain ``F.linear``, and a weight
-changed in place (an optimizer step, ``load_state_dict``) is re-packed on the next call.
+the FLOP rate of the 241-token matmuls of outpainting. A weight packed once into a kernel's blocked
+layout runs both nearer the same rate. :func:`pack_linears` swaps a model's ``nn.Linear`` layers for
+:class:`PackedLinear`, which keeps the same parameters (state-dict keys and checkpoints are unchanged)
+and uses the packed copy only where it is exact to float32 rounding: float32 CPU inputs with gradients
+off. With gradients on it is a plain ``F.linear``, and a weight changed in place (an optimizer step,
+``load_state_dict``) is re-packed on the next call.
 
-Two oneDNN post-ops fold the elementwise work that follows a linear into its output loop, which at
-49 rows is mostly per-op overhead (measured at 512→4096, 49 rows: the GLU 1282 → 1051 µs; 241 rows:
-5338 → 5183 µs): :meth:`PackedLinear.forward_add` (``linear(x) + residual``, the transformer's
+Two kernels (:class:`LinearPack`, :class:`GluPack`), the same for every caller:
+
+- ``cpu_gemm`` (:mod:`lmdm.models.cpu_gemm`, ours): prefetches the next weight panel while it computes
+  the current one, so a few-row linear no longer waits on its weights streaming from memory. Used by
+  ``kernel="auto"`` for every shape it takes (output width a multiple of 16) where it builds.
+- oneDNN's packed linear (``torch.ops.mkldnn``), ``kernel="onednn"`` and everywhere else.
+
+Measured on the 2-core dev machine, width-512 depth-8 bench model, one process with both kernels,
+blocks interleaved (``lmdm bench stream --kernel`` prints either): block-causal 550 → 450 ms per block,
+outpainting 1823 → 1684 ms.
+
+Elementwise work that follows a linear is folded into its output loop, which at 49 rows is mostly
+per-op overhead: :meth:`PackedLinear.forward_add` (``linear(x) + residual``, the transformer's
 residual adds) and :meth:`PackedLinear.forward_glu` (``value · silu(gate)`` from one projection whose
-output rows are ``[value; gate]``, as two half-width linears with ``swish`` and ``mul`` post-ops).
+output rows are ``[value; gate]``; oneDNN: two half-width linears with ``swish`` and ``mul`` post-ops).
 :func:`linear_add` and :func:`linear_glu` dispatch to them for any linear layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["GluHalves", "PackedLinear", "linear_add", "linear_glu", "pack_linears", "packing_available", "tensor_version"]
+from lmdm.models import cpu_gemm
+
+__all__ = [
+    "GluPack",
+    "LinearPack",
+    "PackedLinear",
+    "kernels_used",
+    "linear_add",
+    "linear_glu",
+    "pack_linears",
+    "packing_available",
+    "tensor_version",
+]
+
+Kernel = Literal["auto", "onednn"]
 
 ROWS_HINT = 64  # oneDNN picks its weight blocking for about this many input rows (49, 64 or 256: same speed here)
 
@@ -39,29 +62,90 @@ def packing_available() -> bool:
 
 
 @dataclass(frozen=True)
-class GluHalves:
-    """A GLU projection's weight as two oneDNN packs (output rows ``[value; gate]``) and its bias halves."""
+class LinearPack:
+    """A linear's weight packed once for one kernel, and its bias.
 
-    value: Tensor
-    gate: Tensor
-    value_bias: Tensor | None
-    gate_bias: Tensor | None
+    ``weight`` is our kernel's panels (``panels=True``, :mod:`lmdm.models.cpu_gemm`) or oneDNN's opaque
+    blocked layout of ``(out, in)``. Inputs: float32, CPU, no autograd (the caller checks)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    panels: bool
+
+    @staticmethod
+    def of(weight: Tensor, bias: Tensor | None, kernel: Kernel = "auto") -> LinearPack:
+        with torch.no_grad():
+            w = weight.detach()
+            b = None if bias is None else bias.detach().contiguous()
+            if kernel == "auto" and cpu_gemm.supports(w.shape[0], w.shape[1]):
+                return LinearPack(cpu_gemm.pack(w), b, True)
+            return LinearPack(torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ROWS_HINT), b, False)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``x · Wᵀ + b``: ``(..., in) → (..., out)``."""
+        if self.panels:
+            return cpu_gemm.linear(x, self.weight, self.bias)
+        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return out
+
+    def add(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + x · Wᵀ + b`` with the add in the kernel's output loop; ``residual`` contiguous."""
+        if self.panels:
+            return cpu_gemm.linear(x, self.weight, self.bias, residual)
+        out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
+        return out
+
+
+@dataclass(frozen=True)
+class GluPack:
+    """A GLU projection (output rows ``[value; gate]``) packed once: ``value · silu(gate)`` in one call of our
+    kernel (``panels``: value and gate panels in pairs, ``bias`` the whole ``(2H,)``), or as two oneDNN
+    half-width linears with ``swish`` and ``mul`` post-ops (``value``, ``gate``)."""
+
+    panels: Tensor | None
+    bias: Tensor | None
+    value: LinearPack | None
+    gate: LinearPack | None
+
+    @staticmethod
+    def of(weight: Tensor, bias: Tensor | None, kernel: Kernel = "auto") -> GluPack:
+        with torch.no_grad():
+            w = weight.detach()
+            if kernel == "auto" and cpu_gemm.supports(w.shape[0], w.shape[1], glu=True):
+                return GluPack(cpu_gemm.pack(w, glu=True), None if bias is None else bias.detach().contiguous(), None, None)
+            value, gate = (torch.ops.mkldnn._reorder_linear_weight(h.contiguous(), ROWS_HINT) for h in w.chunk(2))
+            value_b, gate_b = bias.detach().chunk(2) if bias is not None else (None, None)
+            return GluPack(None, None, LinearPack(value, value_b, False), LinearPack(gate, gate_b, False))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``value · silu(gate)``: ``(..., in) → (..., H)``."""
+        if self.panels is not None:
+            return cpu_gemm.glu(x, self.panels, self.bias)
+        assert self.value is not None and self.gate is not None
+        gate = torch.ops.mkldnn._linear_pointwise(x, self.gate.weight, self.gate.bias, "swish", [], "")
+        out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, gate, self.value.weight, self.value.bias, "mul")
+        return out
 
 
 class PackedLinear(nn.Module):
-    """An ``nn.Linear`` whose CPU float32 inference path uses a oneDNN-packed copy of its weight.
+    """An ``nn.Linear`` whose CPU float32 inference path uses a packed copy of its weight
+    (:class:`LinearPack`: our kernel where it builds, else oneDNN).
 
     Args:
         linear: the layer to wrap; its ``weight`` and ``bias`` parameters are shared, not copied.
+        kernel: ``auto`` (our kernel where it builds and takes the shape, else oneDNN) or ``onednn``.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
         super().__init__()
+        if kernel not in ("auto", "onednn"):
+            raise ValueError(f"kernel must be 'auto' or 'onednn', got {kernel!r}")
+        self.kernel = kernel
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self._packed: Tensor | None = None
-        self._halves: GluHalves | None = None
+        self._packed: LinearPack | None = None
+        self._glu: GluPack | None = None
         self._packed_version: tuple[int, int] | None = None  # the weight and bias versions both packs belong to
         self._packed_for: tuple[Tensor, Tensor | None] | None = None  # ... and the tensors themselves
 
@@ -69,7 +153,7 @@ class PackedLinear(nn.Module):
         """Copies and pickles carry the parameters, not the packs (oneDNN's opaque tensors have no storage to
         copy); a copy packs again on its first call."""
         state = dict(self.__dict__)
-        state.update(_packed=None, _halves=None, _packed_for=None, _packed_version=None)
+        state.update(_packed=None, _glu=None, _packed_for=None, _packed_version=None)
         return state
 
     def _fast(self, x: Tensor, other: Tensor | None = None) -> bool:
@@ -94,50 +178,42 @@ class PackedLinear(nn.Module):
             or self._packed_version != version
         ):
             self._packed_for, self._packed_version = (weight, bias), version  # new tensors (load with assign=True) re-pack too
-            self._packed, self._halves = None, None
+            self._packed, self._glu = None, None
 
-    def _weight_packed(self) -> Tensor:
+    def pack(self) -> LinearPack:
+        """The packed weight (packed on first use, and again after the weight or bias changed)."""
         self._drop_stale_packs()
         if self._packed is None:
-            with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
+            self._packed = LinearPack.of(self.weight, self.bias, self.kernel)
         return self._packed
 
-    def _halves_packed(self) -> GluHalves:
-        """The packed ``[value; gate]`` halves of the weight and their biases (for :meth:`forward_glu`)."""
+    def glu_pack(self) -> GluPack:
+        """The packed ``[value; gate]`` projection for :meth:`forward_glu`."""
         self._drop_stale_packs()
-        if self._halves is None:
-            with torch.no_grad():
-                value, gate = (torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ROWS_HINT) for w in self.weight.detach().chunk(2))
-                value_b, gate_b = self.bias.detach().chunk(2) if self.bias is not None else (None, None)
-            self._halves = GluHalves(value, gate, value_b, gate_b)
-        return self._halves
+        if self._glu is None:
+            self._glu = GluPack.of(self.weight, self.bias, self.kernel)
+        return self._glu
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) → (..., out_features)``."""
         if not self._fast(x):
             return F.linear(x, self.weight, self.bias)
-        out: Tensor = torch.ops.mkldnn._linear_pointwise(x, self._weight_packed(), self.bias, "none", [], "")
-        return out
+        return self.pack()(x)
 
     def forward_add(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + linear(x)``; ``residual`` has the output's shape ``(..., out_features)``."""
         if not self._fast(x, residual) or not residual.is_contiguous():
             return residual + F.linear(x, self.weight, self.bias)
-        out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, residual, self._weight_packed(), self.bias, "add")
-        return out
+        return self.pack().add(x, residual)
 
     def forward_glu(self, x: Tensor) -> Tensor:
         """``value · silu(gate)`` where ``[value, gate] = linear(x).chunk(2, -1)``: ``(..., in) → (..., out / 2)``."""
         if not self._fast(x):
             return _glu_reference(F.linear(x, self.weight, self.bias))
-        h = self._halves_packed()
-        gate = torch.ops.mkldnn._linear_pointwise(x, h.gate, h.gate_bias, "swish", [], "")
-        out: Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, gate, h.value, h.value_bias, "mul")
-        return out
+        return self.glu_pack()(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed=oneDNN"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"
 
 
 def tensor_version(tensor: Tensor | None) -> int:
@@ -172,8 +248,22 @@ def linear_glu(layer: nn.Module, x: Tensor) -> Tensor:
     return _glu_reference(layer(x))
 
 
-def pack_linears(module: nn.Module) -> int:
-    """Replace every ``nn.Linear`` inside ``module`` (in place) with a :class:`PackedLinear`.
+def kernels_used(module: nn.Module) -> dict[str, int]:
+    """How many packed linears inside ``module`` have run on each kernel (``cpu_gemm``, ``onednn``); a GLU
+    projection counts once, under the kernel of its GLU pack."""
+    counts = {"cpu_gemm": 0, "onednn": 0}
+    for m in module.modules():
+        if isinstance(m, PackedLinear):
+            glu = m._glu
+            if glu is not None:
+                counts["cpu_gemm" if glu.panels is not None else "onednn"] += 1
+            elif m._packed is not None:
+                counts["cpu_gemm" if m._packed.panels else "onednn"] += 1
+    return counts
+
+
+def pack_linears(module: nn.Module, kernel: Kernel = "auto") -> int:
+    """Replace every ``nn.Linear`` inside ``module`` (in place) with a :class:`PackedLinear` using ``kernel``.
 
     Returns:
         The number of layers replaced (0 where :func:`packing_available` is false: nothing changes).
@@ -184,6 +274,6 @@ def pack_linears(module: nn.Module) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, kernel))
                 replaced += 1
     return replaced

@@ -1,0 +1,182 @@
+"""Our small-row float32 linear kernel for x86-64 CPUs (``cpu_gemm.c``), compiled on first use.
+
+At the 49-token passes of an LMDM denoising step a linear layer does little arithmetic per weight it
+reads, and every pass reads every weight from memory. oneDNN's kernels leave that weight stream to the
+hardware prefetcher: a 49-row 512→2048 linear took 1283 µs with its weights streamed from memory against
+805 µs with them in cache (the 2-core dev machine). ``cpu_gemm.c`` prefetches each 16-column weight
+panel while it computes the previous one, so the stream overlaps the arithmetic (the bench's
+``machine.weight_streaming`` figures show both kernels' cold/warm times).
+
+The C source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into
+``$LMDM_KERNEL_CACHE`` (default ``~/.cache/lmdm/kernels``), once per source and compiler, and loaded with
+:mod:`ctypes`; its OpenMP loops run in the OpenMP runtime torch has already loaded. Where it cannot be
+built (no compiler, no AVX2/FMA, not x86-64, or ``LMDM_CPU_KERNEL=onednn``), :func:`available` is false
+and packed linears use oneDNN (:mod:`lmdm.models.packed`).
+
+Weight layout (``panels``): ``(N/16, K, 16)``, panel ``p`` holding output columns ``16p … 16p+15``
+transposed; a GLU weight ``(2H, K)`` stores value panel ``q`` and gate panel ``q`` together,
+``(H/16, 2, K, 16)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["MAX_IN_FEATURES", "available", "glu", "linear", "pack", "status"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_gemm.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno")
+PANEL = 16  # output columns per panel: out_features must be a multiple
+MAX_IN_FEATURES = 1 << 16  # keeps every index of a (rows, in) tile inside a C int
+
+_status = "not loaded"
+
+
+def _cpu_has_avx2_fma() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(cc: str) -> Path:
+    """The compiled library for this source and compiler, built (atomically: concurrent workers may race) if absent."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LMDM_KERNEL_CACHE", Path.home() / ".cache" / "lmdm" / "kernels"))
+    target = cache / f"cpu_gemm-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    global _status
+    choice = os.environ.get("LMDM_CPU_KERNEL", "auto")
+    if choice not in ("auto", "onednn"):
+        raise ValueError(f"LMDM_CPU_KERNEL must be 'auto' (our kernel where it builds) or 'onednn', got {choice!r}")
+    if choice == "onednn":
+        _status = "off (LMDM_CPU_KERNEL=onednn)"
+        return None
+    if not _cpu_has_avx2_fma():
+        _status = "unavailable: this CPU has no AVX2 + FMA (or is not x86-64)"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _status = "unavailable: no C compiler (set CC, or install gcc)"
+        return None
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the library binds to the same one
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        _status = f"unavailable: building {SOURCE.name} failed: {detail.strip()[:500]}"
+        log.warning("lmdm CPU kernel %s; using oneDNN", _status)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.lmdm_linear.argtypes = [p, i, i, p, i, p, p, p, i]
+    lib.lmdm_glu.argtypes = [p, i, i, p, i, p, p, i]
+    lib.lmdm_pack.argtypes = [p, i, i, i, p]
+    for fn in (lib.lmdm_linear, lib.lmdm_glu, lib.lmdm_pack):
+        fn.restype = None
+    _status = f"lmdm cpu_gemm (AVX2, {Path(cc).name})"
+    return lib
+
+
+def available() -> bool:
+    """Whether our kernel is built and loaded (compiles it on the first call)."""
+    return _library() is not None
+
+
+def status() -> str:
+    """What :func:`available` found, in words (for benchmark captions and logs)."""
+    _library()
+    return _status
+
+
+def supports(out_features: int, in_features: int, glu: bool = False) -> bool:
+    """Whether a linear of this shape can use the kernel (whole 16-column panels; GLU: whole panels per half)."""
+    unit = 2 * PANEL if glu else PANEL
+    return available() and out_features % unit == 0 and 0 < in_features <= MAX_IN_FEATURES
+
+
+def pack(weight: Tensor, glu: bool = False) -> Tensor:
+    """The panel layout of a float32 ``(out, in)`` weight (see the module docstring)."""
+    lib = _library()
+    assert lib is not None, "cpu_gemm is not available"
+    w = weight.detach().to(torch.float32).contiguous()
+    N, K = w.shape
+    out = torch.empty(N // PANEL, K, PANEL, dtype=torch.float32)
+    lib.lmdm_pack(w.data_ptr(), N, K, int(glu), out.data_ptr())
+    return out
+
+
+def _rows(x: Tensor, K: int) -> tuple[Tensor, int]:
+    x = x.contiguous()
+    return x, x.numel() // K
+
+
+def linear(x: Tensor, panels: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
+    """``x · Wᵀ + bias (+ residual)`` for float32 CPU ``x`` ``(..., in)``; ``residual`` ``(..., out)``."""
+    lib = _library()
+    assert lib is not None
+    K = panels.shape[1]
+    N = panels.shape[0] * PANEL
+    x, M = _rows(x, K)
+    out = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    if residual is not None:
+        residual = residual.contiguous()
+    lib.lmdm_linear(
+        x.data_ptr(), M, K, panels.data_ptr(), N,
+        None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def glu(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
+    """``value · silu(gate)`` of ``[value, gate] = x · Wᵀ + bias`` for a GLU-packed weight: ``(..., in) → (..., H)``."""
+    lib = _library()
+    assert lib is not None
+    K = panels.shape[1]
+    H = panels.shape[0] // 2 * PANEL
+    x, M = _rows(x, K)
+    out = torch.empty(*x.shape[:-1], H, dtype=torch.float32)
+    lib.lmdm_glu(
+        x.data_ptr(), M, K, panels.data_ptr(), H, None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()
+    )
+    return out

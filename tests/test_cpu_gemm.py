@@ -1,0 +1,156 @@
+"""Our CPU linear kernel (``lmdm.models.cpu_gemm``) against float64 references: every row count around its
+6-row tiles and 252-row chunks, bias and residual epilogues, the GLU's ``silu`` over float's range, thread
+counts; and its build: cached, atomic, and a clear fallback to oneDNN where it cannot be built."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lmdm.models import cpu_gemm
+from lmdm.models.packed import PackedLinear, packing_available
+
+needs_kernel = pytest.mark.skipif(not cpu_gemm.available(), reason=f"lmdm cpu_gemm: {cpu_gemm.status()}")
+
+
+@pytest.fixture
+def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """The kernel loaded anew under this test's environment (its own cache folder); reloaded as before after it."""
+    monkeypatch.setenv("LMDM_KERNEL_CACHE", str(tmp_path / "kernels"))
+    cpu_gemm._library.cache_clear()
+    yield tmp_path / "kernels"
+    monkeypatch.undo()
+    cpu_gemm._library.cache_clear()
+
+
+def _has_avx2_fma() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    return {"avx2", "fma"} <= set(flags.split())
+
+
+def test_the_kernel_builds_wherever_a_compiler_and_avx2_exist() -> None:
+    """So the tests below cannot skip silently on a machine that should run them (CI's does)."""
+    if _has_avx2_fma() and (shutil.which("cc") or shutil.which("gcc")):
+        assert cpu_gemm.available(), cpu_gemm.status()
+    else:
+        assert not cpu_gemm.available() and cpu_gemm.status().startswith("unavailable")
+
+
+@needs_kernel
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 49, 253, 517])  # partial tiles, whole tiles, a second and third 252-row chunk
+@pytest.mark.parametrize(("K", "N"), [(1, 16), (33, 48), (512, 96)])
+def test_linear_equals_a_float64_reference(M: int, K: int, N: int) -> None:
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x, w, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K**0.5, torch.randn(N, generator=g)
+    residual = torch.randn(M, N, generator=g)
+    panels = cpu_gemm.pack(w)
+    ref = F.linear(x.double(), w.double())
+    torch.testing.assert_close(cpu_gemm.linear(x, panels, None), ref.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_gemm.linear(x, panels, b), (ref + b.double()).float(), rtol=1e-5, atol=1e-5)
+    out = cpu_gemm.linear(x, panels, b, residual)
+    torch.testing.assert_close(out, (ref + b.double() + residual.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(49, 64), (2, 97, 64), (1, 1, 64)])
+def test_glu_equals_value_times_silu_gate(bias: bool, shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(1)
+    H = 48
+    x, w = torch.randn(*shape, generator=g), torch.randn(2 * H, shape[-1], generator=g) / 4
+    b = torch.randn(2 * H, generator=g) if bias else None
+    value, gate = F.linear(x.double(), w.double(), None if b is None else b.double()).chunk(2, dim=-1)
+    out = cpu_gemm.glu(x, cpu_gemm.pack(w, glu=True), b)
+    assert out.shape == (*shape[:-1], H)
+    torch.testing.assert_close(out, (value * F.silu(gate)).float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_glu_silu_is_accurate_over_floats_range() -> None:
+    """value = 1 (bias), gate = x: the kernel's ``silu`` (its own ``exp``) against float64 from −1e4 to 1e4,
+    saturating cleanly at both ends (no inf, no NaN)."""
+    x = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([-1e4, -89.0, -88.5, 88.5, 89.0, 1e4, 0.0, 1e-30])])[:, None]
+    w = torch.cat([torch.zeros(16, 1), torch.ones(16, 1)])
+    b = torch.cat([torch.ones(16), torch.zeros(16)])
+    out = cpu_gemm.glu(x, cpu_gemm.pack(w, glu=True), b)[:, 0].double()
+    ref = F.silu(x[:, 0].double())
+    assert torch.isfinite(out).all()
+    assert ((out - ref).abs() <= 2e-7 * ref.abs() + 1e-30).all(), (out - ref).abs().max()
+
+
+@needs_kernel
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Each output is computed by one thread, in one order: 1, 2 or 3 threads give the same bits."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(49, 128, generator=g), torch.randn(4 * 16 * 3, 128, generator=g), torch.randn(192, generator=g)
+    panels, glu = cpu_gemm.pack(w), cpu_gemm.pack(w, glu=True)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append((cpu_gemm.linear(x, panels, b), cpu_gemm.glu(x, glu, b)))
+    finally:
+        torch.set_num_threads(before)
+    for lin, gl in outs[1:]:
+        assert torch.equal(lin, outs[0][0]) and torch.equal(gl, outs[0][1])
+
+
+@needs_kernel
+def test_a_packed_linear_uses_the_kernel_only_for_shapes_it_takes() -> None:
+    torch.manual_seed(0)
+    taken, other = PackedLinear(torch.nn.Linear(32, 48)), PackedLinear(torch.nn.Linear(32, 40))
+    glu_other = PackedLinear(torch.nn.Linear(32, 48))  # a GLU needs whole panels per half: 24 is not
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        taken(x), other(x), glu_other.forward_glu(x)
+    assert taken.pack().panels and not other.pack().panels
+    assert glu_other.glu_pack().panels is None
+
+
+@needs_kernel
+def test_the_build_is_cached_per_source_and_leaves_no_partial_files(fresh_library: Path) -> None:
+    assert cpu_gemm.available()
+    (built,) = fresh_library.iterdir()
+    assert built.name.startswith("cpu_gemm-") and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    cpu_gemm._library.cache_clear()
+    assert cpu_gemm.available()  # a second load (as another worker process would) reuses it
+    assert [p.name for p in fresh_library.iterdir()] == [built.name] and built.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN packed linear")
+def test_a_failed_build_falls_back_to_onednn_and_says_why(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_avx2_fma", lambda: True)
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    assert not cpu_gemm.available()
+    assert "unavailable: building cpu_gemm.c failed" in cpu_gemm.status()
+    assert not fresh_library.exists() or not any(fresh_library.iterdir())  # no half-written library left behind
+    layer = PackedLinear(torch.nn.Linear(32, 48))
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        out = layer(x)
+    assert not layer.pack().panels
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_can_be_switched_off_and_a_bad_setting_is_an_error(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LMDM_CPU_KERNEL", "onednn")
+    assert not cpu_gemm.available() and cpu_gemm.status() == "off (LMDM_CPU_KERNEL=onednn)"
+    cpu_gemm._library.cache_clear()
+    monkeypatch.setenv("LMDM_CPU_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LMDM_CPU_KERNEL must be 'auto'"):
+        cpu_gemm.available()
+
+
+def test_a_packed_linear_refuses_an_unknown_kernel() -> None:
+    with pytest.raises(ValueError, match="kernel must be 'auto' or 'onednn'"):
+        PackedLinear(torch.nn.Linear(4, 16), "mkl")  # type: ignore[arg-type]
