@@ -154,3 +154,15 @@ def test_the_kernel_can_be_switched_off_and_a_bad_setting_is_an_error(fresh_libr
 def test_a_packed_linear_refuses_an_unknown_kernel() -> None:
     with pytest.raises(ValueError, match="kernel must be 'auto' or 'onednn'"):
         PackedLinear(torch.nn.Linear(4, 16), "mkl")  # type: ignore[arg-type]
+
+
+def test_an_unwritable_cache_folder_falls_back_to_a_private_temporary_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.delenv("LMDM_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # <file>/lmdm/kernels cannot be created
+    folder = cpu_gemm._cache_dir()
+    assert not str(folder).startswith(str(blocker)) and folder.is_dir()
+    assert folder.stat().st_mode & 0o077 == 0  # private: no other user can plant a library in it
+    monkeypatch.setenv("LMDM_KERNEL_CACHE", str(tmp_path / "mine"))
+    assert cpu_gemm._cache_dir() == tmp_path / "mine"

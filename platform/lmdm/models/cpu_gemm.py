@@ -7,7 +7,7 @@ hardware prefetcher: a 49-row 512→2048 linear took 1283 µs with its weights s
 panel while it computes the previous one, so the stream overlaps the arithmetic (the bench's
 ``machine.weight_streaming`` figures show both kernels' cold/warm times).
 
-The C source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into
+The C source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``; about a second) into
 ``$LMDM_KERNEL_CACHE`` (default ``~/.cache/lmdm/kernels``), once per source and compiler, and loaded with
 :mod:`ctypes`; its OpenMP loops run in the OpenMP runtime torch has already loaded. Where it cannot be
 built (no compiler, no AVX2/FMA, not x86-64, or ``LMDM_CPU_KERNEL=onednn``), :func:`available` is false
@@ -63,16 +63,32 @@ def _compiler() -> str | None:
     return None
 
 
+def _cache_dir() -> Path:
+    """``$LMDM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/lmdm/kernels`` (``~/.cache/lmdm/kernels``); where that
+    cannot be created (a read-only home), a private temporary folder of this process."""
+    given = os.environ.get("LMDM_KERNEL_CACHE")
+    if given:
+        return Path(given)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmdm" / "kernels"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="lmdm-kernels-"))  # mode 0700: no other user can plant a library there
+
+
 def _build(cc: str) -> Path:
     """The compiled library for this source and compiler, built (atomically: concurrent workers may race) if absent."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LMDM_KERNEL_CACHE", Path.home() / ".cache" / "lmdm" / "kernels"))
+    cache = _cache_dir()
     target = cache / f"cpu_gemm-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=cache)
     os.close(fd)
     try:
         subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
