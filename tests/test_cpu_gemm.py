@@ -166,3 +166,10 @@ def test_an_unwritable_cache_folder_falls_back_to_a_private_temporary_one(monkey
     assert folder.stat().st_mode & 0o077 == 0  # private: no other user can plant a library in it
     monkeypatch.setenv("LMDM_KERNEL_CACHE", str(tmp_path / "mine"))
     assert cpu_gemm._cache_dir() == tmp_path / "mine"
+
+
+@needs_kernel
+def test_an_input_of_the_wrong_width_is_a_clear_error() -> None:
+    panels = cpu_gemm.pack(torch.randn(16, 8))
+    with pytest.raises(ValueError, match="input has 7 features, the packed weight takes 8"):
+        cpu_gemm.linear(torch.randn(3, 7), panels, None)

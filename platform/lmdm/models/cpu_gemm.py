@@ -163,7 +163,12 @@ def pack(weight: Tensor, glu: bool = False) -> Tensor:
 
 def _rows(x: Tensor, K: int) -> tuple[Tensor, int]:
     x = x.contiguous()
-    return x, x.numel() // K
+    if x.shape[-1] != K:
+        raise ValueError(f"input has {x.shape[-1]} features, the packed weight takes {K}")
+    rows = x.numel() // K
+    if rows >= 2**31:
+        raise ValueError(f"{rows} input rows: the kernel takes fewer than 2**31 per call")
+    return x, rows
 
 
 def linear(x: Tensor, panels: Tensor, bias: Tensor | None, residual: Tensor | None = None) -> Tensor:
