@@ -164,6 +164,7 @@ def test_an_unwritable_cache_folder_falls_back_to_a_private_temporary_one(monkey
     folder = cpu_gemm._cache_dir()
     assert not str(folder).startswith(str(blocker)) and folder.is_dir()
     assert folder.stat().st_mode & 0o077 == 0  # private: no other user can plant a library in it
+    folder.rmdir()  # (the process would remove it at exit)
     monkeypatch.setenv("LMDM_KERNEL_CACHE", str(tmp_path / "mine"))
     assert cpu_gemm._cache_dir() == tmp_path / "mine"
 

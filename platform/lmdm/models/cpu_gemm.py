@@ -20,6 +20,7 @@ transposed; a GLU weight ``(2H, K)`` stores value panel ``q`` and gate panel ``q
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -76,7 +77,9 @@ def _cache_dir() -> Path:
             return cache
     except OSError:
         pass
-    return Path(tempfile.mkdtemp(prefix="lmdm-kernels-"))  # mode 0700: no other user can plant a library there
+    private = tempfile.mkdtemp(prefix="lmdm-kernels-")  # mode 0700: no other user can plant a library there
+    atexit.register(shutil.rmtree, private, ignore_errors=True)  # a loaded library stays mapped after its file goes
+    return Path(private)
 
 
 def _build(cc: str) -> Path:

@@ -16,9 +16,9 @@ Two kernels (:class:`LinearPack`, :class:`GluPack`), the same for every caller:
   ``kernel="auto"`` for every shape it takes (output width a multiple of 16) where it builds.
 - oneDNN's packed linear (``torch.ops.mkldnn``), ``kernel="onednn"`` and everywhere else.
 
-Measured on the 2-core dev machine, width-512 depth-8 bench model, one process with both kernels,
-blocks interleaved (``lmdm bench stream --kernel`` prints either): block-causal 550 → 450 ms per block,
-outpainting 1823 → 1684 ms.
+Measured with ``lmdm bench stream`` (width-512 depth-8 model, paper geometry) on the 2-core dev
+machine, medians of five alternating runs per kernel: block-causal 617 (oneDNN) → 495 ms (ours) per
+block, outpainting 1759 → 1567 ms.
 
 Elementwise work that follows a linear is folded into its output loop, which at 49 rows is mostly
 per-op overhead: :meth:`PackedLinear.forward_add` (``linear(x) + residual``, the transformer's
