@@ -174,3 +174,48 @@ def test_an_input_of_the_wrong_width_is_a_clear_error() -> None:
     panels = cpu_gemm.pack(torch.randn(16, 8))
     with pytest.raises(ValueError, match="input has 7 features, the packed weight takes 8"):
         cpu_gemm.linear(torch.randn(3, 7), panels, None)
+
+
+@needs_kernel
+def test_a_residual_of_another_shape_is_refused_by_the_kernel_and_broadcast_by_the_layer() -> None:
+    """The kernel reads ``rows × out`` residual values: a residual that would broadcast must never reach it."""
+    torch.manual_seed(0)
+    layer = PackedLinear(torch.nn.Linear(32, 48))
+    x, row = torch.randn(5, 32), torch.randn(48)
+    with pytest.raises(ValueError, match=r"residual \(48,\) must have the output's shape \(5, 48\)"):
+        cpu_gemm.linear(x, layer.pack().weight, None, row)
+    with torch.inference_mode():
+        out = layer.forward_add(x, row)
+    torch.testing.assert_close(out, row + F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_changing_the_kernel_of_a_layer_repacks_it() -> None:
+    layer = PackedLinear(torch.nn.Linear(32, 48))
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        first = layer(x)
+        assert layer.pack().panels
+        layer.kernel = "onednn"
+        second = layer(x)
+    assert not layer.pack().panels
+    torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_cc_may_be_a_command_line(fresh_library: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", f"env {shutil.which('cc') or shutil.which('gcc')}")
+    assert cpu_gemm.available(), cpu_gemm.status()
+    assert cpu_gemm.status().endswith("(AVX2, env)")
+
+
+def test_no_home_folder_falls_back_to_a_private_temporary_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("LMDM_KERNEL_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    folder = cpu_gemm._cache_dir()
+    assert folder.is_dir() and folder.stat().st_mode & 0o077 == 0
+    folder.rmdir()

@@ -9,7 +9,8 @@ panel while it computes the previous one, so the stream overlaps the arithmetic 
 
 The C source is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``; about a second) into
 ``$LMDM_KERNEL_CACHE`` (default ``~/.cache/lmdm/kernels``), once per source and compiler, and loaded with
-:mod:`ctypes`; its OpenMP loops run in the OpenMP runtime torch has already loaded. Where it cannot be
+:mod:`ctypes`. Its OpenMP loops need ``libgomp.so.1``, which the loader resolves to the one a GNU-OpenMP
+torch build (the x86 wheels) has already loaded, so both share one thread pool. Where it cannot be
 built (no compiler, no AVX2/FMA, not x86-64, or ``LMDM_CPU_KERNEL=onednn``), :func:`available` is false
 and packed linears use oneDNN (:mod:`lmdm.models.packed`).
 
@@ -27,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -57,10 +59,13 @@ def _cpu_has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= set(flags.split(":", 1)[1].split())
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+def _compiler() -> list[str] | None:
+    """``$CC`` (a command line: ``ccache gcc`` works), else ``cc`` or ``gcc`` on the path."""
+    given = shlex.split(os.environ.get("CC", ""))
+    for command in (given, ["cc"], ["gcc"]):
+        found = shutil.which(command[0]) if command else None
+        if found:
+            return [found, *command[1:]]
     return None
 
 
@@ -70,21 +75,21 @@ def _cache_dir() -> Path:
     given = os.environ.get("LMDM_KERNEL_CACHE")
     if given:
         return Path(given)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmdm" / "kernels"
     try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmdm" / "kernels"
         cache.mkdir(parents=True, exist_ok=True)
         if os.access(cache, os.W_OK):
             return cache
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: no home folder to be found
         pass
     private = tempfile.mkdtemp(prefix="lmdm-kernels-")  # mode 0700: no other user can plant a library there
     atexit.register(shutil.rmtree, private, ignore_errors=True)  # a loaded library stays mapped after its file goes
     return Path(private)
 
 
-def _build(cc: str) -> Path:
+def _build(cc: list[str]) -> Path:
     """The compiled library for this source and compiler, built (atomically: concurrent workers may race) if absent."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
     cache = _cache_dir()
     target = cache / f"cpu_gemm-{key}.so"
@@ -94,7 +99,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -118,7 +123,6 @@ def _library() -> ctypes.CDLL | None:
     if cc is None:
         _status = "unavailable: no C compiler (set CC, or install gcc)"
         return None
-    torch.get_num_threads()  # torch's OpenMP runtime is loaded first, so the library binds to the same one
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, subprocess.CalledProcessError) as err:
@@ -132,7 +136,7 @@ def _library() -> ctypes.CDLL | None:
     lib.lmdm_pack.argtypes = [p, i, i, i, p]
     for fn in (lib.lmdm_linear, lib.lmdm_glu, lib.lmdm_pack):
         fn.restype = None
-    _status = f"lmdm cpu_gemm (AVX2, {Path(cc).name})"
+    _status = f"lmdm cpu_gemm (AVX2, {Path(cc[0]).name})"
     return lib
 
 
@@ -159,7 +163,7 @@ def pack(weight: Tensor, glu: bool = False) -> Tensor:
     assert lib is not None, "cpu_gemm is not available"
     w = weight.detach().to(torch.float32).contiguous()
     N, K = w.shape
-    out = torch.empty(N // PANEL, K, PANEL, dtype=torch.float32)
+    out = torch.empty(N // PANEL, K, PANEL, dtype=torch.float32, device="cpu")
     lib.lmdm_pack(w.data_ptr(), N, K, int(glu), out.data_ptr())
     return out
 
@@ -181,8 +185,10 @@ def linear(x: Tensor, panels: Tensor, bias: Tensor | None, residual: Tensor | No
     K = panels.shape[1]
     N = panels.shape[0] * PANEL
     x, M = _rows(x, K)
-    out = torch.empty(*x.shape[:-1], N, dtype=torch.float32)
+    out = torch.empty(*x.shape[:-1], N, dtype=torch.float32, device="cpu")
     if residual is not None:
+        if residual.shape != out.shape:
+            raise ValueError(f"residual {tuple(residual.shape)} must have the output's shape {tuple(out.shape)}")
         residual = residual.contiguous()
     lib.lmdm_linear(
         x.data_ptr(), M, K, panels.data_ptr(), N,
@@ -199,7 +205,7 @@ def glu(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
     K = panels.shape[1]
     H = panels.shape[0] // 2 * PANEL
     x, M = _rows(x, K)
-    out = torch.empty(*x.shape[:-1], H, dtype=torch.float32)
+    out = torch.empty(*x.shape[:-1], H, dtype=torch.float32, device="cpu")
     lib.lmdm_glu(
         x.data_ptr(), M, K, panels.data_ptr(), H, None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads()
     )

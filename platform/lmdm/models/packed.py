@@ -13,7 +13,8 @@ Two kernels (:class:`LinearPack`, :class:`GluPack`), the same for every caller:
 
 - ``cpu_gemm`` (:mod:`lmdm.models.cpu_gemm`, ours): prefetches the next weight panel while it computes
   the current one, so a few-row linear no longer waits on its weights streaming from memory. Used by
-  ``kernel="auto"`` for every shape it takes (output width a multiple of 16) where it builds.
+  ``kernel="auto"`` where it builds, for every shape it takes: an output width that is a multiple of
+  16 (32 for a GLU projection) and at most 65536 input features.
 - oneDNN's packed linear (``torch.ops.mkldnn``), ``kernel="onednn"`` and everywhere else.
 
 Measured with ``lmdm bench stream`` (width-512 depth-8 model, paper geometry) on the 2-core dev
@@ -133,8 +134,12 @@ class PackedLinear(nn.Module):
 
     Args:
         linear: the layer to wrap; its ``weight`` and ``bias`` parameters are shared, not copied.
-        kernel: ``auto`` (our kernel where it builds and takes the shape, else oneDNN) or ``onednn``.
+        kernel: ``auto`` (our kernel where it builds and takes the shape, else oneDNN) or ``onednn``;
+            changing it later re-packs on the next call.
     """
+
+    kernel: Kernel = "auto"  # class defaults: a layer pickled by an older version unpickles without them
+    _glu: GluPack | None = None
 
     def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
         super().__init__()
@@ -146,7 +151,7 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
         self._packed: LinearPack | None = None
         self._glu: GluPack | None = None
-        self._packed_version: tuple[int, int] | None = None  # the weight and bias versions both packs belong to
+        self._packed_version: tuple[int, int, str] | None = None  # the weight and bias versions (and kernel) of the packs
         self._packed_for: tuple[Tensor, Tensor | None] | None = None  # ... and the tensors themselves
 
     def __getstate__(self) -> dict[str, Any]:
@@ -158,8 +163,10 @@ class PackedLinear(nn.Module):
 
     def _fast(self, x: Tensor, other: Tensor | None = None) -> bool:
         """Whether the packed path is exact here: float32 CPU tensors, no gradients needed (runs per call: kept cheap)."""
-        weight = self.weight
-        if weight.dtype is not torch.float32 or x.dtype is not torch.float32 or not x.is_cpu:
+        weight, bias = self.weight, self.bias
+        if weight.dtype is not torch.float32 or not weight.is_cpu or x.dtype is not torch.float32 or not x.is_cpu:
+            return False
+        if bias is not None and (bias.dtype is not torch.float32 or not bias.is_cpu):
             return False
         if other is not None and (other.dtype is not torch.float32 or not other.is_cpu):
             return False
@@ -170,7 +177,7 @@ class PackedLinear(nn.Module):
         """Forget both packs after the weight or bias changed in place (inference tensors keep no version:
         packed once)."""
         weight, bias = self.weight, self.bias
-        version = (tensor_version(weight), tensor_version(bias))
+        version = (tensor_version(weight), tensor_version(bias), self.kernel)
         if (
             self._packed_for is None
             or self._packed_for[0] is not weight
@@ -202,8 +209,8 @@ class PackedLinear(nn.Module):
 
     def forward_add(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + linear(x)``; ``residual`` has the output's shape ``(..., out_features)``."""
-        if not self._fast(x, residual) or not residual.is_contiguous():
-            return residual + F.linear(x, self.weight, self.bias)
+        if not self._fast(x, residual) or not residual.is_contiguous() or residual.shape != (*x.shape[:-1], self.out_features):
+            return residual + F.linear(x, self.weight, self.bias)  # (a residual that broadcasts, too)
         return self.pack().add(x, residual)
 
     def forward_glu(self, x: Tensor) -> Tensor:
