@@ -10,15 +10,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# --no-compile: pip would byte-compile all ~24k modules of the environment (about 160 s on 2 cores);
-# Python compiles the ones a run imports, once, on first import.
+# Modules are byte-compiled at install (pip's default), not left to each process: with
+# PYTHONDONTWRITEBYTECODE=1 (set on some machines) every Ray worker would recompile what it imports.
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-compile -e .
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
 
 install-test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --no-compile torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[test]"
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
 
 quickstart: install
 	$(BIN)/lmdm quickstart
