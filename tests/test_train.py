@@ -209,3 +209,27 @@ def test_workers_read_shuffled_batches(local_ray: object) -> None:
     assert epoch(cfg, 1) == first  # seeded
     assert epoch(cfg, 2) != first
     assert epoch(tiny_config("train.batch_size=4", "train.shuffle_buffer=0"), 1) == list(range(64))
+
+
+def test_latent_dataset_is_read_without_a_listing_step_per_epoch(latents: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ray Train runs the dataset again every epoch; Ray Data's V2 Parquet reader lists files with 32 new
+    footer-reader actors each time (8-18 s an epoch on 2 cores). The training dataset uses the V1 reader
+    (no ``ListFiles`` step) and leaves the process-wide setting as it found it."""
+    import json
+
+    import ray.data
+
+    from lmdm.pipelines.train import LATENT_COLUMNS, latent_dataset
+
+    context = ray.data.DataContext.get_current()
+    before = context.use_datasource_v2
+    shards = sorted(str(p) for p in latents.glob("shard_*.parquet"))
+    dataset = latent_dataset(shards)
+    assert context.use_datasource_v2 == before
+    capsys.readouterr()
+    dataset.explain()
+    plan = capsys.readouterr().out
+    assert "ReadParquet" in plan and "ListFiles" not in plan, plan
+    rows = dataset.take_all()
+    assert len(rows) == json.loads((latents / "manifest.json").read_text())["counts"]["chunks"]
+    assert set(rows[0]) == set(LATENT_COLUMNS)
