@@ -213,7 +213,7 @@ def test_workers_read_shuffled_batches(local_ray: object) -> None:
 
 def test_latent_dataset_is_read_without_a_listing_step_per_epoch(latents: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Ray Train runs the dataset again every epoch; Ray Data's V2 Parquet reader lists files with 32 new
-    footer-reader actors each time (8-18 s an epoch on 2 cores). The training dataset uses the V1 reader
+    footer-reader actors each time (7-20 s an epoch on 2 cores). The training dataset uses the V1 reader
     (no ``ListFiles`` step) and leaves the process-wide setting as it found it."""
     import json
 
