@@ -351,8 +351,8 @@ def latent_dataset(shards: list[str]) -> Any:
     Read with Ray Data's first Parquet datasource (``use_datasource_v2=False``), not the default V2:
     Ray Train runs the dataset again every epoch, and V2's ``ListFiles`` step starts 32 footer-reader
     actors (new worker processes) each time. On 2 cores that took 7-20 s per epoch against 0.3 s for
-    V1 on the quickstart's one shard, and a quick run has one batch per epoch. V1 reads the footers on
-    the driver, once, when the dataset is made.
+    V1 on the quickstart's one shard, and a small dataset has few batches per epoch (six per worker in
+    ``lmdm quickstart --quick``). V1 reads the footers on the driver, once, when the dataset is made.
     """
     import ray.data
 
