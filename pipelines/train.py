@@ -417,7 +417,6 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
     Returns:
         The latest checkpoint folder (``model/`` and ``ema/`` inside, in our format) and final metrics.
     """
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
