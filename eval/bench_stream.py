@@ -115,26 +115,29 @@ def weight_streaming_probe(
     return figures
 
 
-def pass_flops(args: DiTArgs, queries: int, keys: int, text_tokens: int) -> float:
-    """Matmul FLOPs of one DiT pass of ``queries`` tokens over ``keys`` self-attention keys.
+def pass_flops(args: DiTArgs, queries: int, keys: int, text_tokens: int, outputs: int | None = None) -> float:
+    """Matmul FLOPs of one DiT pass of ``queries`` tokens over ``keys`` self-attention keys, whose last
+    layer computes outputs for the last ``outputs`` tokens only (default: all; the others give that layer's
+    keys/values only, :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>` ``outputs_from``).
 
-    Per layer: ``36·S·D²`` (qkv 6, out 2, cross q 2, cross out 2, GLU 16 + 8) ``+ 4·S·K·D`` (self
-    attention) ``+ 4·S·L·D`` (cross-attention; text K/V are cached per prompt), plus in/out projections.
+    Per layer and token: ``36·D²`` (qkv 6, out 2, cross q 2, cross out 2, GLU 16 + 8) ``+ 4·K·D`` (self
+    attention) ``+ 4·L·D`` (cross-attention; text K/V are cached per prompt); the last layer's tokens without
+    outputs pay the qkv's ``6·D²`` only. Plus the input projection of every token and the output
+    projection of the output tokens.
     """
     S, K, D, L = queries, keys, args.width, text_tokens if args.cond_token_dim else 0
-    per_layer = 36 * S * D * D + 4 * S * K * D + 4 * S * L * D
-    io = 2 * S * D * (2 * args.io_channels + args.input_concat_dim)
-    return float(args.depth * per_layer + io)
+    So = S if outputs is None else outputs
+    per_token = 36 * D * D + 4 * K * D + 4 * L * D
+    layers = (args.depth - 1) * S * per_token + S * 6 * D * D + So * (per_token - 6 * D * D)
+    io = 2 * S * D * (args.io_channels + args.input_concat_dim) + 2 * So * D * args.io_channels
+    return float(layers + io)
 
 
 def commit_flops(args: DiTArgs, block: int, keys: int, text_tokens: int) -> float:
     """Matmul FLOPs of committing a clean block of ``block`` tokens into the block-causal cache: a pass
     whose last layer computes the tokens' keys/values only (``6·S·D²``: no attention, cross-attention,
-    output projection, feed-forward or ``project_out``; :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>`
-    ``outputs_from``)."""
-    S, K, D, L = block, keys, args.width, text_tokens if args.cond_token_dim else 0
-    skipped = 30 * S * D * D + 4 * S * K * D + 4 * S * L * D + 2 * S * D * args.io_channels
-    return pass_flops(args, block, keys, text_tokens) - skipped
+    output projection, feed-forward or ``project_out``)."""
+    return pass_flops(args, block, keys, text_tokens, outputs=0)
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
@@ -200,10 +203,11 @@ def run_stream_bench(shape: BenchShape, quickstart: Config | None = None, seed: 
         "encdec": LMDMEngine(dit, "encdec", geometry, sampling),
         "block_causal": LMDMEngine(dit, "block_causal", geometry, sampling),
     }
-    flops = {
-        "outpainting": steps * pass_flops(args, 1 + Kc + Bf, 1 + Kc + Bf, shape.text_tokens),
-        "encdec": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens) + pass_flops(args, Kc, Kc, shape.text_tokens),
-        "block_causal": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens)
+    flops = {  # every pass's last layer computes the target's outputs only
+        "outpainting": steps * pass_flops(args, 1 + Kc + Bf, 1 + Kc + Bf, shape.text_tokens, outputs=Bf),
+        "encdec": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens, outputs=Bf)
+        + pass_flops(args, Kc, Kc, shape.text_tokens),
+        "block_causal": steps * pass_flops(args, 1 + Bf, 1 + Kc + Bf, shape.text_tokens, outputs=Bf)
         + commit_flops(args, Bf, Kc + Bf, shape.text_tokens),
     }
     analytical = {

@@ -212,7 +212,7 @@ def test_outputs_from_with_masks_broadcast_over_queries(mask_shape: tuple[int, .
         full = dit.run_layers(h, freqs, mask, None)
         part = dit.run_layers(h, freqs, mask, None, outputs_from=3)
     torch.testing.assert_close(part, full[:, 3:], rtol=1e-5, atol=1e-6)
-    for bad in (-1, 7):
+    for bad in (-1, 8):
         with pytest.raises(ValueError, match="outputs_from must be in"):
             dit.run_layers(h, freqs, mask, None, outputs_from=bad)
 

@@ -148,3 +148,13 @@ def test_commit_flops_charge_the_last_layer_keys_and_values_only() -> None:
     S, K, L, D = 4, 12, 5, 64
     first_layers = bench_stream.pass_flops(replace(args, depth=2), S, K, L) - 2 * S * D * args.io_channels  # no project_out
     assert bench_stream.commit_flops(args, S, K, L) == first_layers + 6 * S * D * D  # + the last layer's qkv
+
+
+def test_pass_flops_charge_the_last_layer_for_its_output_tokens_only() -> None:
+    """Every engine's last layer computes the target's outputs only (outpainting skips its global and context
+    tokens there): the FLOP count charges the other tokens that layer's keys/values alone."""
+    args = DiTArgs(io_channels=8, width=64, depth=3, head_dim=32, cond_token_dim=32, input_concat_dim=9)
+    S, K, L, D, So = 9, 9, 5, 64, 4
+    assert bench_stream.pass_flops(args, S, K, L, outputs=S) == bench_stream.pass_flops(args, S, K, L)
+    per_output = 30 * D * D + 4 * K * D + 4 * L * D + 2 * D * args.io_channels  # attention on, GLU, project_out
+    assert bench_stream.pass_flops(args, S, K, L, outputs=So) == bench_stream.commit_flops(args, S, K, L) + So * per_output

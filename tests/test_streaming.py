@@ -230,7 +230,7 @@ def test_outputs_from_returns_the_later_tokens_and_the_same_keys() -> None:
     mask |= torch.eye(7, dtype=torch.bool)
     text_mask = torch.rand(7, 5, generator=g) > 0.3
     text_mask[:, 0] = True
-    seen: dict[int, list[torch.Tensor]] = {0: [], 3: []}
+    seen: dict[int, list[torch.Tensor]] = {0: [], 3: [], 7: []}
 
     def hooks(k: int) -> list:
         def hook(p):  # type: ignore[no-untyped-def]
@@ -244,6 +244,24 @@ def test_outputs_from_returns_the_later_tokens_and_the_same_keys() -> None:
     assert part.shape == (B, 4, 64)
     torch.testing.assert_close(part, full[:, 3:], rtol=1e-12, atol=1e-12)  # float64: only the matmul row blocking differs
     assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[3], strict=True))
+    none = dit.run_layers(h, dit.freqs(torch.arange(7)), mask, text, text_mask, hooks(7), outputs_from=7)  # keys/values only
+    assert none.shape == (B, 0, 64)
+    assert all(torch.equal(a, b) for a, b in zip(seen[0], seen[7], strict=True))
+
+
+@pytest.mark.parametrize("variant", ["outpainting", "encdec", "block_causal"])
+def test_every_denoising_pass_computes_last_layer_outputs_for_the_target_only(variant: str) -> None:
+    """Outpainting and the LMDM passes run the same layer stack with the same optimisations: no engine's
+    last layer computes outputs that nothing reads (outpainting's global and context tokens, an LMDM
+    step's global token, the merged pass's committed block). Counted at the last feed-forward."""
+    dit, texts = tiny_dit(), prompts(1)
+    rows: list[int] = []
+    dit.layers[-1].ff.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[1]))
+    engine = make_engine(dit, variant, 1.0)
+    state = engine.start(Condition(texts[0], "p0"), B, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):  # the second and third blocks start with block_causal's merged commit pass
+        engine.step(state, Condition(texts[0], "p0"))
+    assert rows == [BF] * 6  # 3 blocks × 2 steps (encdec's context encodings: keys/values only)
 
 
 def test_block_causal_mask_predicate() -> None:

@@ -173,6 +173,11 @@ class TransformerBlock(nn.Module):
         self.ff_norm = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
+    def keys_values(self, x: Tensor, freqs: Tensor, kv_hook: KVHook | None = None) -> tuple[Tensor, Tensor]:
+        """The block's keys/values of ``x`` ``(B, S, D)`` only, handed to ``kv_hook`` as :meth:`forward` does
+        (a last layer whose outputs nobody reads)."""
+        return (kv_hook or _own_kv)(self.self_attn.project(self.pre_norm(x), freqs))
+
     def forward(
         self,
         x: Tensor,

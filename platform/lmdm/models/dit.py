@@ -164,15 +164,20 @@ class DiT(nn.Module):
 
         ``outputs_from``: only tokens from this index on are returned, ``(B, S − outputs_from, D)``; the last
         layer computes the earlier tokens' keys/values only (their outputs would feed no later layer).
+        ``outputs_from = S``: a pass run for its keys/values (a context encoding), whose last layer projects
+        keys/values and returns no tokens.
         """
-        if not 0 <= outputs_from < h.shape[1]:
-            raise ValueError(f"outputs_from must be in [0, {h.shape[1]}) for {h.shape[1]} tokens, got {outputs_from}")
+        if not 0 <= outputs_from <= h.shape[1]:
+            raise ValueError(f"outputs_from must be in [0, {h.shape[1]}] for {h.shape[1]} tokens, got {outputs_from}")
         last = len(self.layers) - 1
         packs = self._fused.packs(h)  # float32 CPU inference with packed linears: same bits, less Python
         for i, layer in enumerate(self.layers):
             text = text_kv[i] if text_kv is not None else None
             hook = kv_hooks[i] if kv_hooks else None
             keep = outputs_from if i == last else 0
+            if keep == h.shape[1]:
+                layer.keys_values(h, freqs, hook)
+                return h[:, keep:]
             if packs is not None:
                 h = fused_block_forward(packs[i], h, freqs, mask, text, text_mask, hook, keep)
             else:

@@ -212,15 +212,15 @@ class LMDMEngine(_Base):
         g = self.dit.global_tokens(self._rows(t, state), state.global_cond)
         if not state.merged:
             h = torch.cat([g, self.dit.embed_frames(frames)], dim=1)
-            h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, None, state.hooks)
-            return self._combine(self.dit.unembed_frames(h[:, 1:]), state)
+            h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, None, state.hooks, outputs_from=1)  # not the global token's
+            return self._combine(self.dit.unembed_frames(h), state)
         # Merged pass: [block j−1 (clean) | global | target] — the commit rides along with the first step.
         assert state.pending is not None
         Bf = self.geometry.block_frames
         emb = self.dit.embed_frames(torch.cat([state.pending, frames], dim=-1))
         h = torch.cat([emb[:, :Bf], g, emb[:, Bf:]], dim=1)
-        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, state.hooks, outputs_from=Bf)
-        out = self.dit.unembed_frames(h[:, 1:])
+        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, state.hooks, outputs_from=Bf + 1)
+        out = self.dit.unembed_frames(h)
         self._finish_commit(state)
         return self._combine(out, state)
 
@@ -265,7 +265,8 @@ class LMDMEngine(_Base):
             self._rotate_ring(cache, j)
         text_kv = self._text_rows(state, condition)
         h = self.dit.embed_frames(context_inputs(self._rows(block, state)))
-        self.dit.run_layers(h, self.dit.freqs(positions), mask, text_kv, None, [hook_for(i) for i in range(len(self.dit.layers))])
+        hooks = [hook_for(i) for i in range(len(self.dit.layers))]
+        self.dit.run_layers(h, self.dit.freqs(positions), mask, text_kv, None, hooks, outputs_from=Bf)  # keys/values only
         rng = cache.slot_range(slot)
         cache.v[:, :, :, rng] = cache.v[:, :, :, mine]
         if raw is None:  # growing: keys were rotated at their stream positions on entry
@@ -303,6 +304,7 @@ class LMDMEngine(_Base):
             return hook
 
         h = self.dit.embed_frames(context_inputs(self._rows(state.context, state)))
+        hooks = [hook_for(i) for i in range(len(self.dit.layers))]
         self.dit.run_layers(
-            h, self.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, [hook_for(i) for i in range(len(self.dit.layers))]
-        )
+            h, self.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, hooks, outputs_from=Kc
+        )  # keys/values only

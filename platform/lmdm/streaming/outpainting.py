@@ -66,9 +66,10 @@ class OutpaintingEngine(_Base):
         frames = torch.cat([frames_ctx, target], dim=-1)
         G = self.dit.global_tokens(self._rows(t, state), state.global_cond)
         h = torch.cat([G, self.dit.embed_frames(frames)], dim=1)
-        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask)
-        out = self.dit.unembed_frames(h[:, 1 + self.geometry.context_frames :])
-        return self._combine(out, state)
+        # The last layer computes the target's outputs only: the global and context tokens' outputs feed no
+        # later layer (as the LMDM passes skip theirs).
+        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, outputs_from=1 + self.geometry.context_frames)
+        return self._combine(self.dit.unembed_frames(h), state)
 
     def _commit(self, state: StreamState, block: Tensor, condition: Condition) -> None:
         self._push_context(state, block, condition.key)
