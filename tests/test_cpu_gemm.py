@@ -87,6 +87,20 @@ def test_glu_silu_is_accurate_over_floats_range() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("M", [7, 49, 97, 241, 259])
+@pytest.mark.parametrize("glu", [False, True])
+def test_a_row_is_computed_the_same_in_any_tile_split(M: int, glu: bool) -> None:
+    """Rows split into tiles as evenly as possible (49 = 4·6 + 5·5); each row's sum runs over k in order
+    whatever its tile, so every row equals the same row computed alone, bit for bit."""
+    g = torch.Generator().manual_seed(M)
+    x, w, b = torch.randn(M, 64, generator=g), torch.randn(64, 64, generator=g) / 8, torch.randn(64, generator=g)
+    panels = cpu_gemm.pack(w, glu=glu)
+    run = (lambda rows: cpu_gemm.glu(rows, panels, b)) if glu else (lambda rows: cpu_gemm.linear(rows, panels, b))
+    whole = run(x)
+    assert torch.equal(whole, torch.cat([run(x[i : i + 1]) for i in range(M)]))
+
+
+@needs_kernel
 def test_results_do_not_depend_on_the_thread_count() -> None:
     """Each output is computed by one thread, in one order: 1, 2 or 3 threads give the same bits."""
     g = torch.Generator().manual_seed(2)
