@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from lmdm.models import cpu_gemm
 from lmdm.models.packed import PackedLinear, packing_available
+from lmdm.models.rotary import RotaryEmbedding, apply_rotary
 
 needs_kernel = pytest.mark.skipif(not cpu_gemm.available(), reason=f"lmdm cpu_gemm: {cpu_gemm.status()}")
 
@@ -98,6 +99,20 @@ def test_a_row_is_computed_the_same_in_any_tile_split(M: int, glu: bool) -> None
     run = (lambda rows: cpu_gemm.glu(rows, panels, b)) if glu else (lambda rows: cpu_gemm.linear(rows, panels, b))
     whole = run(x)
     assert torch.equal(whole, torch.cat([run(x[i : i + 1]) for i in range(M)]))
+
+
+@needs_kernel
+@pytest.mark.parametrize(("B", "S", "H", "Dh"), [(1, 49, 8, 64), (2, 5, 2, 32), (1, 7, 3, 84), (2, 3, 1, 96)])
+def test_rotary_qk_is_bit_identical_to_apply_rotary(B: int, S: int, H: int, Dh: int) -> None:
+    """Head dims whose rotated half is a multiple of 8 floats or not (84: 21, the scalar tail), and whose
+    unrotated rest is empty, 8 floats or more."""
+    g = torch.Generator().manual_seed(S * Dh)
+    qkv = torch.randn(B, S, 3 * H * Dh, generator=g) * 3
+    table = RotaryEmbedding(Dh)(torch.arange(S) + 1000)  # large angles: every bit of cos and sin used
+    reference = apply_rotary(qkv.view(B, S, 3, H, Dh).permute(2, 0, 3, 1, 4)[:2], table)
+    assert torch.equal(cpu_gemm.rotary_qk(qkv, H, table), reference)
+    with pytest.raises(ValueError, match="do not match"):
+        cpu_gemm.rotary_qk(qkv, H, table[:, :-1])
 
 
 @needs_kernel

@@ -159,6 +159,38 @@ void lmdm_glu(const float *x, int M, int K, const float *wp, int H, const float 
   run(x, M, K, wp, H / NR, 1, bias, 0, y, H, threads);
 }
 
+/* Partial rotary of the queries and keys of a fused qkv projection, rotate-half convention: qkv (B, S, 3, H, Dh)
+   contiguous, cos/sin (S, R/2) contiguous, out (2, B, H, S, Dh) contiguous (q then k, heads split). For the
+   halves x1, x2 of the first R dims of a head: (x1·cos − x2·sin, x2·cos + x1·sin), each product rounded
+   before the sum (no fused multiply-add: FLAGS has -ffp-contract=off), which is what torch's
+   mul / mul / sub ops compute, so the result is bit-identical to lmdm.models.rotary.apply_rotary; the
+   other Dh − R dims are copied. One thread: a pass's queries and keys are a few hundred KB. */
+void lmdm_rotary_qk(const float *qkv, int B, int S, int H, int Dh, const float *cos, const float *sin, int half,
+                    float *out) {
+  const ptrdiff_t D = (ptrdiff_t)H * Dh;
+  for (int j = 0; j < 2; j++)
+    for (int b = 0; b < B; b++)
+      for (int h = 0; h < H; h++)
+        for (int s = 0; s < S; s++) {
+          const float *x = qkv + ((ptrdiff_t)b * S + s) * 3 * D + j * D + (ptrdiff_t)h * Dh;
+          float *o = out + ((((ptrdiff_t)j * B + b) * H + h) * S + s) * Dh;
+          const float *c = cos + (ptrdiff_t)s * half, *n = sin + (ptrdiff_t)s * half;
+          int d = 0;
+          for (; d + 8 <= half; d += 8) {
+            __m256 x1 = _mm256_loadu_ps(x + d), x2 = _mm256_loadu_ps(x + half + d);
+            __m256 cv = _mm256_loadu_ps(c + d), sv = _mm256_loadu_ps(n + d);
+            _mm256_storeu_ps(o + d, _mm256_sub_ps(_mm256_mul_ps(x1, cv), _mm256_mul_ps(x2, sv)));
+            _mm256_storeu_ps(o + half + d, _mm256_add_ps(_mm256_mul_ps(x2, cv), _mm256_mul_ps(x1, sv)));
+          }
+          for (; d < half; d++) {
+            float x1 = x[d], x2 = x[half + d], a = x1 * c[d], bb = x2 * n[d], e = x2 * c[d], f = x1 * n[d];
+            o[d] = a - bb;
+            o[half + d] = e + f;
+          }
+          for (d = 2 * half; d < Dh; d++) o[d] = x[d];
+        }
+}
+
 /* Panels from a row-major weight (N, K): wp[p][k][j] = w[16p + j][k]; `pairs` (GLU): w is (2H, K) and the
    value panel q and gate panel q are stored together. */
 void lmdm_pack(const float *w, int N, int K, int pairs, float *wp) {

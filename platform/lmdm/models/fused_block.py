@@ -6,7 +6,10 @@ packed-path checks. At the 49-token passes of an LMDM denoising step that Python
 tenth of the layer's time (measured on the 2-core dev machine, ``DiT.run_layers`` of the width-512,
 depth-8 bench model, medians of 20 interleaved passes: 49 tokens over 241 keys 30.5 → 28.1 ms; 241
 tokens 110.7 → 107.3 ms). :func:`fused_block_forward` runs the *same operations in the same order* on
-weights gathered once (:class:`FusedStack`), so its outputs are bit-identical to the module path.
+weights gathered once (:class:`FusedStack`), so its outputs are bit-identical to the module path; where the
+qkv linear runs on our kernel, the queries' and keys' rotary is one C call
+(:func:`~lmdm.models.cpu_gemm.rotary_qk`, the same bits as :func:`~lmdm.models.rotary.apply_rotary`'s
+seven tensor ops).
 :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>` uses it for float32 CPU inference of a model
 whose linears are packed (:func:`~lmdm.models.packed.pack_linears`), and the module path everywhere
 else (autograd, other dtypes or devices, unpacked models).
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_lib
 
+from lmdm.models import cpu_gemm
 from lmdm.models.attention import (
     _GLU,
     CrossAttention,
@@ -236,9 +240,12 @@ def fused_block_forward(
         ``(B, S − outputs_from, D)``.
     """
     B, S, D = x.shape
-    qkv = w.qkv(F.layer_norm(x, (D,), *w.pre_norm))
-    qkv = qkv.view(B, S, 3, w.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
-    q, k = apply_rotary(qkv[:2], freqs).unbind(0)
+    flat = w.qkv(F.layer_norm(x, (D,), *w.pre_norm))
+    qkv = flat.view(B, S, 3, w.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
+    if w.qkv.panels and freqs.ndim == 3:  # our kernel: the rotary in one call, same bits as apply_rotary
+        q, k = cpu_gemm.rotary_qk(flat, w.heads, freqs).unbind(0)
+    else:
+        q, k = apply_rotary(qkv[:2], freqs).unbind(0)
     keys, values = kv_hook(Projected(q, k, qkv[1], qkv[2])) if kv_hook is not None else (k, qkv[2])
     if outputs_from:
         x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]
