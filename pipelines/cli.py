@@ -269,55 +269,61 @@ def import_sao_command(
 def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="WAV file to write.")] = Path("runs/generate.wav"),
     seconds: Annotated[float, typer.Option(help="Length of audio to stream.", min=0.1, max=3600)] = 10.0,
-    dit_path: Annotated[Path | None, typer.Option("--dit", help="DiT checkpoint folder (our format); default: random init.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Text prompt for the whole stream.")] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option("--prompts", help="Prompts by time: lines 'SECONDS PROMPT' (first at 0), for prompt changes mid-stream.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per block (default: stream.steps).", min=1, max=1000)] = None,
+    cfg_scale: Annotated[
+        float | None, typer.Option("--cfg", help="Classifier-free guidance scale (default: stream.cfg_scale; 1 = off).")
+    ] = None,
+    runtime: Annotated[str | None, typer.Option(help="auto | eager | packed | compile (default: stream.runtime).")] = None,
+    dit_path: Annotated[
+        Path | None,
+        typer.Option("--dit", help="DiT checkpoint folder (our format); default: the quickstart's LMDM if trained, else random init."),
+    ] = None,
     autoencoder_path: Annotated[
-        Path | None, typer.Option("--autoencoder", help="Autoencoder checkpoint folder; default: random init.")
+        Path | None,
+        typer.Option("--autoencoder", help="Autoencoder checkpoint folder; default: the quickstart's if trained, else random init."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,
 ) -> None:
-    """Stream audio from a checkpoint (random-init models until trained ones exist) to a WAV file."""
-    import torch
-
-    from lmdm.audio.io import write_audio
-    from lmdm.builders import build_autoencoder_from, build_dit, build_engine
+    """Stream audio from a DiT and an autoencoder to a WAV file, under a prompt (or prompts that change by time)."""
     from lmdm.checkpoints.errors import CheckpointError
-    from lmdm.checkpoints.format import load_checkpoint
-    from lmdm.models.autoencoder import OobleckVAE
-    from lmdm.models.dit import DiT
-    from lmdm.models.packed import pack_linears
-    from lmdm.streaming.engines import Condition
-    from lmdm.streaming.stream import Stream
+    from lmdm.pipelines.generate import run_generate
+    from lmdm.streaming.prompts import PromptChange, PromptsError, read_prompts
+    from lmdm.text.encoders import TextEncoderError
 
-    cfg = _load(config, overrides)
+    if prompt is not None and prompts_file is not None:
+        err_console.print("[bold red]error:[/] give --prompt or --prompts, not both")
+        raise typer.Exit(2)
+    extra = [f"stream.steps={steps}"] if steps is not None else []
+    extra += [f"stream.cfg_scale={cfg_scale}"] if cfg_scale is not None else []
+    extra += [f"stream.runtime={runtime}"] if runtime is not None else []
+    cfg = _load(config, [*(overrides or []), *extra])
     try:
-        dit = load_checkpoint(dit_path)[0] if dit_path else build_dit(cfg)
-        vae = load_checkpoint(autoencoder_path)[0] if autoencoder_path else build_autoencoder_from(cfg)
-    except CheckpointError as exc:
+        prompts = read_prompts(prompts_file) if prompts_file else [PromptChange(0.0, prompt)] if prompt else None
+        with _progress_bar("streaming blocks") as bar:
+            task = bar.add_task("blocks", total=None)
+            result = run_generate(
+                cfg,
+                out,
+                seconds,
+                prompts,
+                dit_path,
+                autoencoder_path,
+                seed,
+                on_block=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except (CheckpointError, PromptsError, TextEncoderError, ValueError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
-    if not isinstance(dit, DiT) or not isinstance(vae, OobleckVAE):
-        err_console.print("[bold red]error:[/] --dit must hold a DiT checkpoint and --autoencoder an autoencoder checkpoint")
-        raise typer.Exit(1)
-    dit.eval()
-    vae.eval()
-    pack_linears(dit)  # packed linear layers: same outputs to float32 rounding, faster small matmuls
-    latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
-    blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
-    stream = Stream(build_engine(cfg, dit), vae, Condition(), generator=torch.Generator().manual_seed(seed))
-    chunks = []
-    with torch.inference_mode(), _progress_bar("streaming blocks") as bar:
-        task = bar.add_task("blocks", total=blocks)
-        for chunk in stream.chunks(blocks):
-            chunks.append(chunk)
-            bar.update(task, completed=min(stream.blocks, blocks))
-    audio = torch.cat(chunks, dim=-1)[0, :, : int(seconds * cfg.audio.sample_rate)].float().numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_audio(out, audio / max(1e-6, float(abs(audio).max())) * 0.9, cfg.audio.sample_rate)
-    console.print(
-        f"wrote {out} ({audio.shape[-1] / cfg.audio.sample_rate:.1f} s, {blocks} blocks of {cfg.stream.block_frames} latent frames)"
-    )
+    console.print(f"DiT: {result.dit} · autoencoder: {result.autoencoder} · runtime: {result.runtime}", highlight=False)
+    if "random init" in (result.dit, result.autoencoder):
+        console.print("[yellow]random-init models make noise: run `lmdm quickstart` (or pass --dit/--autoencoder) for trained ones[/]")
+    console.print(f"wrote {out} ({result.seconds:.1f} s, {result.blocks} blocks of {cfg.stream.block_frames} latent frames)")
 
 
 # The small corpus `bench precompute --quick` and `bench train` run on (built once, then reused).
@@ -352,26 +358,39 @@ def bench_stream(
     matmul_precision: Annotated[
         str, typer.Option(help="float32 matmul precision for every method: highest (fp32) | high | medium (oneDNN bf16 dot products).")
     ] = "highest",
-    packed: Annotated[
-        bool, typer.Option("--packed/--no-packed", help="Packed linear layers for every method (--no-packed: F.linear).")
-    ] = True,
-    kernel: Annotated[
-        str,
-        typer.Option(help="Packed linears' kernel for every method: auto (ours, prefetching, where it builds; else oneDNN) | onednn."),
-    ] = "auto",
+    runtime: Annotated[
+        list[str] | None,
+        typer.Option(help="Runtime(s) to measure, repeatable: eager | packed | compile | auto (default: all three, one run)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device of the bench model: cpu | cuda | cuda:N.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Dtype of the bench model: float32 | bfloat16 | float16.")] = "float32",
     config: ConfigOption = "quickstart",
 ) -> None:
-    """Per-block latency of outpainting vs LMDM (encdec, block-causal), speedup vs the analytical ratio,
-    MFU, KV-cache bytes and real-time factor — all from one run. Also the quickstart model's real-time factor."""
+    """Per-block latency of outpainting vs LMDM (encdec, block-causal) on every runtime, speedup vs the
+    analytical ratio, MFU, KV-cache bytes and real-time factor — all from one run. Also the quickstart
+    model's real-time factor (on CPU)."""
     import torch
 
     from lmdm.eval.bench_stream import BenchShape, run_stream_bench, stream_report
+    from lmdm.runtime import RUNTIMES, resolve_runtime
 
     if matmul_precision not in ("highest", "high", "medium"):
         err_console.print(f"[bold red]error:[/] --matmul-precision must be highest, high or medium, got {matmul_precision!r}")
         raise typer.Exit(2)
-    if kernel not in ("auto", "onednn"):
-        err_console.print(f"[bold red]error:[/] --kernel must be auto or onednn, got {kernel!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        err_console.print(f"[bold red]error:[/] --dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        raise typer.Exit(2)
+    try:
+        dev = torch.device(device)
+        runtimes = tuple(dict.fromkeys(resolve_runtime(r, dev) for r in (runtime or RUNTIMES)))
+    except (RuntimeError, ValueError) as exc:
+        err_console.print(f"[bold red]error:[/] --runtime/--device: {exc}")
+        raise typer.Exit(2) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        err_console.print(f"[bold red]error:[/] --device {device}: no CUDA device here (torch {torch.__version__})")
+        raise typer.Exit(2)
+    if dev.type == "cpu" and dtype == "float16":
+        err_console.print("[bold red]error:[/] --dtype float16 is for GPUs; use float32 or bfloat16 on CPU")
         raise typer.Exit(2)
     torch.set_float32_matmul_precision(matmul_precision)
     cfg = _load(config, [])
@@ -385,8 +404,9 @@ def bench_stream(
         "batch": batch,
         "cfg_scale": cfg_scale,
         "repeats": repeats,
-        "packed": packed,
-        "kernel": kernel,
+        "runtimes": runtimes,
+        "device": device,
+        "dtype": dtype,
     }
     shape = BenchShape(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
     console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")

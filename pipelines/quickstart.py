@@ -26,13 +26,11 @@ def _stream(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: in
     import torch
 
     from lmdm.builders import build_engine
-    from lmdm.models.packed import pack_linears
     from lmdm.streaming.engines import Condition
     from lmdm.streaming.stream import Stream
 
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
     blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
-    pack_linears(dit)
     stream = Stream(
         build_engine(cfg, dit.eval(), "block_causal"), vae.eval(), Condition(text, "prompt"), generator=torch.Generator().manual_seed(seed)
     )

@@ -7,10 +7,11 @@ from typing import Literal
 from lmdm.config import Config
 from lmdm.models.autoencoder import OobleckVAE, build_autoencoder
 from lmdm.models.dit import DiT, DiTArgs
+from lmdm.runtime import Runtime, get_runtime
 from lmdm.streaming.engines import LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["build_autoencoder_from", "build_dit", "build_engine", "build_geometry", "build_sampling"]
+__all__ = ["build_autoencoder_from", "build_dit", "build_engine", "build_geometry", "build_runtime", "build_sampling"]
 
 EngineKind = Literal["outpainting", "encdec", "block_causal"]
 
@@ -44,9 +45,17 @@ def build_sampling(cfg: Config) -> Sampling:
     return Sampling(steps=s.steps, sampler=s.sampler, cfg_scale=s.cfg_scale, objective=cfg.dit.objective, schedule=s.schedule)
 
 
-def build_engine(cfg: Config, dit: DiT, variant: EngineKind | None = None) -> OutpaintingEngine | LMDMEngine:
-    """The engine for ``variant`` (default: ``stream.variant``)."""
+def build_runtime(cfg: Config, dit: DiT, name: str | None = None) -> Runtime:
+    """The runtime ``name`` (default: ``stream.runtime``) for ``dit``'s device (``auto``: packed on CPU, compile on CUDA)."""
+    return get_runtime(name or cfg.stream.runtime, next(dit.parameters()).device)
+
+
+def build_engine(
+    cfg: Config, dit: DiT, variant: EngineKind | None = None, runtime: Runtime | None = None
+) -> OutpaintingEngine | LMDMEngine:
+    """The engine for ``variant`` (default: ``stream.variant``) on ``runtime`` (default: ``stream.runtime``)."""
     kind = variant or cfg.stream.variant
+    runtime = runtime or build_runtime(cfg, dit)
     if kind == "outpainting":
-        return OutpaintingEngine(dit, build_geometry(cfg), build_sampling(cfg))
-    return LMDMEngine(dit, kind, build_geometry(cfg), build_sampling(cfg), rotary=cfg.stream.rotary)
+        return OutpaintingEngine(dit, build_geometry(cfg), build_sampling(cfg), runtime)
+    return LMDMEngine(dit, kind, build_geometry(cfg), build_sampling(cfg), rotary=cfg.stream.rotary, runtime=runtime)

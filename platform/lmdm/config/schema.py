@@ -157,6 +157,9 @@ class StreamConfig(Section):
     schedule: Literal["linear", "logsnr"] = "linear"
     cfg_scale: float = Field(1.0, ge=0.0, le=30.0)
     rotary: Literal["fixed", "growing"] = Field("fixed", description="window positions (re-rotated) or stream positions")
+    runtime: Literal["auto", "eager", "packed", "compile"] = Field(
+        "auto", description="how the DiT's layers run at inference: auto = packed on CPU, compile on CUDA (lmdm.runtime)"
+    )
 
 
 class TextConfig(Section):

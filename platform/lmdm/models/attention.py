@@ -7,9 +7,12 @@ Names match stable-audio-tools' ``ContinuousTransformer`` so its state dicts loa
 dict, as theirs is).
 
 Self-attention is split into :meth:`SelfAttention.project` (q, k, v; rotary applied) and
-:meth:`SelfAttention.attend`, and a block takes a ``kv_hook`` that decides which keys/values the
-queries see: a streaming engine uses it to place new keys in a preallocated cache and attend over
-cached context keys; the reference path attends to its own keys only.
+:meth:`SelfAttention.attend`. A block takes an optional :class:`~lmdm.models.kv_cache.LayerCache`: a
+streaming engine uses it to write the pass's keys/values into a preallocated cache and attend over
+cached context keys; without one the queries attend to their own keys (the reference path).
+
+The maths is written once, in ordinary ops ``torch.compile`` traces with ``fullgraph=True``; device-specific
+speed-ups (:mod:`lmdm.runtime`) plug in from outside and are tested equal to it.
 
 Legend: B batch, S query tokens, K key tokens, D width, H heads, Hkv key/value heads, Dh head dim,
 L text tokens, Dc text width.
@@ -17,20 +20,32 @@ L text tokens, Dc text width.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from lmdm.models.packed import linear_add, linear_glu
+from lmdm.models.kv_cache import LayerCache
 from lmdm.models.rotary import apply_rotary
 
-__all__ = ["CrossAttention", "FeedForward", "KVHook", "LayerNorm", "Projected", "SelfAttention", "TransformerBlock", "query_rows"]
+__all__ = [
+    "CrossAttention",
+    "FeedForward",
+    "LayerNorm",
+    "Projected",
+    "SelfAttention",
+    "TransformerBlock",
+    "glu",
+    "merge_heads",
+    "query_rows",
+]
 
 
-def _merge_heads(x: Tensor) -> Tensor:
+def merge_heads(x: Tensor) -> Tensor:
     """``(B, H, S, Dh) → (B, S, H·Dh)``."""
     B, H, S, Dh = x.shape
     return x.transpose(1, 2).reshape(B, S, H * Dh)
@@ -45,8 +60,24 @@ class Projected(NamedTuple):
     v: Tensor
 
 
-# (layer projections) -> (keys, values) the queries attend to, each (B, H, K, Dh)
-KVHook = Callable[[Projected], tuple[Tensor, Tensor]]
+@functools.cache
+def _compiled_flex() -> Callable[..., Tensor]:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask) -> Tensor:
+    """FlexAttention over a block mask; on CUDA through ``torch.compile`` (its documented use: uncompiled it
+    runs a reference path that materialises every score), unless the caller is already being compiled."""
+    if q.is_cuda and not torch.compiler.is_compiling():
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    out: Tensor = flex_attention(q, k, v, block_mask=block_mask)
+    return out
+
+
+def glu(projected: Tensor) -> Tensor:
+    """``value · silu(gate)`` of a GLU projection whose last axis is ``[value; gate]``: ``(..., 2H) → (..., H)``."""
+    value, gate = projected.chunk(2, dim=-1)
+    return value * F.silu(gate)
 
 
 class LayerNorm(nn.Module):
@@ -81,19 +112,25 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(qkv[:2], freqs).unbind(0)
         return Projected(q, k, qkv[1], qkv[2])
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | BlockMask | None, residual: Tensor | None = None) -> Tensor:
         """Scaled dot-product attention and the output projection.
 
         Args:
             q: ``(B, H, S, Dh)``; k, v: ``(B, H, K, Dh)``.
-            mask: bool, True = may attend, broadcastable to ``(B, H, S, K)``; ``None`` = all.
-            residual: ``(B, S, D)`` added to the output (fused into the projection where packed).
+            mask: bool (True = may attend) or additive float, broadcastable to ``(B, H, S, K)``; or a
+                FlexAttention block mask of shape ``(B or 1, 1, S, K)``
+                (:func:`~lmdm.models.block_mask.flex_block_mask`), run by ``flex_attention``; ``None`` = all.
+            residual: ``(B, S, D)`` added to the output.
 
         Returns:
             ``(B, S, D)``.
         """
-        out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-        return linear_add(self.to_out, out, residual)
+        if isinstance(mask, BlockMask):
+            attended = _flex_attention(q, k, v, mask)
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out: Tensor = self.to_out(merge_heads(attended))
+        return out if residual is None else residual + out
 
 
 class CrossAttention(nn.Module):
@@ -121,8 +158,10 @@ class CrossAttention(nn.Module):
         ``residual`` ``(B, S, D)`` is added to the output."""
         B, S, _ = x.shape
         q = self.to_q(x).view(B, S, self.heads, -1).transpose(1, 2)
-        out = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads))
-        return linear_add(self.to_out, out, residual)
+        out: Tensor = self.to_out(
+            merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.heads != self.kv_heads))
+        )
+        return out if residual is None else residual + out
 
 
 class _GLU(nn.Module):
@@ -131,7 +170,7 @@ class _GLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear_glu(self.proj, x)
+        return glu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -143,20 +182,37 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``(B, S, D) → (B, S, D)``, plus ``residual`` if given."""
-        glu, out = self.ff[0], self.ff[2]  # direct calls: the Identity slots only keep Stable Audio's indices
-        return linear_add(out, glu(x), residual)
+        out: Tensor = self.ff[2](self.ff[0](x))  # direct calls: the Identity slots only keep Stable Audio's indices
+        return out if residual is None else residual + out
 
 
-def query_rows(mask: Tensor | None, start: int) -> Tensor | None:
+@overload
+def query_rows(mask: Tensor | None, start: int) -> Tensor | None: ...
+@overload
+def query_rows(mask: Tensor | BlockMask | None, start: int) -> Tensor | BlockMask | None: ...
+def query_rows(mask: Tensor | BlockMask | None, start: int) -> Tensor | BlockMask | None:
     """The rows of ``mask`` (``(..., S, K)``, or broadcast over queries: ``(K,)``, ``(..., 1, K)``) for the
-    queries from ``start`` on."""
+    queries from ``start`` on.
+
+    Raises:
+        ValueError: ``mask`` is a FlexAttention block mask and ``start > 0`` (block masks are built for
+            whole passes; pass a dense mask to a pass with ``outputs_from``).
+    """
+    if isinstance(mask, BlockMask):
+        if start:
+            raise ValueError(
+                f"a FlexAttention BlockMask cannot be sliced to the queries from {start} on (outputs_from > 0); "
+                "use a dense mask (lmdm.models.block_mask.attention_mask) for such passes"
+            )
+        return mask
     if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
         return mask
     return mask[..., start:, :]
 
 
-def _own_kv(p: Projected) -> tuple[Tensor, Tensor]:
-    return p.k, p.v
+def keys_values(p: Projected, cache: LayerCache | None) -> tuple[Tensor, Tensor]:
+    """The keys/values the queries attend over: their own, or the cache's region after writing theirs."""
+    return (p.k, p.v) if cache is None else cache.update(p.k, p.v, p.k_raw)
 
 
 class TransformerBlock(nn.Module):
@@ -173,19 +229,19 @@ class TransformerBlock(nn.Module):
         self.ff_norm = LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def keys_values(self, x: Tensor, freqs: Tensor, kv_hook: KVHook | None = None) -> tuple[Tensor, Tensor]:
-        """The block's keys/values of ``x`` ``(B, S, D)`` only, handed to ``kv_hook`` as :meth:`forward` does
+    def keys_values(self, x: Tensor, freqs: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, Tensor]:
+        """The block's keys/values of ``x`` ``(B, S, D)`` only, written to ``cache`` as :meth:`forward` does
         (a last layer whose outputs nobody reads)."""
-        return (kv_hook or _own_kv)(self.self_attn.project(self.pre_norm(x), freqs))
+        return keys_values(self.self_attn.project(self.pre_norm(x), freqs), cache)
 
     def forward(
         self,
         x: Tensor,
         freqs: Tensor,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         text_kv: tuple[Tensor, Tensor] | None,
         text_mask: Tensor | None = None,
-        kv_hook: KVHook | None = None,
+        cache: LayerCache | None = None,
         outputs_from: int = 0,
     ) -> Tensor:
         """One block.
@@ -193,10 +249,12 @@ class TransformerBlock(nn.Module):
         Args:
             x: ``(B, S, D)`` tokens.
             freqs: rotary table of the tokens (:class:`~lmdm.models.rotary.RotaryEmbedding`).
-            mask: self-attention mask over the keys the hook returns (True = attend).
+            mask: self-attention mask over the keys the hook returns (True = attend), dense or a
+                FlexAttention block mask (see :meth:`SelfAttention.attend`; only with ``outputs_from = 0``).
             text_kv: this layer's text keys/values, each ``(B, Hkv, L, Dh)``; ``None`` skips cross-attention.
             text_mask: which text keys each token may see, ``(S, L)`` (for per-block prompts).
-            kv_hook: maps this layer's projections to the keys/values to attend over (default: own).
+            cache: this layer's share of the pass's cache plan: where its keys/values go and which cached
+                keys/values the queries attend over (default: their own).
             outputs_from: tokens before this index only give keys/values (to the hook); their outputs
                 are not computed (a last layer whose early tokens' outputs nobody reads).
 
@@ -204,10 +262,10 @@ class TransformerBlock(nn.Module):
             ``(B, S − outputs_from, D)``.
         """
         p = self.self_attn.project(self.pre_norm(x), freqs)
-        k, v = (kv_hook or _own_kv)(p)
+        k, v = keys_values(p, cache)
         q = p.q
-        if outputs_from:  # contiguous: a strided residual would take the unfused add (other bits than the fused path)
-            x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]
+        if outputs_from:
+            x, q = x[:, outputs_from:], q[:, :, outputs_from:]
             mask, text_mask = query_rows(mask, outputs_from), query_rows(text_mask, outputs_from)
         x = self.self_attn.attend(q, k, v, mask, residual=x)
         if self.cross_attend and text_kv is not None:

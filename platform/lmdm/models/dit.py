@@ -13,7 +13,10 @@ channels (for LMDMs: the clean context latents and a context mask — inpainting
 :meth:`DiT.forward` is Stable Audio's bidirectional forward (one global token at position 0, frames
 at 1..T); :meth:`DiT.forward_tokens` is the general one every engine and loss builds on: explicit
 rotary positions, an attention mask from :mod:`lmdm.models.block_mask`, per-token text groups, and
-per-layer key/value hooks for caching.
+a :class:`~lmdm.models.kv_cache.CacheIO` plan for cached streaming passes.
+
+Plain PyTorch that ``torch.compile`` traces whole; device-specific speed-ups live in
+:mod:`lmdm.runtime` and bind to a model from outside (they replace :meth:`DiT.run_layers`' loop).
 
 Legend: B batch, C channels, T frames, G global tokens, S = G + T tokens, D width, L text tokens.
 """
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from lmdm.models.attention import KVHook, TransformerBlock
-from lmdm.models.fused_block import FusedStack, fused_block_forward
+from lmdm.models.attention import TransformerBlock
+from lmdm.models.kv_cache import CacheIO
 from lmdm.models.rotary import RotaryEmbedding
 
 __all__ = ["DiT", "DiTArgs", "TextKV"]
@@ -98,7 +102,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.preprocess_conv.weight)
         nn.init.zeros_(self.postprocess_conv.weight)
         self.transformer = _Transformer(args, context_dim)
-        self._fused = FusedStack(self.transformer, "layers")
 
     @property
     def layers(self) -> Sequence[TransformerBlock]:
@@ -154,34 +157,40 @@ class DiT(nn.Module):
         self,
         h: Tensor,
         freqs: Tensor,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         text_kv: TextKV | None,
         text_mask: Tensor | None = None,
-        kv_hooks: Sequence[KVHook] | None = None,
+        cache: CacheIO | None = None,
         outputs_from: int = 0,
     ) -> Tensor:
-        """Run every block on tokens ``h`` ``(B, S, D)``; ``kv_hooks[i]`` routes layer i's keys/values.
+        """Run every block on tokens ``h`` ``(B, S, D)``.
 
-        ``outputs_from``: only tokens from this index on are returned, ``(B, S − outputs_from, D)``; the last
-        layer computes the earlier tokens' keys/values only (their outputs would feed no later layer).
-        ``outputs_from = S``: a pass run for its keys/values (a context encoding), whose last layer projects
-        keys/values and returns no tokens.
+        Args:
+            h: tokens ``(B, S, D)``.
+            freqs: their rotary table (:meth:`freqs`).
+            mask: self-attention mask (bool, True = attend, or additive float) over the keys: the tokens
+                themselves, or the cache region ``cache`` reads; ``None`` = every key.
+            text_kv, text_mask: per-layer text keys/values and which text keys each token sees.
+            cache: where every layer writes the tokens' keys/values and what it attends over (streaming).
+            outputs_from: only tokens from this index on are returned, ``(B, S − outputs_from, D)``; the last
+                layer computes the earlier tokens' keys/values only (their outputs would feed no later layer).
+                ``outputs_from = S``: a pass run for its keys/values (a context encoding), whose last layer
+                projects keys/values and returns no tokens.
+
+        Raises:
+            ValueError: ``outputs_from`` outside ``[0, S]``.
         """
         if not 0 <= outputs_from <= h.shape[1]:
             raise ValueError(f"outputs_from must be in [0, {h.shape[1]}] for {h.shape[1]} tokens, got {outputs_from}")
         last = len(self.layers) - 1
-        packs = self._fused.packs(h)  # float32 CPU inference with packed linears: same bits, less Python
         for i, layer in enumerate(self.layers):
             text = text_kv[i] if text_kv is not None else None
-            hook = kv_hooks[i] if kv_hooks else None
+            layer_cache = cache.layer(i) if cache is not None else None
             keep = outputs_from if i == last else 0
             if keep == h.shape[1]:
-                layer.keys_values(h, freqs, hook)
+                layer.keys_values(h, freqs, layer_cache)
                 return h[:, keep:]
-            if packs is not None:
-                h = fused_block_forward(packs[i], h, freqs, mask, text, text_mask, hook, keep)
-            else:
-                h = layer(h, freqs, mask, text, text_mask, hook, keep)
+            h = layer(h, freqs, mask, text, text_mask, layer_cache, keep)
         return h
 
     def forward_tokens(
@@ -190,10 +199,9 @@ class DiT(nn.Module):
         frame_pos: Tensor,
         globals_: Tensor,
         global_pos: Tensor,
-        mask: Tensor | None,
+        mask: Tensor | BlockMask | None,
         text_kv: TextKV | None,
         text_mask: Tensor | None = None,
-        kv_hooks: Sequence[KVHook] | None = None,
     ) -> Tensor:
         """General forward over ``[globals; frames]``.
 
@@ -201,7 +209,7 @@ class DiT(nn.Module):
             frames: ``(B, C_in, T)`` input channels of the frame tokens.
             frame_pos, global_pos: rotary positions ``(T,)`` and ``(G,)`` (or batched ``(B, ·)``).
             globals_: ``(B, G, D)`` from :meth:`global_tokens`.
-            mask: ``(S, K)`` bool (True = attend) over the keys the hooks return (own keys: ``K = S``).
+            mask: ``(S, S)`` bool (True = attend), or ``(B, 1, S, S)``.
             text_kv, text_mask: see :meth:`text_kv`; ``text_mask`` ``(S, L)`` selects each token's prompt.
 
         Returns:
@@ -210,7 +218,7 @@ class DiT(nn.Module):
         G = globals_.shape[1]
         h = torch.cat([globals_, self.embed_frames(frames)], dim=1)
         freqs = self.freqs(torch.cat([global_pos, frame_pos], dim=-1))
-        h = self.run_layers(h, freqs, mask, text_kv, text_mask, kv_hooks)
+        h = self.run_layers(h, freqs, mask, text_kv, text_mask)
         return self.unembed_frames(h[:, G:])
 
     def forward(

@@ -24,11 +24,71 @@ Dh head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockKVCache"]
+__all__ = ["BlockKVCache", "CacheIO", "LayerCache"]
+
+
+class LayerCache(NamedTuple):
+    """One layer's share of a :class:`CacheIO`: its buffers (views) and the pass's positions."""
+
+    k: Tensor  # (R, H, P, Dh) key buffer
+    v: Tensor  # (R, H, P, Dh) value buffer
+    write: Tensor  # (S,) int64 buffer position of each of the pass's tokens
+    read_start: int
+    read_stop: int
+    raw: Tensor | None  # (R, H, Kc, Dh) un-rotated keys
+    raw_write: Tensor | None  # (n,) int64 positions in ``raw`` of the first n tokens' un-rotated keys
+
+    def update(self, k: Tensor, v: Tensor, k_raw: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the pass's keys/values ``(R, H, S, Dh)`` into the buffers; return the keys/values the queries
+        attend over, ``(R, H, read_stop − read_start, Dh)``.
+
+        With autograd recording (a training rollout through the cache) the attended keys are a fresh tensor
+        (the buffer region with this pass's keys put in out of place) and the buffers receive detached
+        copies: the buffers never enter the graph, so later writes cannot invalidate a pending backward,
+        and context keys/values carry no gradient (clean context is data, DESIGN §5).
+        """
+        start, stop = self.read_start, self.read_stop
+        if self.raw is not None and self.raw_write is not None:
+            self.raw.index_copy_(2, self.raw_write, k_raw[:, :, : self.raw_write.shape[0]].detach())
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            rel = self.write - start
+            keys = self.k[:, :, start:stop].index_copy(2, rel, k)
+            values = self.v[:, :, start:stop].index_copy(2, rel, v)
+            self.k.index_copy_(2, self.write, k.detach())
+            self.v.index_copy_(2, self.write, v.detach())
+            return keys, values
+        self.k.index_copy_(2, self.write, k)
+        self.v.index_copy_(2, self.write, v)
+        return self.k[:, :, start:stop], self.v[:, :, start:stop]
+
+
+class CacheIO(NamedTuple):
+    """What one pass does with a :class:`BlockKVCache`, in every layer, as tensors (no per-block Python
+    values: a compiled pass is reused from block to block).
+
+    Each layer writes its tokens' keys/values at ``write`` (and the first ``n`` tokens' un-rotated keys at
+    ``raw_write``), then attends over buffer positions ``read_start … read_stop − 1``, which hold the
+    written positions; the attention mask's key axis follows that region.
+    """
+
+    k: Tensor  # (Ly, R, H, P, Dh)
+    v: Tensor  # (Ly, R, H, P, Dh)
+    write: Tensor  # (S,) int64
+    read_start: int
+    read_stop: int
+    raw: Tensor | None = None  # (Ly, R, H, Kc, Dh)
+    raw_write: Tensor | None = None  # (n,) int64
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer ``i``'s views."""
+        return LayerCache(
+            self.k[i], self.v[i], self.write, self.read_start, self.read_stop, None if self.raw is None else self.raw[i], self.raw_write
+        )
 
 
 @dataclass
@@ -104,14 +164,34 @@ class BlockKVCache:
         """Buffer positions of the global token and target frames written at every step."""
         return slice(self.aux_positions + self.context_positions, None)
 
-    def view(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Layer ``layer``'s ``[ring | own]`` keys and values, ``(R, H, Kc + 1 + Bf, Dh)`` views."""
-        return self.k[layer][:, :, self.aux_positions :], self.v[layer][:, :, self.aux_positions :]
+    @property
+    def positions(self) -> int:
+        """Buffer positions per layer: ``A + Kc + 1 + Bf``."""
+        return int(self.k.shape[3])
+
+    def io(self, write: slice | Tensor, read: slice, raw_slot: Tensor | None = None) -> CacheIO:
+        """A pass that writes its tokens at buffer positions ``write`` and attends over ``read``; with
+        ``raw_slot`` (a 0-d int64 tensor) its first ``Bf`` tokens' un-rotated keys go to that ring slot of
+        ``k_raw``."""
+        device = self.k.device
+        if isinstance(write, slice):
+            write = torch.arange(self.positions, device=device)[write]
+        start, stop, _ = read.indices(self.positions)
+        if write.numel() and (int(write.min()) < start or int(write.max()) >= stop):
+            raise ValueError(f"written positions must lie inside the attended region [{start}, {stop})")
+        raw_write = None
+        if raw_slot is not None and self.k_raw is not None:
+            raw_write = raw_slot * self.block_frames + torch.arange(self.block_frames, device=device)
+        return CacheIO(self.k, self.v, write, start, stop, self.k_raw if raw_write is not None else None, raw_write)
 
     def slot_valid(self, device: torch.device) -> Tensor:
         """``(Kc,)`` bool: which context positions hold a block."""
         valid = torch.tensor([b >= 0 for b in self.slot_block], dtype=torch.bool, device=device)
         return valid.repeat_interleave(self.block_frames)
+
+    def slot_blocks(self, device: torch.device) -> Tensor:
+        """``(Kc,)`` int64: the stream block each context position holds (-1: empty)."""
+        return torch.tensor(self.slot_block, dtype=torch.long, device=device).repeat_interleave(self.block_frames)
 
     def nbytes(self) -> int:
         """Bytes held by the buffers."""

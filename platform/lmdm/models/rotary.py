@@ -74,11 +74,5 @@ def apply_rotary(x: Tensor, table: Tensor) -> Tensor:
     half = cos.shape[-1]
     if x.dtype != torch.promote_types(x.dtype, torch.float32):  # low precision: rotate in float32
         return apply_rotary(x.float(), table).to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    if torch.is_grad_enabled() and (x.requires_grad or table.requires_grad):  # out= has no autograd
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half :]], dim=-1)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)  # inference: one buffer, written in slices
-    torch.mul(x1, cos, out=out[..., :half]).sub_(x2 * sin)
-    torch.mul(x2, cos, out=out[..., half : 2 * half]).add_(x1 * sin)
-    out[..., 2 * half :] = x[..., 2 * half :]
-    return out
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)

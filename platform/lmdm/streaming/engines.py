@@ -1,4 +1,5 @@
-"""Streaming engines: one interface (:class:`~lmdm.streaming.base.Engine`), three methods.
+"""Streaming engines: one interface (:class:`~lmdm.streaming.common.Engine`), three methods, each with its
+own state type.
 
 - :class:`OutpaintingEngine`: the bidirectional base denoises the whole window at every step.
 - :class:`LMDMEngine` (``encdec`` or ``block_causal``): context keys/values live in a
@@ -6,8 +7,19 @@
   target block.
 """
 
-from lmdm.streaming.base import Condition, Engine, RotaryMode, Sampling, StreamState, concat_text
-from lmdm.streaming.lmdm_engine import LMDMEngine
-from lmdm.streaming.outpainting import OutpaintingEngine
+from lmdm.streaming.common import Condition, Engine, Progress, RotaryMode, Sampling, concat_text
+from lmdm.streaming.lmdm_engine import LMDMEngine, LMDMState
+from lmdm.streaming.outpainting import OutpaintingEngine, OutpaintingState
 
-__all__ = ["Condition", "Engine", "LMDMEngine", "OutpaintingEngine", "RotaryMode", "Sampling", "StreamState", "concat_text"]
+__all__ = [
+    "Condition",
+    "Engine",
+    "LMDMEngine",
+    "LMDMState",
+    "OutpaintingEngine",
+    "OutpaintingState",
+    "Progress",
+    "RotaryMode",
+    "Sampling",
+    "concat_text",
+]

@@ -1,10 +1,16 @@
 """The LMDM engine: context keys/values cached per block; each denoising step runs only the global
-token and the target block (see :mod:`lmdm.streaming.engines` for the shared interface).
+token and the target block (see :mod:`lmdm.streaming.common` for the shared interface).
 
 ``encdec`` re-encodes the context bidirectionally once per block. ``block_causal`` encodes each block
 once, ever: the block generated last is committed into the FIFO ring by the *next* block's first
 denoising step (one merged pass of ``[block j−1 | global | target j]``, so the commit costs no extra
-pass of small matmuls, and its last layer computes only block j−1's keys/values); a starting context is committed block by block in its own passes.
+pass of small matmuls, and its last layer computes only block j−1's keys/values); a starting context is
+committed block by block in its own passes.
+
+Every pass's attention mask comes from :func:`~lmdm.models.block_mask.attention_mask` over token layouts
+of its queries and of the cache region it reads (the band is defined once), and every pass's cache
+reads and writes are a :class:`~lmdm.models.kv_cache.CacheIO` of tensors, so a compiled pass is reused
+from block to block.
 
 Legend: B batch, R rows (B × branches), C latent channels, Bf block frames, Ctx context blocks,
 Kc = Ctx·Bf context frames, Ly layers.
@@ -12,30 +18,84 @@ Kc = Ctx·Bf context frames, Ly layers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lmdm.models.attention import KVHook, Projected
-from lmdm.models.block_mask import additive_mask, text_group_mask
-from lmdm.models.dit import DiT
-from lmdm.models.kv_cache import BlockKVCache
+from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask, text_group_mask
+from lmdm.models.dit import DiT, TextKV
+from lmdm.models.kv_cache import BlockKVCache, CacheIO
 from lmdm.models.rotary import apply_rotary
-from lmdm.streaming.base import Condition, RotaryMode, Sampling, StreamState, _Base, concat_text
+from lmdm.runtime import Runtime
+from lmdm.streaming.common import (
+    Condition,
+    ContextWindow,
+    EngineCore,
+    Progress,
+    PromptCache,
+    RotaryMode,
+    Sampling,
+    attention_bias,
+    concat_text,
+    sample_block,
+)
 from lmdm.streaming.sequences import BlockGeometry, context_inputs
 
-__all__ = ["LMDMEngine"]
+__all__ = ["LMDMEngine", "LMDMState", "StepPlan"]
 
 
-class LMDMEngine(_Base):
+@dataclass
+class StepPlan:
+    """One kind of pass of the current block, reused by every denoising step of that kind."""
+
+    freqs: Tensor  # rotary table of the pass's tokens
+    mask: Tensor | None  # additive, (queries, attended cache positions); None = every key
+    io: CacheIO  # where the pass writes keys/values and what it attends over
+    text_kv: TextKV | None
+    text_mask: Tensor | None
+    outputs_from: int  # tokens before this index give keys/values only
+
+
+@dataclass
+class Pending:
+    """``block_causal``: the block generated last, committed by the next block's first (merged) pass."""
+
+    inputs: Tensor  # (R, 2C+1, Bf) context-frame inputs
+    key: str  # the prompt it was generated under
+
+
+@dataclass
+class LMDMState:
+    """One LMDM stream: progress, logical context, prompts, the block-wise KV cache and the block's plans."""
+
+    progress: Progress
+    window: ContextWindow
+    prompts: PromptCache
+    cache: BlockKVCache
+    frames: Tensor  # (R, 2C+1, Bf) target-frame input buffer, [x_t, 0, 0]
+    pending: Pending | None = None
+    key: str = ""  # the prompt of the block being generated
+    text_kv: TextKV | None = None  # its text keys/values, rows [cond; uncond]
+    global_cond: Tensor | None = None  # (R, global_cond_dim)
+    step_plan: StepPlan | None = None  # ordinary steps: [global | target] over [ring | own]
+    merged_plan: StepPlan | None = None  # the block's first step while a block is pending
+
+
+class LMDMEngine:
     """An LMDM: context K/V cached per block; each denoising step runs the global token + target only.
 
     Args:
+        dit: a DiT with context input channels (``input_concat_dim = io_channels + 1``).
         variant: ``encdec`` (context re-encoded bidirectionally once per block) or ``block_causal``
             (each block encoded once, banded, into a FIFO ring).
         rotary: ``fixed`` window positions (cached keys re-rotated once per block from un-rotated
             storage) or ``growing`` stream positions (keys rotated once on entry). Identical outputs.
+        runtime: how the model's layers run (:mod:`lmdm.runtime`; default ``eager``).
+
+    Raises:
+        ValueError: an unknown variant or rotary mode, or a model without context inputs.
     """
 
     def __init__(
@@ -45,17 +105,19 @@ class LMDMEngine(_Base):
         geometry: BlockGeometry,
         sampling: Sampling,
         rotary: RotaryMode = "fixed",
+        runtime: Runtime | None = None,
     ) -> None:
-        super().__init__(dit, geometry, sampling)
         if variant not in ("encdec", "block_causal"):
             raise ValueError(f"LMDM variant must be 'encdec' or 'block_causal', got {variant!r}")
         if rotary not in ("fixed", "growing"):
             raise ValueError(f"rotary mode must be 'fixed' or 'growing', got {rotary!r}")
+        self.core = EngineCore(dit, geometry.block_frames, geometry.context_blocks, sampling, runtime)
+        self.geometry = geometry
         self.variant, self.rotary = variant, rotary
         first = dit.layers[0].self_attn
         self.heads, self.head_dim = first.heads, dit.args.width // first.heads
 
-    # ---- positions --------------------------------------------------------------------------
+    # ---- positions and layouts ----------------------------------------------------------------
 
     def _window_start(self, block: int) -> int:
         """Stream frame index at which the window of target ``block`` starts (growing mode)."""
@@ -63,248 +125,229 @@ class LMDMEngine(_Base):
 
     def _own_positions(self, block: int) -> Tensor:
         """Rotary positions of [global, target frames] for target ``block``."""
-        Bf, Kc = self.geometry.block_frames, self.geometry.context_frames
+        Bf, Kc, device = self.geometry.block_frames, self.geometry.context_frames, self.core.device
         base = 0 if self.rotary == "fixed" else self._window_start(block)
-        return base + torch.cat([torch.zeros(1, device=self.device), torch.arange(Bf, device=self.device) + Kc + 1]).long()
+        return base + torch.cat([torch.zeros(1, device=device), torch.arange(Bf, device=device) + Kc + 1]).long()
 
     def _slot_positions(self, cache: BlockKVCache, block: int) -> Tensor:
         """Rotary positions ``(Kc,)`` of the ring slots as seen from target ``block``."""
-        Bf = self.geometry.block_frames
-        offset = torch.arange(Bf, device=self.device) + 1
-        base = torch.tensor([max(b, 0) for b in cache.slot_block], device=self.device) * Bf
+        Bf, device = self.geometry.block_frames, self.core.device
+        offset = torch.arange(Bf, device=device) + 1
+        base = torch.tensor([max(b, 0) for b in cache.slot_block], device=device) * Bf
         if self.rotary == "fixed":
             base = base - self._window_start(block)
         return (base[:, None] + offset[None, :]).reshape(-1)
 
+    def _layout(self, kinds: list[tuple[int, Tensor | int, Tensor | bool, int]]) -> TokenLayout:
+        """A token layout from runs of ``(kind, block (per token or one), valid (per token or one), length)``."""
+        device = self.core.device
+        kind, block, valid = [], [], []
+        for k, b, v, n in kinds:
+            kind.append(torch.full((n,), k, dtype=torch.long, device=device))
+            block.append(b if isinstance(b, Tensor) else torch.full((n,), b, dtype=torch.long, device=device))
+            valid.append(v if isinstance(v, Tensor) else torch.full((n,), v, dtype=torch.bool, device=device))
+        return TokenLayout(torch.cat(kind), torch.cat(block), torch.cat(valid))
+
+    def _ring_layout(self, cache: BlockKVCache) -> tuple[int, Tensor, Tensor, int]:
+        blocks = cache.slot_blocks(self.core.device)
+        return (CLEAN, blocks, blocks >= 0, self.geometry.context_frames)
+
+    def _mask(self, queries: TokenLayout, keys: TokenLayout) -> Tensor | None:
+        return attention_bias(attention_mask(queries, keys, self.variant, self.geometry.context_blocks, same_tokens=False), self.core.dtype)
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def start(
-        self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> StreamState:
-        state = self._new_state(condition, batch, context, generator)
-        Ctx, Bf = self.geometry.context_blocks, self.geometry.block_frames
-        state.cache = BlockKVCache.allocate(
-            len(self.dit.layers), state.rows, self.heads, self.head_dim, Ctx, Bf,
-            keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=self.dtype, device=self.device,
+    def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> LMDMState:
+        c, g = self.core, self.geometry
+        blocks = c.check_context(context, batch)
+        progress = c.progress(condition, batch, generator)
+        cache = BlockKVCache.allocate(
+            len(c.dit.layers), progress.rows, self.heads, self.head_dim, g.context_blocks, g.block_frames,
+            keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
             aux=self.variant == "block_causal",
         )  # fmt: skip
-        state.hooks = [self._step_hook(state, i) for i in range(len(self.dit.layers))]
-        state.frames = torch.zeros(state.rows, 2 * self.channels + 1, Bf, dtype=self.dtype, device=self.device)
-        if context is not None:
-            for b in range(context.shape[-1] // Bf):
-                block = context[..., b * Bf : (b + 1) * Bf].to(self.dtype)
-                if self.variant == "block_causal":
-                    self._encode_block(state, block, condition)
-                self._push_context(state, block, condition.key)
-                state.block += 1
+        state = LMDMState(
+            progress=progress,
+            window=ContextWindow.empty(batch, c.channels, g.block_frames, g.context_blocks, c.dtype, c.device),
+            prompts=PromptCache(c.dit, batch, progress.rows, c.dtype),
+            cache=cache,
+            frames=torch.zeros(progress.rows, 2 * c.channels + 1, g.block_frames, dtype=c.dtype, device=c.device),
+        )
+        for block in blocks:
+            if self.variant == "block_causal":
+                self._encode_block(state, block, condition)
+            state.window.push(block, condition.key)
+            progress.block += 1
         return state
+
+    def progress(self, state: LMDMState) -> Progress:
+        return state.progress
+
+    def begin_block(self, state: LMDMState, condition: Condition) -> None:
+        """Plan block ``j`` under ``condition``: ``encdec`` encodes the context; ``block_causal`` re-rotates
+        the ring (fixed rotary) and, if block ``j − 1`` is pending, plans the merged first pass."""
+        c, cache = self.core, state.cache
+        keep = {k for k in state.window.keys if k is not None} | {condition.key}
+        if state.pending is not None:
+            keep.add(state.pending.key)
+        state.prompts.keep_only(keep)
+        state.key = condition.key
+        state.global_cond = c.global_rows(condition, state.progress)
+        state.text_kv = state.prompts.get(condition)
+        if self.variant == "encdec":
+            self._encode_context(state, condition)
+        elif self.rotary == "fixed" and cache.k_raw is not None and self.geometry.context_blocks:
+            self._rotate_ring(cache, state.progress.block)
+        if state.pending is not None:  # the ordinary plan follows the commit (a ring slot changes)
+            state.merged_plan, state.step_plan = self._plan_merged(state, condition), None
+        else:
+            state.merged_plan, state.step_plan = None, self._plan_step(state)
+
+    def _plan_step(self, state: LMDMState) -> StepPlan:
+        """An ordinary denoising step: queries ``[global | target]`` over keys ``[ring | own]``."""
+        cache, Bf, j = state.cache, self.geometry.block_frames, state.progress.block
+        own = self._layout([(GLOBAL, j, True, 1), (NOISY, j, True, Bf)])
+        keys = self._layout([self._ring_layout(cache), (GLOBAL, j, True, 1), (NOISY, j, True, Bf)])
+        return StepPlan(
+            freqs=self.core.dit.freqs(self._own_positions(j)),
+            mask=self._mask(own, keys),
+            io=cache.io(write=cache.own, read=slice(cache.ring.start, None)),
+            text_kv=state.text_kv,
+            text_mask=None,
+            outputs_from=1,  # not the global token's outputs
+        )
+
+    def _plan_merged(self, state: LMDMState, condition: Condition) -> StepPlan:
+        """The first step of block ``j`` also commits block ``j − 1``: queries ``[block j−1 | global | target]``
+        over keys ``[aux | ring | own]``; the band decides who sees which ring slot."""
+        cache, pending = state.cache, state.pending
+        assert pending is not None
+        Ctx, Bf, j, device = self.geometry.context_blocks, self.geometry.block_frames, state.progress.block, self.core.device
+        queries = self._layout([(CLEAN, j - 1, True, Bf), (GLOBAL, j, True, 1), (NOISY, j, True, Bf)])
+        keys = self._layout([(CLEAN, j - 1, True, Bf), self._ring_layout(cache), (GLOBAL, j, True, 1), (NOISY, j, True, Bf)])
+        first = (Ctx - 1) * Bf + 1 if self.rotary == "fixed" else (j - 1) * Bf + 1  # block j−1: the newest context slot
+        pending_positions = torch.arange(Bf, device=device) + first
+        text_kv, text_mask = state.text_kv, None
+        if text_kv is not None and pending.key != condition.key:
+            pending_text = state.prompts[pending.key]
+            text_kv = concat_text([text_kv, pending_text])
+            group = torch.cat([torch.ones(Bf, dtype=torch.long), torch.zeros(1 + Bf, dtype=torch.long)]).to(device)
+            text_mask = text_group_mask(group, pending_text[0][0].shape[2], 2)
+        write = torch.cat(
+            [torch.arange(cache.positions, device=device)[cache.aux], torch.arange(cache.positions, device=device)[cache.own]]
+        )
+        raw_slot = torch.tensor((j - 1) % Ctx, device=device)  # its un-rotated keys go straight to its ring slot
+        return StepPlan(
+            freqs=self.core.dit.freqs(torch.cat([pending_positions, self._own_positions(j)])),
+            mask=self._mask(queries, keys),
+            io=cache.io(write=write, read=slice(0, None), raw_slot=raw_slot),
+            text_kv=text_kv,
+            text_mask=text_mask,
+            outputs_from=Bf + 1,  # neither the committed block's outputs nor the global token's
+        )
+
+    def denoise_step(self, state: LMDMState, x_t: Tensor, t: Tensor) -> Tensor:
+        """The model output ``(B, C, Bf)`` for the target at ``t`` ``(B,)``: only global + target tokens run
+        (and, in a block's first step, the pending block's commit)."""
+        c = self.core
+        if state.step_plan is None and state.merged_plan is None:
+            raise RuntimeError("denoise_step before begin_block: call engine.begin_block(state, condition) first")
+        frames = state.frames
+        rows = c.rows(x_t, state.progress)
+        frames[:, : c.channels].copy_(rows)  # [x_t, 0, 0] in a preallocated input buffer
+        g = c.dit.global_tokens(c.rows(t, state.progress), state.global_cond)
+        plan = state.merged_plan or state.step_plan
+        assert plan is not None
+        if state.merged_plan is None:
+            h = torch.cat([g, c.dit.embed_frames(frames)], dim=1)
+        else:  # [block j−1 (clean) | global | target]: the commit rides along with the first step
+            assert state.pending is not None
+            Bf = self.geometry.block_frames
+            emb = c.dit.embed_frames(torch.cat([state.pending.inputs, frames], dim=-1))
+            h = torch.cat([emb[:, :Bf], g, emb[:, Bf:]], dim=1)
+        h = c.run_layers(h, plan.freqs, plan.mask, plan.text_kv, plan.text_mask, plan.io, plan.outputs_from)
+        if state.merged_plan is not None:
+            self._finish_commit(state)
+        return c.combine(c.dit.unembed_frames(h), state.progress)
+
+    def _finish_commit(self, state: LMDMState) -> None:
+        """After the merged pass: the committed block's keys/values move from ``aux`` into its ring slot
+        (evicting the oldest block); the following steps use the ordinary plan (re-planned: a slot changed)."""
+        cache = state.cache
+        slot = (state.progress.block - 1) % self.geometry.context_blocks
+        ring = cache.slot_range(slot)
+        cache.k[:, :, :, ring] = cache.k[:, :, :, cache.aux]
+        cache.v[:, :, :, ring] = cache.v[:, :, :, cache.aux]
+        cache.slot_block[slot] = state.progress.block - 1
+        state.pending, state.merged_plan = None, None
+        state.step_plan = self._plan_step(state)
+
+    def end_block(self, state: LMDMState, block: Tensor) -> None:
+        """``block_causal``: the block becomes pending, encoded by the next block's first denoising step
+        (merged pass); ``encdec`` re-encodes the whole context at the next block anyway."""
+        if state.step_plan is None and state.merged_plan is None:
+            raise RuntimeError("end_block before begin_block")
+        if self.variant == "block_causal" and self.geometry.context_blocks:
+            state.pending = Pending(context_inputs(self.core.rows(block.detach(), state.progress)), state.key)
+        state.window.push(block, state.key)
+        state.step_plan = state.merged_plan = None
+        state.progress.block += 1
+
+    def step(self, state: LMDMState, condition: Condition, grad_step: int | None = None) -> Tensor:
+        """Generate the next block ``(B, C, Bf)`` and commit it as context."""
+        return sample_block(self, self.core, state, condition, grad_step)
+
+    # ---- context encoding ---------------------------------------------------------------------
 
     def _rotate_ring(self, cache: BlockKVCache, block: int) -> None:
         """Fixed mode: rotate the ring's un-rotated keys into target ``block``'s window positions
         (once per block, always from un-rotated storage, so nothing accumulates)."""
         assert cache.k_raw is not None
-        freqs = self.dit.freqs(self._slot_positions(cache, block))
+        freqs = self.core.dit.freqs(self._slot_positions(cache, block))
         cache.k[:, :, :, cache.ring] = apply_rotary(cache.k_raw, freqs)  # (Ly, R, H, Kc, Dh)
 
-    def _step_hook(self, state: StreamState, layer: int) -> KVHook:
-        def hook(p: Projected) -> tuple[Tensor, Tensor]:
-            cache = state.cache
-            assert cache is not None
-            own = cache.own
-            cache.k[layer][:, :, own].copy_(p.k)
-            cache.v[layer][:, :, own].copy_(p.v)
-            return cache.view(layer)
-
-        return hook
-
-    def _prepare(self, state: StreamState, condition: Condition) -> None:
-        cache = state.cache
-        assert cache is not None
-        self._drop_unused_text(state, condition.key)
-        state.text_kv = state.step_text_kv = self._text_rows(state, condition)
-        state.global_cond = self._global(condition, state)
-        if self.variant == "encdec":
-            self._encode_context(state, condition)
-        elif self.rotary == "fixed" and cache.k_raw is not None and self.geometry.context_blocks:
-            self._rotate_ring(cache, state.block)
-        state.merged = state.pending is not None
-        if state.merged:
-            self._plan_merged(state, condition)
-        else:
-            self._plan_step(state)
-
-    def _plan_step(self, state: StreamState) -> None:
-        """Mask, rotary table and hooks of an ordinary denoising step (keys: ``[ring | own]``)."""
-        cache = state.cache
-        assert cache is not None
-        valid = cache.slot_valid(self.device)
-        keys = torch.cat([valid, valid.new_ones(1 + self.geometry.block_frames)])
-        # one row per query, materialised: SDPA over the cache view is slower with a broadcast (1, K) mask
-        state.mask = additive_mask(keys[None, :].expand(1 + self.geometry.block_frames, -1), self.dtype)
-        state.freqs = self.dit.freqs(self._own_positions(state.block))
-        state.hooks = [self._step_hook(state, i) for i in range(len(self.dit.layers))]
-
-    def _plan_merged(self, state: StreamState, condition: Condition) -> None:
-        """The first step of block ``j`` also commits block ``j − 1``: queries ``[block j−1 | global | target]``
-        over keys ``[aux | ring | own]``. Block ``j−1`` sees the ring (blocks ``j−1−Ctx … j−2``) and itself;
-        the target sees the ring except block ``j−1−Ctx`` (out of its band), block ``j−1`` and its own tokens."""
-        cache = state.cache
-        assert cache is not None and state.pending is not None
-        Ctx, Bf = self.geometry.context_blocks, self.geometry.block_frames
-        j = state.block
-        valid = cache.slot_valid(self.device)
-        band = valid.clone()
-        band[cache.raw_range((j - 1) % Ctx)] = False  # the slot of block j − 1 − Ctx, about to be evicted
-        ones, zeros = valid.new_ones(Bf), valid.new_zeros(1 + Bf)
-        committing = torch.cat([ones, valid, zeros])[None, :].expand(Bf, -1)
-        target = torch.cat([ones, band, valid.new_ones(1 + Bf)])[None, :].expand(1 + Bf, -1)
-        state.mask = additive_mask(torch.cat([committing, target]), self.dtype)
-        own = self._own_positions(j)
-        first = (Ctx - 1) * Bf + 1 if self.rotary == "fixed" else (j - 1) * Bf + 1  # block j−1: the newest context slot
-        pending_positions = torch.arange(Bf, device=self.device) + first
-        state.freqs = self.dit.freqs(torch.cat([pending_positions, own]))
-        state.text_mask = None
-        if state.text_kv is not None and state.pending_key != condition.key:
-            pending_text = state.text.get(state.pending_key)
-            assert pending_text is not None, f"prompt {state.pending_key!r} of the committing block is no longer cached"
-            state.text_kv = concat_text([state.text_kv, pending_text])
-            L = pending_text[0][0].shape[2]
-            group = torch.cat([torch.ones(Bf, dtype=torch.long), torch.zeros(1 + Bf, dtype=torch.long)]).to(self.device)
-            state.text_mask = text_group_mask(group, L, 2)
-        state.hooks = [self._merged_hook(state, i) for i in range(len(self.dit.layers))]
-
-    def _merged_hook(self, state: StreamState, layer: int) -> KVHook:
-        def hook(p: Projected) -> tuple[Tensor, Tensor]:
-            cache = state.cache
-            assert cache is not None
-            Bf = self.geometry.block_frames
-            k, v = cache.k[layer], cache.v[layer]
-            k[:, :, cache.aux].copy_(p.k[:, :, :Bf])
-            v[:, :, cache.aux].copy_(p.v[:, :, :Bf])
-            k[:, :, cache.own].copy_(p.k[:, :, Bf:])
-            v[:, :, cache.own].copy_(p.v[:, :, Bf:])
-            if cache.k_raw is not None:  # its un-rotated keys go straight to its ring slot (not read in this pass)
-                cache.k_raw[layer][:, :, cache.raw_range((state.block - 1) % self.geometry.context_blocks)].copy_(p.k_raw[:, :, :Bf])
-            return k, v
-
-        return hook
-
-    def _finish_commit(self, state: StreamState) -> None:
-        """After the merged pass: the committed block's keys/values move from ``aux`` into its ring slot
-        (evicting the oldest block), and the following steps use the ordinary plan."""
-        cache = state.cache
-        assert cache is not None
-        slot = (state.block - 1) % self.geometry.context_blocks
-        ring = cache.slot_range(slot)
-        cache.k[:, :, :, ring] = cache.k[:, :, :, cache.aux]
-        cache.v[:, :, :, ring] = cache.v[:, :, :, cache.aux]
-        cache.slot_block[slot] = state.block - 1
-        state.pending, state.merged = None, False
-        state.text_kv, state.text_mask = state.step_text_kv, None
-        self._plan_step(state)
-
-    def denoise_step(self, state: StreamState, x_t: Tensor, t: Tensor) -> Tensor:
-        """The model output ``(B, C, Bf)`` for the target at ``t`` ``(B,)``: only global + target tokens run."""
-        frames = state.frames
-        assert frames is not None and state.freqs is not None
-        for branch in range(state.rows // state.batch):  # [x_t, 0, 0] in a preallocated input buffer
-            frames[branch * state.batch : (branch + 1) * state.batch, : self.channels].copy_(x_t)
-        g = self.dit.global_tokens(self._rows(t, state), state.global_cond)
-        if not state.merged:
-            h = torch.cat([g, self.dit.embed_frames(frames)], dim=1)
-            h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, None, state.hooks, outputs_from=1)  # not the global token's
-            return self._combine(self.dit.unembed_frames(h), state)
-        # Merged pass: [block j−1 (clean) | global | target] — the commit rides along with the first step.
-        assert state.pending is not None
-        Bf = self.geometry.block_frames
-        emb = self.dit.embed_frames(torch.cat([state.pending, frames], dim=-1))
-        h = torch.cat([emb[:, :Bf], g, emb[:, Bf:]], dim=1)
-        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, state.hooks, outputs_from=Bf + 1)
-        out = self.dit.unembed_frames(h)
-        self._finish_commit(state)
-        return self._combine(out, state)
-
-    def _commit(self, state: StreamState, block: Tensor, condition: Condition) -> None:
-        """``block_causal``: the block is encoded by the next block's first denoising step (merged pass);
-        ``encdec`` re-encodes the whole context at the next block anyway."""
-        if self.variant == "block_causal" and self.geometry.context_blocks:
-            state.pending, state.pending_key = context_inputs(self._rows(block, state)), condition.key
-        self._push_context(state, block, condition.key)
-
-    # ---- context encoding ---------------------------------------------------------------------
-
-    def _encode_block(self, state: StreamState, block: Tensor, condition: Condition) -> None:
-        """``block_causal``: run the clean block through every layer (banded: it sees the ring and itself)
-        and write its keys/values into the ring slot of the oldest block."""
-        cache = state.cache
-        assert cache is not None
+    def _encode_block(self, state: LMDMState, block: Tensor, condition: Condition) -> None:
+        """``block_causal``, a starting context: run the clean block ``j`` through every layer (banded: it sees
+        the ring and itself) and write its keys/values into the ring slot of the oldest block."""
+        c, cache = self.core, state.cache
         Ctx, Bf = self.geometry.context_blocks, self.geometry.block_frames
         if Ctx == 0:
             return
-        j = state.block
+        j = state.progress.block
         slot = j % Ctx
-        positions = self._own_positions(j)[1:]
-        own = cache.own
-        mine = slice(own.start + 1, None)  # the target positions of the own region (global slot unused)
-        valid = cache.slot_valid(self.device)  # blocks j − Ctx … j − 1: all inside block j's band
-        mask = torch.cat([valid, valid.new_zeros(1), valid.new_ones(Bf)])[None, :]
-        raw = cache.k_raw
-
-        def hook_for(layer: int) -> KVHook:
-            def hook(p: Projected) -> tuple[Tensor, Tensor]:
-                k, v = cache.k[layer], cache.v[layer]
-                k[:, :, mine].copy_(p.k)
-                v[:, :, mine].copy_(p.v)
-                if raw is not None:
-                    raw[layer][:, :, cache.raw_range(slot)].copy_(p.k_raw)
-                return cache.view(layer)
-
-            return hook
-
-        if self.rotary == "fixed" and raw is not None and state.freqs is None:  # a starting context: no block prepared yet
+        if cache.k_raw is not None:
             self._rotate_ring(cache, j)
-        text_kv = self._text_rows(state, condition)
-        h = self.dit.embed_frames(context_inputs(self._rows(block, state)))
-        hooks = [hook_for(i) for i in range(len(self.dit.layers))]
-        self.dit.run_layers(h, self.dit.freqs(positions), mask, text_kv, None, hooks, outputs_from=Bf)  # keys/values only
+        mine = slice(cache.own.start + 1, None)  # the target positions of the own region (global slot unused)
+        queries = self._layout([(CLEAN, j, True, Bf)])
+        keys = self._layout([self._ring_layout(cache), (GLOBAL, j, False, 1), (CLEAN, j, True, Bf)])
+        io = cache.io(write=mine, read=slice(cache.ring.start, None), raw_slot=torch.tensor(slot, device=c.device))
+        h = c.dit.embed_frames(context_inputs(c.rows(block, state.progress)))
+        text_kv = state.prompts.get(condition)
+        c.run_layers(h, c.dit.freqs(self._own_positions(j)[1:]), self._mask(queries, keys), text_kv, None, io, Bf)  # keys/values only
         rng = cache.slot_range(slot)
         cache.v[:, :, :, rng] = cache.v[:, :, :, mine]
-        if raw is None:  # growing: keys were rotated at their stream positions on entry
+        if cache.k_raw is None:  # growing: keys were rotated at their stream positions on entry
             cache.k[:, :, :, rng] = cache.k[:, :, :, mine]
         cache.slot_block[slot] = j
 
-    def _encode_context(self, state: StreamState, condition: Condition) -> None:
+    def _encode_context(self, state: LMDMState, condition: Condition) -> None:
         """``encdec``: encode the whole context window bidirectionally (once per block) into the cache."""
-        cache = state.cache
-        assert cache is not None
+        c, cache = self.core, state.cache
         Ctx, Bf, Kc = self.geometry.context_blocks, self.geometry.block_frames, self.geometry.context_frames
         if Ctx == 0:
             return
-        j = state.block
-        cache.slot_block = [j - Ctx + s if state.slot_key[s] is not None else -1 for s in range(Ctx)]
-        valid = cache.slot_valid(self.device)
-        mask = valid[None, :] | torch.eye(Kc, dtype=torch.bool, device=self.device)
-        keys = [k if k is not None else condition.key for k in state.slot_key]
-        text_kv, text_mask = self._text_rows(state, condition), None
+        j = state.progress.block
+        cache.slot_block = [j - Ctx + s if state.window.keys[s] is not None else -1 for s in range(Ctx)]
+        layout = self._layout([self._ring_layout(cache)])
+        mask = attention_bias(attention_mask(layout, layout, "encdec", Ctx), c.dtype)  # same tokens: an empty slot sees itself
+        keys = [k if k is not None else condition.key for k in state.window.keys]
+        text_kv, text_mask = state.prompts.get(condition), None
         if text_kv is not None and any(k != condition.key for k in keys):
             prompts = [*dict.fromkeys(keys)]
-            for k in prompts:
-                assert k in state.text, f"prompt {k!r} of a context block is no longer cached"
-            per = [state.text[k] for k in prompts]
+            per = [state.prompts[k] for k in prompts]
             text_kv = concat_text(per)
-            group = torch.tensor([prompts.index(k) for k in keys for _ in range(Bf)], device=self.device)
+            group = torch.tensor([prompts.index(k) for k in keys for _ in range(Bf)], device=c.device)
             text_mask = text_group_mask(group, per[0][0][0].shape[2], len(prompts))
-
-        def hook_for(layer: int) -> KVHook:
-            def hook(p: Projected) -> tuple[Tensor, Tensor]:
-                cache.k[layer][:, :, cache.ring].copy_(p.k)
-                cache.v[layer][:, :, cache.ring].copy_(p.v)
-                return p.k, p.v
-
-            return hook
-
-        h = self.dit.embed_frames(context_inputs(self._rows(state.context, state)))
-        hooks = [hook_for(i) for i in range(len(self.dit.layers))]
-        self.dit.run_layers(
-            h, self.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, hooks, outputs_from=Kc
-        )  # keys/values only
+        io = cache.io(write=cache.ring, read=cache.ring)
+        h = c.dit.embed_frames(context_inputs(c.rows(state.window.latents, state.progress)))
+        c.run_layers(h, c.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, io, Kc)  # keys/values only

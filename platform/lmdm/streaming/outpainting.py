@@ -1,75 +1,151 @@
 """The outpainting baseline: the whole window (context + target) is denoised at every step under the
 ``full`` mask, so the context is re-encoded ``steps`` times per block: cost ∝ ``steps × f(context + block)``.
 
-Legend: R rows, C latent channels, Bf block frames, Kc context frames.
+Legend: B batch, R rows, C latent channels, Bf block frames, Ctx context blocks, Kc context frames.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from lmdm.models.block_mask import additive_mask, text_group_mask
-from lmdm.models.dit import TextKV
-from lmdm.streaming.base import Condition, StreamState, _Base, concat_text
-from lmdm.streaming.sequences import context_inputs
+from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask, text_group_mask
+from lmdm.models.dit import DiT, TextKV
+from lmdm.runtime import Runtime
+from lmdm.streaming.common import (
+    Condition,
+    ContextWindow,
+    EngineCore,
+    Progress,
+    PromptCache,
+    Sampling,
+    attention_bias,
+    concat_text,
+    sample_block,
+)
+from lmdm.streaming.sequences import BlockGeometry, context_inputs
 
-__all__ = ["OutpaintingEngine"]
+__all__ = ["OutpaintingEngine", "OutpaintingState", "WindowPlan"]
 
 
-class OutpaintingEngine(_Base):
-    """The baseline: the whole window (context + target) is denoised at every step (``full`` mask)."""
+@dataclass
+class WindowPlan:
+    """One block's window pass, reused by every denoising step."""
+
+    key: str  # the prompt the block is generated under
+    freqs: Tensor  # rotary table of [global, context, target]
+    mask: Tensor | None  # (S, S) additive; None = every key
+    text_kv: TextKV | None
+    text_mask: Tensor | None  # (S, P·L): per-slot prompts
+    global_cond: Tensor | None  # (R, global_cond_dim)
+    frames_ctx: Tensor  # (R, 2C+1, Kc) context-frame inputs
+
+
+@dataclass
+class OutpaintingState:
+    """One outpainting stream."""
+
+    progress: Progress
+    window: ContextWindow
+    prompts: PromptCache
+    plan: WindowPlan | None = None  # set by begin_block, cleared by end_block
+
+
+class OutpaintingEngine:
+    """The baseline: the whole window (context + target) is denoised at every step (``full`` mask).
+
+    Args:
+        dit: a DiT with context input channels (``input_concat_dim = io_channels + 1``).
+        runtime: how its layers run (:mod:`lmdm.runtime`; default ``eager``).
+    """
+
+    def __init__(self, dit: DiT, geometry: BlockGeometry, sampling: Sampling, runtime: Runtime | None = None) -> None:
+        self.core = EngineCore(dit, geometry.block_frames, geometry.context_blocks, sampling, runtime)
+        self.geometry = geometry
 
     def start(
         self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> StreamState:
-        state = self._new_state(condition, batch, context, generator)
-        if context is not None:
-            for b in range(context.shape[-1] // self.geometry.block_frames):
-                block = context[..., b * self.geometry.block_frames : (b + 1) * self.geometry.block_frames].to(self.dtype)
-                self._push_context(state, block, condition.key)
-                state.block += 1
+    ) -> OutpaintingState:
+        c, g = self.core, self.geometry
+        blocks = c.check_context(context, batch)
+        progress = c.progress(condition, batch, generator)
+        state = OutpaintingState(
+            progress,
+            ContextWindow.empty(batch, c.channels, g.block_frames, g.context_blocks, c.dtype, c.device),
+            PromptCache(c.dit, batch, progress.rows, c.dtype),
+        )
+        for block in blocks:
+            state.window.push(block, condition.key)
+            progress.block += 1
         return state
 
-    def _prepare(self, state: StreamState, condition: Condition) -> None:
-        Bf, Kc = self.geometry.block_frames, self.geometry.context_frames
-        self._drop_unused_text(state, condition.key)
-        valid = torch.tensor([k is not None for k in state.slot_key], dtype=torch.bool, device=self.device).repeat_interleave(Bf)
-        keys = torch.cat([valid.new_ones(1), valid, valid.new_ones(Bf)])  # [global, context, target]
-        state.mask = additive_mask(keys[None, :] | torch.eye(keys.shape[0], dtype=torch.bool, device=self.device), self.dtype)
-        state.freqs = self.dit.freqs(torch.arange(Kc + Bf + 1, device=self.device))
-        state.global_cond = self._global(condition, state)
-        state.text_kv, state.text_mask = self._window_text(state, condition)
-        state.frames_ctx = context_inputs(self._rows(state.context, state))
+    def progress(self, state: OutpaintingState) -> Progress:
+        return state.progress
 
-    def _window_text(self, state: StreamState, condition: Condition) -> tuple[TextKV | None, Tensor | None]:
+    def begin_block(self, state: OutpaintingState, condition: Condition) -> None:
+        c, Bf, Ctx = self.core, self.geometry.block_frames, self.geometry.context_blocks
+        state.prompts.keep_only({k for k in state.window.keys if k is not None} | {condition.key})
+        j = state.progress.block
+        slots = torch.arange(Ctx, device=c.device).repeat_interleave(Bf)
+        layout = TokenLayout(
+            kind=torch.cat([slots.new_full((1,), GLOBAL), slots.new_full((Ctx * Bf,), CLEAN), slots.new_full((Bf,), NOISY)]),
+            block=torch.cat([slots.new_full((1,), j), slots + j - Ctx, slots.new_full((Bf,), j)]),
+            valid=torch.cat(
+                [
+                    torch.ones(1, dtype=torch.bool, device=c.device),
+                    state.window.valid().repeat_interleave(Bf),
+                    torch.ones(Bf, dtype=torch.bool, device=c.device),
+                ]
+            ),
+        )
+        text_kv, text_mask = self._window_text(state, condition)
+        state.plan = WindowPlan(
+            key=condition.key,
+            freqs=c.dit.freqs(torch.arange(Ctx * Bf + Bf + 1, device=c.device)),
+            mask=attention_bias(attention_mask(layout, layout, "full", Ctx), c.dtype),
+            text_kv=text_kv,
+            text_mask=text_mask,
+            global_cond=c.global_rows(condition, state.progress),
+            frames_ctx=context_inputs(c.rows(state.window.latents, state.progress)),
+        )
+
+    def _window_text(self, state: OutpaintingState, condition: Condition) -> tuple[TextKV | None, Tensor | None]:
         """Text K/V for [global, context slots, target]: one prompt, or per-slot prompts with a group mask."""
-        current = self._text_rows(state, condition)
+        current = state.prompts.get(condition)
         if current is None:
             return None, None
-        keys = [k if k is not None else condition.key for k in state.slot_key]
+        keys = [k if k is not None else condition.key for k in state.window.keys]
         if all(k == condition.key for k in keys):
             return current, None
         prompts = [*dict.fromkeys([condition.key, *keys])]
-        per = [state.text[k] for k in prompts]
-        text_kv = concat_text(per)
         Bf = self.geometry.block_frames
-        group = torch.tensor([0] + [prompts.index(k) for k in keys for _ in range(Bf)] + [0] * Bf, device=self.device)
-        return text_kv, text_group_mask(group, current[0][0].shape[2], len(prompts))
+        group = torch.tensor([0] + [prompts.index(k) for k in keys for _ in range(Bf)] + [0] * Bf, device=self.core.device)
+        return concat_text([state.prompts[k] for k in prompts]), text_group_mask(group, current[0][0].shape[2], len(prompts))
 
-    def denoise_step(self, state: StreamState, x_t: Tensor, t: Tensor) -> Tensor:
+    def denoise_step(self, state: OutpaintingState, x_t: Tensor, t: Tensor) -> Tensor:
         """The model output ``(B, C, Bf)`` for the target at ``t`` ``(B,)``, re-encoding the whole window."""
-        frames_ctx = state.frames_ctx
-        assert frames_ctx is not None and state.freqs is not None
-        x_rows = self._rows(x_t, state)
-        target = torch.cat([x_rows, torch.zeros_like(frames_ctx[:, : self.channels + 1, : x_t.shape[-1]])], dim=1)
-        frames = torch.cat([frames_ctx, target], dim=-1)
-        G = self.dit.global_tokens(self._rows(t, state), state.global_cond)
-        h = torch.cat([G, self.dit.embed_frames(frames)], dim=1)
+        c, plan = self.core, state.plan
+        if plan is None:
+            raise RuntimeError("denoise_step before begin_block: call engine.begin_block(state, condition) first")
+        frames_ctx = plan.frames_ctx
+        x_rows = c.rows(x_t, state.progress)
+        target = torch.cat([x_rows, x_rows.new_zeros(x_rows.shape[0], c.channels + 1, x_rows.shape[-1])], dim=1)
+        g = c.dit.global_tokens(c.rows(t, state.progress), plan.global_cond)
+        h = torch.cat([g, c.dit.embed_frames(torch.cat([frames_ctx, target], dim=-1))], dim=1)
         # The last layer computes the target's outputs only: the global and context tokens' outputs feed no
         # later layer (as the LMDM passes skip theirs).
-        h = self.dit.run_layers(h, state.freqs, state.mask, state.text_kv, state.text_mask, outputs_from=1 + self.geometry.context_frames)
-        return self._combine(self.dit.unembed_frames(h), state)
+        h = c.run_layers(h, plan.freqs, plan.mask, plan.text_kv, plan.text_mask, None, 1 + self.geometry.context_frames)
+        return c.combine(c.dit.unembed_frames(h), state.progress)
 
-    def _commit(self, state: StreamState, block: Tensor, condition: Condition) -> None:
-        self._push_context(state, block, condition.key)
+    def end_block(self, state: OutpaintingState, block: Tensor) -> None:
+        if state.plan is None:
+            raise RuntimeError("end_block before begin_block")
+        state.window.push(block, state.plan.key)
+        state.plan = None
+        state.progress.block += 1
+
+    def step(self, state: OutpaintingState, condition: Condition, grad_step: int | None = None) -> Tensor:
+        """Generate the next block ``(B, C, Bf)`` and commit it as context."""
+        return sample_block(self, self.core, state, condition, grad_step)

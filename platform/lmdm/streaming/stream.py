@@ -6,13 +6,14 @@ Legend: B batch, A audio channels, n samples.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lmdm.models.autoencoder import OobleckVAE, StreamingDecoder
-from lmdm.streaming.engines import Condition, Engine, StreamState
-from lmdm.streaming.rollout import ConditionSchedule, condition_at
+from lmdm.streaming.common import Condition, Engine
+from lmdm.streaming.rollout import ConditionSchedule, condition_at, rollout_blocks
 
 __all__ = ["Stream"]
 
@@ -26,7 +27,7 @@ class Stream:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine[Any],
         autoencoder: OobleckVAE,
         condition: ConditionSchedule,
         batch: int = 1,
@@ -37,7 +38,7 @@ class Stream:
         self.decoder = StreamingDecoder(autoencoder)
         self.schedule = condition
         self.blocks = 0
-        self.state: StreamState = engine.start(condition_at(condition, 0), batch, context=context, generator=generator)
+        self.state: Any = engine.start(condition_at(condition, 0), batch, context=context, generator=generator)
 
     @property
     def latency_samples(self) -> int:
@@ -49,7 +50,7 @@ class Stream:
 
     def next_chunk(self) -> Tensor:
         """Generate one block and return the audio that became final, ``(B, A, n)``."""
-        block = self.engine.step(self.state, condition_at(self.schedule, self.blocks))
+        (block,) = rollout_blocks(self.engine, self.state, 1, self.schedule, first=self.blocks)
         self.blocks += 1
         with torch.no_grad():
             return self.decoder.push(block.to(next(self.decoder.vae.parameters()).dtype))

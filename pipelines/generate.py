@@ -1,0 +1,122 @@
+"""``lmdm generate``: stream audio from a DiT and an autoencoder, under prompts that may change by time.
+
+With no checkpoint given it uses the quickstart's trained models (``runs/<config name>/lmdm`` and
+``.../autoencoder``) where they exist, else a random initialisation, and says which it used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmdm.config import Config
+from lmdm.streaming.prompts import PromptChange
+
+__all__ = ["GenerateResult", "default_checkpoints", "run_generate"]
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What ``lmdm generate`` wrote and how."""
+
+    out: Path
+    seconds: float
+    blocks: int
+    dit: str  # where the DiT came from (a checkpoint folder or "random init")
+    autoencoder: str
+    runtime: str
+
+
+def default_checkpoints(cfg: Config) -> tuple[Path | None, Path | None]:
+    """The quickstart's trained DiT (its LMDM) and autoencoder for ``cfg``, where they exist."""
+    root = Path("runs") / cfg.name
+    found = [
+        p if (p / "model.safetensors").is_file() and (p / "config.json").is_file() else None for p in (root / "lmdm", root / "autoencoder")
+    ]
+    return found[0], found[1]
+
+
+def run_generate(
+    cfg: Config,
+    out: Path,
+    seconds: float,
+    prompts: list[PromptChange] | None,
+    dit_path: Path | None,
+    autoencoder_path: Path | None,
+    seed: int,
+    on_block: Callable[[int, int], None] | None = None,
+) -> GenerateResult:
+    """Stream ``seconds`` of audio to ``out`` (a WAV), normalised to a 0.9 peak.
+
+    Args:
+        cfg: the config (``stream.*`` sets variant, steps, CFG scale, runtime).
+        prompts: prompts by time (``None``: unconditional).
+        dit_path, autoencoder_path: checkpoint folders; ``None``: the quickstart's, else random init.
+        on_block: ``on_block(done, total)`` after each block (a progress bar).
+
+    Raises:
+        CheckpointError: a checkpoint folder that cannot be loaded.
+        ValueError: checkpoints of the wrong kind, prompts for a model without text conditioning, or a
+            text encoder whose width does not match the model's.
+    """
+    import torch
+
+    from lmdm.audio.io import write_audio
+    from lmdm.builders import build_autoencoder_from, build_dit, build_engine, build_runtime
+    from lmdm.checkpoints.format import load_checkpoint
+    from lmdm.models.autoencoder import OobleckVAE
+    from lmdm.models.dit import DiT
+    from lmdm.streaming.engines import Condition
+    from lmdm.streaming.prompts import prompt_at
+    from lmdm.streaming.stream import Stream
+
+    default_dit, default_ae = default_checkpoints(cfg)
+    dit_path, autoencoder_path = dit_path or default_dit, autoencoder_path or default_ae
+    torch.manual_seed(seed)
+    dit: Any = load_checkpoint(dit_path)[0] if dit_path else build_dit(cfg)
+    vae: Any = load_checkpoint(autoencoder_path)[0] if autoencoder_path else build_autoencoder_from(cfg)
+    if not isinstance(dit, DiT) or not isinstance(vae, OobleckVAE):
+        raise ValueError("--dit must hold a DiT checkpoint and --autoencoder an autoencoder checkpoint")
+    dit.eval()
+    vae.eval()
+    latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
+    Bf = cfg.stream.block_frames
+    blocks = max(1, int(-(-seconds * latent_rate // Bf)))
+    texts: dict[str, Any] = {}
+    if prompts:
+        if dit.args.cond_token_dim == 0:
+            raise ValueError("this DiT has no text conditioning (dit.cond_token_dim = 0): generate without --prompt/--prompts")
+        from lmdm.text.encoders import build_text_encoder
+
+        encoder = build_text_encoder(cfg.model_copy(update={"dit": cfg.dit.model_copy(update={"cond_token_dim": dit.args.cond_token_dim})}))
+        for change in prompts:
+            if change.prompt not in texts:
+                texts[change.prompt] = encoder.encode([change.prompt]).tokens.to(next(dit.parameters()).dtype)
+
+    def schedule(block: int) -> Condition:
+        if not prompts:
+            return Condition()
+        prompt = prompt_at(prompts, block * Bf / latent_rate)
+        return Condition(texts[prompt], prompt)
+
+    runtime = build_runtime(cfg, dit)
+    stream = Stream(build_engine(cfg, dit, runtime=runtime), vae, schedule, generator=torch.Generator().manual_seed(seed))
+    chunks = []
+    with torch.inference_mode():
+        for chunk in stream.chunks(blocks):  # each block's final audio, then the decoder's held-back tail
+            chunks.append(chunk)
+            if on_block is not None:
+                on_block(min(stream.blocks, blocks), blocks)
+    audio = torch.cat(chunks, dim=-1)[0, :, : int(seconds * cfg.audio.sample_rate)].float().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_audio(out, audio / max(1e-6, float(abs(audio).max())) * 0.9, cfg.audio.sample_rate)
+    return GenerateResult(
+        out=out,
+        seconds=audio.shape[-1] / cfg.audio.sample_rate,
+        blocks=blocks,
+        dit=str(dit_path) if dit_path else "random init",
+        autoencoder=str(autoencoder_path) if autoencoder_path else "random init",
+        runtime=runtime.name,
+    )

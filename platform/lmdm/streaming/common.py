@@ -1,0 +1,279 @@
+"""What every streaming engine shares: the engine interface, conditions, sampling settings, and the
+parts an engine's state is composed of (progress, the logical context window, the per-prompt text cache).
+
+The interface (:class:`Engine`)::
+
+    state = engine.start(condition, batch, context=None, generator=None)
+    engine.begin_block(state, condition)      # per block: plan masks, rotary, cache reads (keeps the condition)
+    out = engine.denoise_step(state, x_t, t)  # per denoising step: the model output for the target
+    engine.end_block(state, block)            # commit the finished block as context
+    block = engine.step(state, condition)     # the three above, with the sampler in the middle
+
+:func:`sample_block` is ``step`` for every engine: a sampler (pure function) over ``denoise_step``.
+Classifier-free guidance runs both branches as one batch (rows ``[cond; uncond]``), each branch with its
+own context cache. The engines live in :mod:`lmdm.streaming.outpainting` and
+:mod:`lmdm.streaming.lmdm_engine`, each with its own state type.
+
+Legend: B batch, R rows (B × branches), C latent channels, Bf block frames, Ctx context blocks,
+Kc = Ctx·Bf context frames, L text tokens, Dc text width.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from lmdm.diffusion.objectives import Objective, get_objective
+from lmdm.diffusion.samplers import cfg_combine, sample, x0_denoiser
+from lmdm.diffusion.schedule import timesteps
+from lmdm.models.block_mask import additive_mask
+from lmdm.models.dit import DiT, TextKV
+from lmdm.runtime import LayerRunner, Runtime, get_runtime
+
+__all__ = [
+    "Condition",
+    "ContextWindow",
+    "Engine",
+    "EngineCore",
+    "Progress",
+    "PromptCache",
+    "RotaryMode",
+    "Sampling",
+    "attention_bias",
+    "concat_text",
+    "sample_block",
+]
+
+RotaryMode = Literal["fixed", "growing"]
+StateT = TypeVar("StateT")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a block is generated under.
+
+    Attributes:
+        text: ``(B, L, Dc)`` text-encoder tokens, or ``None`` (unconditional).
+        key: identifies the prompt; text K/V are cached per key (a new key is a new prompt).
+        global_cond: ``(B, global_cond_dim)`` timing conditioning, held fixed for a stream.
+    """
+
+    text: Tensor | None = None
+    key: str = ""
+    global_cond: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each block is denoised."""
+
+    steps: int = 8
+    sampler: str = "euler"
+    cfg_scale: float = 1.0
+    objective: str = "rectified_flow"
+    schedule: str = "linear"
+
+
+class Engine(Protocol[StateT]):
+    """The interface every generation method implements (outpainting, LMDM variants, LMM)."""
+
+    def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> StateT:
+        """A new stream of ``batch`` rows; ``context`` ``(B, C, k·Bf)`` is real starting context (``None``: silence)."""
+        ...
+
+    def begin_block(self, state: StateT, condition: Condition) -> None:
+        """Plan the next block under ``condition`` (once per block, not per step)."""
+        ...
+
+    def denoise_step(self, state: StateT, x_t: Tensor, t: Tensor) -> Tensor:
+        """The model output ``(B, C, Bf)`` for the noisy target ``x_t`` at times ``t`` ``(B,)``."""
+        ...
+
+    def end_block(self, state: StateT, block: Tensor) -> None:
+        """Commit the finished block ``(B, C, Bf)`` as context."""
+        ...
+
+    def step(self, state: StateT, condition: Condition, grad_step: int | None = None) -> Tensor:
+        """Generate and commit the next block ``(B, C, Bf)``."""
+        ...
+
+    def progress(self, state: StateT) -> Progress:
+        """The stream's progress (batch, block index, noise generator)."""
+        ...
+
+
+@dataclass
+class Progress:
+    """Where a stream is: rows, the next block's index, its noise source."""
+
+    batch: int
+    rows: int  # batch × CFG branches
+    block: int  # index of the next block to generate
+    generator: torch.Generator | None
+
+
+@dataclass
+class ContextWindow:
+    """The logical context: the last ``Ctx`` clean blocks, oldest first, and the prompt each was generated under.
+
+    Attributes:
+        latents: ``(B, C, Kc)`` clean context latents (zeros in empty slots).
+        keys: per slot, the prompt key its block was committed under (``None``: empty slot).
+    """
+
+    latents: Tensor
+    keys: list[str | None]
+
+    @staticmethod
+    def empty(batch: int, channels: int, block_frames: int, context_blocks: int, dtype: torch.dtype, device: torch.device) -> ContextWindow:
+        return ContextWindow(
+            torch.zeros(batch, channels, block_frames * context_blocks, dtype=dtype, device=device), [None] * context_blocks
+        )
+
+    def push(self, block: Tensor, key: str) -> None:
+        """Shift the window by one block ``(B, C, Bf)`` (per block, not per step); the oldest leaves."""
+        if not self.keys:
+            return
+        Bf = block.shape[-1]
+        self.latents = torch.cat([self.latents[..., Bf:], block.detach()], dim=-1)
+        self.keys = [*self.keys[1:], key]
+
+    def valid(self) -> Tensor:
+        """``(Ctx,)`` bool: which slots hold a block."""
+        return torch.tensor([k is not None for k in self.keys], dtype=torch.bool, device=self.latents.device)
+
+
+class PromptCache:
+    """Per-layer text keys/values per prompt key, with CFG rows ``[cond; uncond]`` (cache per prompt)."""
+
+    def __init__(self, dit: DiT, batch: int, rows: int, dtype: torch.dtype) -> None:
+        self.dit, self.batch, self.rows, self.dtype = dit, batch, rows, dtype
+        self.entries: dict[str, TextKV] = {}
+
+    def get(self, condition: Condition) -> TextKV | None:
+        """The text K/V of ``condition``'s prompt (computed once per key); ``None`` for no text."""
+        if condition.text is None:
+            return None
+        cached = self.entries.get(condition.key)
+        if cached is None:
+            text = condition.text.to(self.dtype)
+            if text.shape[0] != self.batch:
+                raise ValueError(f"condition text has batch {text.shape[0]}, the stream {self.batch}")
+            if self.rows != self.batch:
+                text = torch.cat([text, torch.zeros_like(text)])
+            cached = self.entries[condition.key] = self.dit.text_kv(text)
+        return cached
+
+    def __getitem__(self, key: str) -> TextKV:
+        if key not in self.entries:
+            raise KeyError(f"prompt {key!r} is no longer cached (a context block still refers to it)")
+        return self.entries[key]
+
+    def keep_only(self, keys: set[str]) -> None:
+        """Forget every prompt not in ``keys`` (prompts of blocks that left the context)."""
+        for key in [k for k in self.entries if k not in keys]:
+            del self.entries[key]
+
+
+def concat_text(prompts: list[TextKV]) -> TextKV:
+    """Per-layer text K/V of several prompts concatenated along the text axis (select with a group mask)."""
+    return [(torch.cat([p[i][0] for p in prompts], dim=2), torch.cat([p[i][1] for p in prompts], dim=2)) for i in range(len(prompts[0]))]
+
+
+def attention_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The mask a pass hands attention: ``None`` where every query may see every key (so SDPA can take its
+    fused kernels, FlashAttention on CUDA), else an additive float mask built once per block."""
+    if bool(allowed.all()):
+        return None
+    return additive_mask(allowed, dtype)
+
+
+class EngineCore:
+    """The parts every engine holds (composed, not inherited): the model and how its layers run, geometry,
+    sampling, objective, timesteps, and CFG row handling."""
+
+    def __init__(self, dit: DiT, block_frames: int, context_blocks: int, sampling: Sampling, runtime: Runtime | None = None) -> None:
+        if dit.args.input_concat_dim != dit.args.io_channels + 1:
+            raise ValueError(
+                f"streaming needs a DiT with input_concat_dim = io_channels + 1 = {dit.args.io_channels + 1} "
+                f"(clean context + context mask), got {dit.args.input_concat_dim}"
+            )
+        self.dit = dit
+        self.block_frames, self.context_blocks = block_frames, context_blocks
+        self.sampling = sampling
+        self.objective: Objective = get_objective(sampling.objective)
+        self.channels = dit.args.io_channels
+        first = next(dit.parameters())
+        self.dtype, self.device = first.dtype, first.device
+        self.runtime = runtime if runtime is not None else get_runtime("eager", self.device)
+        self.run_layers: LayerRunner = self.runtime.bind(dit)
+        self.ts = timesteps(sampling.steps, self.objective, sampling.schedule, device=self.device, dtype=self.dtype)
+
+    def progress(self, condition: Condition, batch: int, generator: torch.Generator | None) -> Progress:
+        branches = 2 if self.sampling.cfg_scale != 1.0 and condition.text is not None else 1
+        return Progress(batch=batch, rows=batch * branches, block=0, generator=generator)
+
+    def check_context(self, context: Tensor | None, batch: int) -> list[Tensor]:
+        """A starting context ``(B, C, k·Bf)`` as its blocks, each ``(B, C, Bf)``.
+
+        Raises:
+            ValueError: a context of another batch, channel count, or not whole blocks.
+        """
+        if context is None:
+            return []
+        B, C, T = context.shape
+        Bf = self.block_frames
+        if B != batch or C != self.channels or T % Bf:
+            raise ValueError(f"context must be (batch={batch}, channels={self.channels}, whole blocks of {Bf}), got {tuple(context.shape)}")
+        return [context[..., b * Bf : (b + 1) * Bf].to(self.dtype) for b in range(T // Bf)]
+
+    def rows(self, x: Tensor, progress: Progress) -> Tensor:
+        """``(B, ...)`` repeated for every CFG branch: ``(R, ...)``."""
+        return x if progress.rows == progress.batch else torch.cat([x] * (progress.rows // progress.batch))
+
+    def combine(self, out: Tensor, progress: Progress) -> Tensor:
+        """CFG: ``(R, ...)`` outputs ``[cond; uncond]`` → ``(B, ...)``."""
+        if progress.rows == progress.batch:
+            return out
+        cond, uncond = out.chunk(2)
+        return cfg_combine(cond, uncond, self.sampling.cfg_scale)
+
+    def global_rows(self, condition: Condition, progress: Progress) -> Tensor | None:
+        return None if condition.global_cond is None else self.rows(condition.global_cond.to(self.dtype), progress)
+
+
+def sample_block(engine: Any, core: EngineCore, state: Any, condition: Condition, grad_step: int | None = None) -> Tensor:
+    """``engine.step``: begin the block, run the sampler over ``engine.denoise_step``, end the block.
+
+    Args:
+        grad_step: with autograd on, only denoising step ``grad_step`` (0-based) records gradients, the
+            others run under ``torch.no_grad`` (a training rollout through the cache: ARC-Forcing);
+            ``None``: every step runs in the caller's grad mode.
+
+    Returns:
+        The block ``(B, C, Bf)``; committed as context (detached) by ``end_block``.
+    """
+    engine.begin_block(state, condition)
+    progress: Progress = engine.progress(state)
+    noise = torch.randn(
+        progress.batch, core.channels, core.block_frames, generator=progress.generator, dtype=core.dtype, device=core.device
+    )
+    _, sigma = core.objective.alpha_sigma(core.ts[:1])
+    calls = [0]
+
+    def model_fn(x: Tensor, t: Tensor) -> Tensor:
+        i, calls[0] = calls[0], calls[0] + 1
+        context = torch.no_grad() if grad_step is not None and i != grad_step else contextlib.nullcontext()
+        with context:
+            out: Tensor = engine.denoise_step(state, x, t)
+        return out
+
+    denoise: Callable[[Tensor, Tensor], Tensor] = x0_denoiser(model_fn, core.objective)
+    block = sample(core.sampling.sampler, denoise, noise * sigma.to(core.dtype), core.ts, core.objective, generator=progress.generator)
+    engine.end_block(state, block)
+    return block
