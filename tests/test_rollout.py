@@ -79,11 +79,25 @@ TEXT = ["dit.cond_token_dim=384", "dit.project_cond_tokens=true"]  # the shipped
 def test_generate_with_prompts_by_time_cfg_steps_and_runtime(tmp_path: Path) -> None:
     out, prompts = tmp_path / "x.wav", tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\n0 Bach chorale on organ\n0.5   Monteverdi madrigal for strings\n")
-    args = ["generate", "--out", str(out), "--seconds", "1.5", "--prompts", str(prompts), "--cfg", "2", "--steps", "2", "--runtime", "eager"]
+    args = [
+        "generate",
+        "--out",
+        str(out),
+        "--seconds",
+        "1.5",
+        "--prompts",
+        str(prompts),
+        "--cfg",
+        "2",
+        "--steps",
+        "2",
+        "--runtime",
+        "eager",
+    ]
     result = runner.invoke(app, [*args, *TINY, *TEXT])
     assert result.exit_code == 0, result.output
     assert "runtime: eager" in result.output and "random init" in result.output
-    audio, rate = sf.read(out)
+    audio, _ = sf.read(out)
     assert len(audio) == 24000 and abs(audio).max() > 0
 
 

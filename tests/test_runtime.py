@@ -202,3 +202,18 @@ def test_a_transformer_block_compiles_fullgraph_and_equals_eager() -> None:
         got = compiled(x, dit.freqs(torch.arange(7)), mask, text, None, compiled_io.layer(0), 2)
     close(got, want, 1e-5)
     torch.testing.assert_close(compiled_io.k, eager_io.k, rtol=1e-5, atol=1e-6)
+
+
+def test_model_files_import_no_runtime() -> None:
+    """The model is plain PyTorch: dit.py and attention.py (and friends) import no runtime."""
+    import ast
+    import importlib
+
+    for name in ("lmdm.models.dit", "lmdm.models.attention", "lmdm.models.rotary", "lmdm.models.kv_cache", "lmdm.models.block_mask"):
+        path = importlib.import_module(name).__file__
+        assert path is not None
+        tree = ast.parse(open(path).read())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
+        assert not [m for m in imported if m.startswith("lmdm.runtime")], f"{name} imports a runtime"

@@ -8,6 +8,7 @@ import torch
 from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask
 from lmdm.models.dit import DiT, DiTArgs
 from lmdm.models.kv_cache import CacheIO
+from lmdm.streaming.common import stack_conditions
 from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry, block_causal_forward, window_forward
 
@@ -296,3 +297,97 @@ def test_engine_rejects_wrong_model() -> None:
     dit = DiT(DiTArgs(io_channels=IO, width=64, depth=1, head_dim=32))
     with pytest.raises(ValueError, match="input_concat_dim = io_channels \\+ 1"):
         LMDMEngine(dit, "block_causal", GEO, Sampling())
+
+
+@pytest.mark.parametrize(("variant", "rotary"), ENGINE_CASES)
+def test_cached_denoiser_with_timing_global_cond_equals_reference(variant: str, rotary: str) -> None:
+    """Timing conditioning (``global_cond``, in the global token only) through the public per-step API."""
+    torch.manual_seed(4)
+    dit = DiT(DiTArgs(io_channels=IO, width=64, depth=2, head_dim=32, cond_token_dim=32, input_concat_dim=IO + 1, global_cond_dim=6)).to(
+        F64
+    )
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    text = prompts(1)[0]
+    timing = torch.randn(B, 6, dtype=F64)
+    cond = Condition(text, "p0", global_cond=timing)
+    engine = make_engine(dit, variant, 1.0, rotary)
+    state = engine.start(cond, B, generator=torch.Generator().manual_seed(0))
+    hist: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(2)
+    for j in range(4):
+        x, t = torch.randn(B, IO, BF, generator=g, dtype=F64), torch.rand(B, generator=g, dtype=F64)
+        engine.begin_block(state, cond)
+        out = engine.denoise_step(state, x, t)
+        if variant == "block_causal":
+            clean = torch.cat(hist, -1) if hist else x.new_zeros(B, IO, 0)
+            ref = block_causal_forward(dit, GEO, clean, x, [j], t[:, None], text=text[:, None], global_cond=timing)
+        else:
+            ctx = hist[-CTX:]
+            context = torch.cat([x.new_zeros(B, IO, BF * (CTX - len(ctx))), *ctx], -1)
+            valid = torch.tensor([False] * (CTX - len(ctx)) + [True] * len(ctx))
+            mask_variant = "full" if variant == "outpainting" else "encdec"
+            ref = window_forward(dit, mask_variant, GEO, context, x, t, text=text[:, None], context_valid=valid, global_cond=timing)  # type: ignore[arg-type]
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+        engine.end_block(state, x)
+        hist.append(x)
+
+
+def test_sessions_stepped_as_one_batch_equal_each_stepped_alone() -> None:
+    """Serving batches sessions: two sessions (own prompts, contexts, noise, a prompt change, CFG) stacked into
+    one state and stepped as one batch give the blocks each gives alone, and continue alone after unstacking."""
+    dit = tiny_dit()
+    texts = prompts(3)
+    engine = LMDMEngine(dit, "block_causal", GEO, Sampling(steps=2, sampler="pingpong", cfg_scale=2.0))
+    schedules = [lambda j: Condition(texts[0], "a"), lambda j: Condition(texts[1] if j < 3 else texts[2], "b" if j < 3 else "c")]
+
+    def started() -> list:
+        states = []
+        for i in range(2):
+            context = torch.randn(B, IO, CTX * BF, generator=torch.Generator().manual_seed(10 + i), dtype=F64)
+            states.append(engine.start(schedules[i](0), B, context=context, generator=torch.Generator().manual_seed(20 + i)))
+        for i, s in enumerate(states):  # one block alone: now a block is pending in each
+            engine.step(s, schedules[i](0))
+        return states
+
+    alone = started()
+    want = [torch.cat([engine.step(s, schedules[i](j)) for j in range(1, 6)], -1) for i, s in enumerate(alone)]
+    sessions = started()
+    both = engine.stack(sessions)
+    together = [engine.step(both, stack_conditions([schedules[0](j), schedules[1](j)])) for j in range(1, 4)]
+    again = engine.unstack(both, [B, B])
+    for i in range(2):
+        got = torch.cat(
+            [*(block[i * B : (i + 1) * B] for block in together), *(engine.step(again[i], schedules[i](j)) for j in range(4, 6))], -1
+        )
+        torch.testing.assert_close(got, want[i], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="lockstep"):
+        engine.stack([again[0], engine.start(schedules[0](0), B)])
+
+
+def test_a_rollout_with_gradients_through_the_cache_backpropagates() -> None:
+    """ARC-Forcing trains through the cache: a rollout with one gradient-carrying denoising step per block
+    backpropagates at the end without an in-place error, and its gradients equal those taken block by block
+    right after each step (so no cache slice a gradient step read was overwritten before the backward)."""
+    cond = Condition(prompts(1)[0], "p0")
+    weights = torch.randn(B, IO, 4 * BF, generator=torch.Generator().manual_seed(9), dtype=F64)
+
+    def grads(at_once: bool) -> list[torch.Tensor]:
+        dit = tiny_dit()
+        engine = LMDMEngine(dit, "block_causal", GEO, Sampling(steps=2))
+        state = engine.start(cond, B, generator=torch.Generator().manual_seed(0))
+        blocks = []
+        for j in range(4):
+            block = engine.step(state, cond, grad_step=1)
+            if at_once:
+                blocks.append(block)
+            else:
+                (block * weights[..., j * BF : (j + 1) * BF]).sum().backward(retain_graph=True)  # the prompt's K/V graph is shared
+        if at_once:
+            (torch.cat(blocks, -1) * weights).sum().backward()
+        return [p.grad.clone() for p in dit.parameters() if p.grad is not None]
+
+    at_once, one_by_one = grads(True), grads(False)
+    assert len(at_once) == len(one_by_one) > 0 and any(g.abs().sum() > 0 for g in at_once)
+    for a, b in zip(at_once, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

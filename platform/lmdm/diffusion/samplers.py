@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lmdm.diffusion.noise import Generator, randn
 from lmdm.diffusion.objectives import Objective, broadcast_t
 
 __all__ = [
@@ -46,9 +47,7 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 class Sampler(Protocol):
     """The signature shared by every ``sample_*`` function (see :data:`SAMPLERS`)."""
 
-    def __call__(
-        self, denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: torch.Generator | None = None
-    ) -> Tensor: ...
+    def __call__(self, denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: Generator = None) -> Tensor: ...
 
 
 def x0_denoiser(model_fn: Callable[[Tensor, Tensor], Tensor], objective: Objective) -> Denoiser:
@@ -180,7 +179,7 @@ def pingpong_step(x0_hat: Tensor, t_next: Tensor, objective: Objective, noise: T
     return objective.noise(x0_hat, noise, t_next)
 
 
-def sample_euler(denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: torch.Generator | None = None) -> Tensor:
+def sample_euler(denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: Generator = None) -> Tensor:
     """Integrate the probability-flow ODE with Euler steps (:func:`euler_step`) along ``ts``.
 
     Args:
@@ -205,9 +204,7 @@ def sample_euler(denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objectiv
     return x
 
 
-def sample_dpmpp_2m(
-    denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: torch.Generator | None = None
-) -> Tensor:
+def sample_dpmpp_2m(denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: Generator = None) -> Tensor:
     """DPM-Solver++(2M) along ``ts`` (:func:`dpmpp_2m_step`): second order after the first step.
 
     Args:
@@ -236,9 +233,7 @@ def sample_dpmpp_2m(
     return x
 
 
-def sample_pingpong(
-    denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: torch.Generator | None = None
-) -> Tensor:
+def sample_pingpong(denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: Generator = None) -> Tensor:
     """Ping-pong sampling (Stable Audio Open Small's few-step sampler, :func:`pingpong_step`).
 
     Each step denoises, ``x0_hat = denoise(x, t)``, then re-noises to the next time with fresh noise,
@@ -263,7 +258,7 @@ def sample_pingpong(
     x = x_T
     for i in range(ts.shape[0] - 1):
         x0_hat = denoise(x, ts[i].expand(B))
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        z = randn(tuple(x.shape), generator, x.device, x.dtype)
         x = pingpong_step(x0_hat, ts[i + 1].expand(B), objective, z)
     return x
 
@@ -271,9 +266,7 @@ def sample_pingpong(
 SAMPLERS: dict[str, Sampler] = {"euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m, "pingpong": sample_pingpong}
 
 
-def sample(
-    name: str, denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: torch.Generator | None = None
-) -> Tensor:
+def sample(name: str, denoise: Denoiser, x_T: Tensor, ts: Tensor, objective: Objective, *, generator: Generator = None) -> Tensor:
     """Run the sampler called ``name`` (a key of :data:`SAMPLERS`).
 
     Args:

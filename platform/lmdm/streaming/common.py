@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import torch
 from torch import Tensor
 
+from lmdm.diffusion.noise import Generator, RowGenerators, randn
 from lmdm.diffusion.objectives import Objective, get_objective
 from lmdm.diffusion.samplers import cfg_combine, sample, x0_denoiser
 from lmdm.diffusion.schedule import timesteps
@@ -36,6 +37,7 @@ from lmdm.models.dit import DiT, TextKV
 from lmdm.runtime import LayerRunner, Runtime, get_runtime
 
 __all__ = [
+    "KEY_SEP",
     "Condition",
     "ContextWindow",
     "Engine",
@@ -45,11 +47,15 @@ __all__ = [
     "RotaryMode",
     "Sampling",
     "attention_bias",
+    "cat_rows",
     "concat_text",
     "sample_block",
+    "split_rows",
+    "stack_conditions",
 ]
 
 RotaryMode = Literal["fixed", "growing"]
+KEY_SEP = "\x1f"  # joins the prompt keys of sessions stepped as one batch
 StateT = TypeVar("StateT")
 
 
@@ -114,7 +120,12 @@ class Progress:
     batch: int
     rows: int  # batch × CFG branches
     block: int  # index of the next block to generate
-    generator: torch.Generator | None
+    generator: Generator  # one, or one per session of a stacked state
+
+    @property
+    def branches(self) -> int:
+        """CFG branches (rows per batch row)."""
+        return self.rows // self.batch
 
 
 @dataclass
@@ -180,6 +191,53 @@ class PromptCache:
             del self.entries[key]
 
 
+def stack_conditions(conditions: list[Condition]) -> Condition:
+    """The condition of sessions stepped as one batch: texts and timing concatenated along the batch, keys
+    joined (every session must have text, or none).
+
+    Raises:
+        ValueError: some sessions with text and some without (or timing), or a key holding the separator.
+    """
+    if any(KEY_SEP in c.key for c in conditions):
+        raise ValueError("a prompt key may not contain the unit separator character (\\x1f)")
+    texts = [c.text for c in conditions]
+    if any(t is None for t in texts) and not all(t is None for t in texts):
+        raise ValueError("sessions stepped as one batch must all have a prompt or all have none")
+    globals_ = [c.global_cond for c in conditions]
+    if any(g is None for g in globals_) and not all(g is None for g in globals_):
+        raise ValueError("sessions stepped as one batch must all have timing conditioning or all have none")
+    return Condition(
+        text=None if texts[0] is None else torch.cat(texts),  # type: ignore[arg-type]
+        key=KEY_SEP.join(c.key for c in conditions),
+        global_cond=None if globals_[0] is None else torch.cat(globals_),  # type: ignore[arg-type]
+    )
+
+
+def cat_rows(parts: list[Tensor], branches: int, dim: int = 0) -> Tensor:
+    """Concatenate per-session row tensors whose rows are ``[cond; uncond]`` branches into one with rows
+    ``[cond of every session; uncond of every session]`` (the layout CFG expects)."""
+    return torch.cat([chunk for b in range(branches) for chunk in (p.chunk(branches, dim)[b] for p in parts)], dim=dim)
+
+
+def split_rows(whole: Tensor, batches: list[int], branches: int, dim: int = 0) -> list[Tensor]:
+    """The inverse of :func:`cat_rows`: per-session tensors (each ``[cond; uncond]``) of ``batches`` rows."""
+    per_branch = [torch.split(b, batches, dim) for b in whole.chunk(branches, dim)]
+    return [torch.cat([per_branch[b][i] for b in range(branches)], dim=dim) for i in range(len(batches))]
+
+
+def stack_generators(progresses: list[Progress]) -> RowGenerators:
+    generators: list[torch.Generator | None] = []
+    rows: list[int] = []
+    for p in progresses:
+        if isinstance(p.generator, RowGenerators):
+            generators += p.generator.generators
+            rows += p.generator.rows
+        else:
+            generators.append(p.generator)
+            rows.append(p.batch)
+    return RowGenerators(tuple(generators), tuple(rows))
+
+
 def concat_text(prompts: list[TextKV]) -> TextKV:
     """Per-layer text K/V of several prompts concatenated along the text axis (select with a group mask)."""
     return [(torch.cat([p[i][0] for p in prompts], dim=2), torch.cat([p[i][1] for p in prompts], dim=2)) for i in range(len(prompts[0]))]
@@ -214,7 +272,7 @@ class EngineCore:
         self.run_layers: LayerRunner = self.runtime.bind(dit)
         self.ts = timesteps(sampling.steps, self.objective, sampling.schedule, device=self.device, dtype=self.dtype)
 
-    def progress(self, condition: Condition, batch: int, generator: torch.Generator | None) -> Progress:
+    def progress(self, condition: Condition, batch: int, generator: Generator) -> Progress:
         branches = 2 if self.sampling.cfg_scale != 1.0 and condition.text is not None else 1
         return Progress(batch=batch, rows=batch * branches, block=0, generator=generator)
 
@@ -260,9 +318,7 @@ def sample_block(engine: Any, core: EngineCore, state: Any, condition: Condition
     """
     engine.begin_block(state, condition)
     progress: Progress = engine.progress(state)
-    noise = torch.randn(
-        progress.batch, core.channels, core.block_frames, generator=progress.generator, dtype=core.dtype, device=core.device
-    )
+    noise = randn((progress.batch, core.channels, core.block_frames), progress.generator, core.device, core.dtype)
     _, sigma = core.objective.alpha_sigma(core.ts[:1])
     calls = [0]
 
