@@ -410,7 +410,7 @@ def bench_stream(
     }
     shape = BenchShape(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
     console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")
-    results = run_stream_bench(shape, quickstart=cfg)
+    results = run_stream_bench(shape, quickstart=cfg, progress=lambda line: console.print(f"[dim]{line}[/]"))
     console.print(stream_report(results))
     _write_figures(json_out, results)
 

@@ -4,6 +4,7 @@ torch APIs they rely on still exist."""
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_model_files_import_no_runtime() -> None:
     for name in ("lmdm.models.dit", "lmdm.models.attention", "lmdm.models.rotary", "lmdm.models.kv_cache", "lmdm.models.block_mask"):
         path = importlib.import_module(name).__file__
         assert path is not None
-        tree = ast.parse(open(path).read())
+        tree = ast.parse(Path(path).read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
         }

@@ -81,15 +81,6 @@ class TokenLayout:
     def __len__(self) -> int:
         return int(self.kind.shape[0])
 
-    def cat(self, other: TokenLayout) -> TokenLayout:
-        a, b = self.valid, other.valid
-        if a.ndim != b.ndim:
-            batch = a.shape[0] if a.ndim == 2 else b.shape[0]
-            a = a.expand(batch, -1) if a.ndim == 2 else a[None].expand(batch, -1)
-            b = b.expand(batch, -1) if b.ndim == 2 else b[None].expand(batch, -1)
-        valid = torch.cat([a, b], dim=-1)
-        return TokenLayout(torch.cat([self.kind, other.kind]), torch.cat([self.block, other.block]), valid)
-
 
 def allowed(
     q_kind: Tensor,

@@ -1,0 +1,81 @@
+"""GPU paths users will run (``make gpu-check``): skipped without CUDA; the CPU test at the end runs everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmdm.models.dit import DiT, DiTArgs
+from lmdm.runtime import Compile, Eager
+from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
+from lmdm.streaming.rollout import rollout
+from lmdm.streaming.sequences import BlockGeometry, block_causal_forward
+
+GEO = BlockGeometry(block_frames=8, context_blocks=2)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run `make gpu-check` on a GPU machine)")
+
+
+def dit_on(device: str, dtype: torch.dtype = torch.float32) -> DiT:
+    torch.manual_seed(0)
+    dit = DiT(DiTArgs(io_channels=8, width=128, depth=2, head_dim=64, cond_token_dim=64, input_concat_dim=9)).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+        p.requires_grad_(False)
+    return dit.to(device=device, dtype=dtype)
+
+
+def full_cache_step_mask(engine: LMDMEngine, device: str) -> object:
+    cond = Condition(torch.randn(1, 4, 64, device=device, dtype=engine.core.dtype), "p")
+    with torch.inference_mode():
+        state = engine.start(cond, 1, context=torch.randn(1, 8, 16, device=device, dtype=engine.core.dtype))
+        engine.begin_block(state, cond)
+        engine.denoise_step(state, torch.randn(1, 8, 8, device=device, dtype=engine.core.dtype), torch.full((1,), 0.5, device=device))
+        assert state.step_plan is not None
+        return state.step_plan.mask
+
+
+def test_a_step_over_a_full_cache_attends_without_a_mask() -> None:
+    """Once every context slot is filled, an LMDM step's mask allows every key: SDPA gets no mask, so on
+    CUDA it may take FlashAttention (tested below where a GPU exists)."""
+    for variant in ("block_causal", "encdec"):
+        assert full_cache_step_mask(LMDMEngine(dit_on("cpu"), variant, GEO, Sampling(steps=2)), "cpu") is None  # type: ignore[arg-type]
+    outpainting = OutpaintingEngine(dit_on("cpu"), GEO, Sampling(steps=2))
+    state = outpainting.start(Condition(), 1, context=torch.randn(1, 8, 16))
+    outpainting.begin_block(state, Condition())
+    assert state.plan is not None and state.plan.mask is None
+
+
+@pytest.mark.gpu
+@cuda
+def test_lmdm_step_reaches_flash_attention_in_bf16() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    engine = LMDMEngine(dit_on("cuda", torch.bfloat16), "block_causal", GEO, Sampling(steps=2))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if a pass could not use FlashAttention
+        assert full_cache_step_mask(engine, "cuda") is None
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_bf16_stream_close_to_eager_on_cuda() -> None:
+    dit = dit_on("cuda", torch.bfloat16)
+    cond = Condition(torch.randn(1, 4, 64, device="cuda", dtype=torch.bfloat16), "p")
+    streams = []
+    for runtime in (Eager(), Compile()):
+        engine = LMDMEngine(dit, "block_causal", GEO, Sampling(steps=2), runtime=runtime)
+        with torch.inference_mode():
+            streams.append(rollout(engine, 4, cond, generator=torch.Generator(device="cuda").manual_seed(0)).float())
+    err = float((streams[1] - streams[0]).abs().max() / streams[0].abs().max())
+    assert err < 5e-2, f"compiled bf16 stream differs from eager by {err:.2e} (relative)"
+
+
+@pytest.mark.gpu
+@cuda
+def test_flex_training_forward_equals_dense_on_cuda() -> None:
+    dit = dit_on("cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    clean, noisy = torch.randn(2, 8, 6 * 8, device="cuda", generator=g), torch.randn(2, 8, 3 * 8, device="cuda", generator=g)
+    t = torch.rand(2, 3, device="cuda", generator=g)
+    dense = block_causal_forward(dit, GEO, clean, noisy, [1, 3, 6], t, flex=False)
+    flex = block_causal_forward(dit, GEO, clean, noisy, [1, 3, 6], t, flex=True)
+    assert float((flex - dense).abs().max() / dense.abs().max()) < 1e-3
