@@ -141,10 +141,9 @@ def _bench_dit(shape: BenchShape, device: torch.device, dtype: torch.dtype) -> D
     return dit
 
 
-def _bench_runtime(
-    name: str, dit: DiT, shape: BenchShape, condition: Condition, flops: dict[str, float], peak: float, seed: int
-) -> dict[str, Any]:
-    """Every method on runtime ``name``: warm-up (compiles, packs) timed apart, then round-robin blocks."""
+def _bench_runtime(name: str, dit: DiT, shape: BenchShape, condition: Condition, flops: dict[str, float], seed: int) -> dict[str, Any]:
+    """Every method on runtime ``name``: warm-up (compiles, packs) timed apart, then round-robin blocks
+    (MFU is added once the machine's peak is known)."""
     first = next(dit.parameters())
     device, dtype = first.device, first.dtype
     runtime = get_runtime(name, device)
@@ -180,7 +179,6 @@ def _bench_runtime(
             **q,
             "flops_per_block": block_flops,
             "achieved_flops": block_flops / q["median_s"],
-            "mfu": block_flops / q["median_s"] / peak,
             "realtime_factor": Bf / shape.latent_rate / q["median_s"],
         }
         if isinstance(engine, LMDMEngine):
@@ -228,7 +226,7 @@ def run_stream_bench(
         + commit_flops(args, Bf, Kc + Bf, shape.text_tokens),
     }
     analytical = {"encdec": steps * (Kc + Bf) / (steps * Bf + Kc), "block_causal": steps * (Kc + Bf) / (steps * Bf + Bf)}
-    peak_before = matmul_peak_flops(device=device)
+    peak_before = matmul_peak_flops(dtype=dtype, device=device)
     results: dict[str, Any] = {
         "shape": asdict(shape),
         "machine": {
@@ -244,11 +242,11 @@ def run_stream_bench(
             f"runtime {name}: warm-up ({'compiling every kind of pass' if name == 'compile' else 'start and 2 blocks'}), then {shape.repeats} rounds of blocks"
         )
         start = time.perf_counter()
-        results["runtimes"][name] = _bench_runtime(name, dit, shape, condition, flops, 1.0, seed)
+        results["runtimes"][name] = _bench_runtime(name, dit, shape, condition, flops, seed)
         say(f"runtime {name}: done in {time.perf_counter() - start:.0f} s")
     # The peak is this machine's best rate: measured before and after the timed blocks, so one slow
     # moment on a shared machine cannot halve it (and double every MFU).
-    peak = max(peak_before, matmul_peak_flops(device=device))
+    peak = max(peak_before, matmul_peak_flops(dtype=dtype, device=device))
     results["machine"]["matmul_peak_flops"] = peak
     for entry in results["runtimes"].values():
         for method in ("outpainting", "encdec", "block_causal"):

@@ -121,9 +121,13 @@ def test_compiled_stream_equals_eager_float32(method: str) -> None:
 def test_inductor_frozen_stream_equals_eager_and_follows_weight_changes() -> None:
     """Inductor with freezing (weights baked in as constants) equals eager; an in-place weight change (an EMA
     step) is not silently ignored: the frozen graphs are compiled again."""
+    from torch._dynamo import config as dynamo_config
+
     dit = tiny_dit(depth=1)
     runtime = Compile(backend="inductor", freeze=True)
     close(stream(dit, "block_causal", runtime, blocks=3), stream(dit, "block_causal", Eager(), blocks=3))
+    with dynamo_config.patch(error_on_recompile=True):  # every kind of pass compiled: a new stream reuses them all
+        stream(dit, "block_causal", runtime, blocks=4)
     layers = compiled_layers(dit, "inductor", True)
     before = layers.recompiles_for_weights
     with torch.no_grad():

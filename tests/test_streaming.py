@@ -8,7 +8,7 @@ import torch
 from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask
 from lmdm.models.dit import DiT, DiTArgs
 from lmdm.models.kv_cache import CacheIO
-from lmdm.streaming.common import stack_conditions
+from lmdm.streaming.batching import stack_conditions
 from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry, block_causal_forward, window_forward
 

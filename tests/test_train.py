@@ -74,7 +74,7 @@ def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, 
         lmdm = run_train(cfg, "lmdm", latents, mlflow_run_id=run.info.run_id)
     assert lmdm.checkpoint is not None and (lmdm.checkpoint / "ema" / "model.safetensors").is_file()
     history = loss_history(uri, run.info.run_id)
-    assert decreases(history), history
+    assert decreases(history), " ".join(f"{v:.4f}" for _, v in history)
 
 
 def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
@@ -134,16 +134,16 @@ def test_autoencoder_stage_on_audio_chunks_and_the_loss_decreases(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(
         f"data.root={summary.root}", "autoencoder.channels=4", "autoencoder.latent_channels=4", "autoencoder.strides=[2,4]",
-        "autoencoder.channel_mults=[1,2]", "train.audio_chunk_frames=256", "train.workers=2", "train.batch_size=2", "train.steps=8",
-        "train.checkpoint_every=8", f"train.storage_path={tmp_path / 'ray_results'}", "train.lr=3e-3", "train.overfit_batch=true",
+        "autoencoder.channel_mults=[1,2]", "train.audio_chunk_frames=256", "train.workers=2", "train.batch_size=2", "train.steps=10",
+        "train.checkpoint_every=10", f"train.storage_path={tmp_path / 'ray_results'}", "train.lr=3e-3", "train.overfit_batch=true",
         f"tracking.tracking_uri={uri}",
     )  # fmt: skip
     with mlflow_run(cfg, "autoencoder") as run:
         result = run_train(cfg, "autoencoder", None, mlflow_run_id=run.info.run_id)
     vae, meta = load_checkpoint(result.checkpoint / "model")  # type: ignore[operator]
-    assert isinstance(vae, OobleckVAE) and meta["stage"] == "autoencoder" and result.metrics["step"] == 8
-    history = loss_history(uri, run.info.run_id)
-    assert decreases(history), history
+    assert isinstance(vae, OobleckVAE) and meta["stage"] == "autoencoder" and result.metrics["step"] == 10
+    history = loss_history(uri, run.info.run_id)  # 10 steps: at 8 it ended 9.96% below its start on a Xeon (AVX-512), short of 10%
+    assert decreases(history), " ".join(f"{v:.4f}" for _, v in history)
 
 
 def test_bench_train_zero2_partitions_optimizer_state(tmp_path: Path, latents: Path) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from lmdm.diffusion.noise import Generator, RowGenerators, randn
+from lmdm.diffusion.noise import Generator, randn
 from lmdm.diffusion.objectives import Objective, get_objective
 from lmdm.diffusion.samplers import cfg_combine, sample, x0_denoiser
 from lmdm.diffusion.schedule import timesteps
@@ -47,11 +47,8 @@ __all__ = [
     "RotaryMode",
     "Sampling",
     "attention_bias",
-    "cat_rows",
     "concat_text",
     "sample_block",
-    "split_rows",
-    "stack_conditions",
 ]
 
 RotaryMode = Literal["fixed", "growing"]
@@ -189,53 +186,6 @@ class PromptCache:
         """Forget every prompt not in ``keys`` (prompts of blocks that left the context)."""
         for key in [k for k in self.entries if k not in keys]:
             del self.entries[key]
-
-
-def stack_conditions(conditions: list[Condition]) -> Condition:
-    """The condition of sessions stepped as one batch: texts and timing concatenated along the batch, keys
-    joined (every session must have text, or none).
-
-    Raises:
-        ValueError: some sessions with text and some without (or timing), or a key holding the separator.
-    """
-    if any(KEY_SEP in c.key for c in conditions):
-        raise ValueError("a prompt key may not contain the unit separator character (\\x1f)")
-    texts = [c.text for c in conditions]
-    if any(t is None for t in texts) and not all(t is None for t in texts):
-        raise ValueError("sessions stepped as one batch must all have a prompt or all have none")
-    globals_ = [c.global_cond for c in conditions]
-    if any(g is None for g in globals_) and not all(g is None for g in globals_):
-        raise ValueError("sessions stepped as one batch must all have timing conditioning or all have none")
-    return Condition(
-        text=None if texts[0] is None else torch.cat(texts),  # type: ignore[arg-type]
-        key=KEY_SEP.join(c.key for c in conditions),
-        global_cond=None if globals_[0] is None else torch.cat(globals_),  # type: ignore[arg-type]
-    )
-
-
-def cat_rows(parts: list[Tensor], branches: int, dim: int = 0) -> Tensor:
-    """Concatenate per-session row tensors whose rows are ``[cond; uncond]`` branches into one with rows
-    ``[cond of every session; uncond of every session]`` (the layout CFG expects)."""
-    return torch.cat([chunk for b in range(branches) for chunk in (p.chunk(branches, dim)[b] for p in parts)], dim=dim)
-
-
-def split_rows(whole: Tensor, batches: list[int], branches: int, dim: int = 0) -> list[Tensor]:
-    """The inverse of :func:`cat_rows`: per-session tensors (each ``[cond; uncond]``) of ``batches`` rows."""
-    per_branch = [torch.split(b, batches, dim) for b in whole.chunk(branches, dim)]
-    return [torch.cat([per_branch[b][i] for b in range(branches)], dim=dim) for i in range(len(batches))]
-
-
-def stack_generators(progresses: list[Progress]) -> RowGenerators:
-    generators: list[torch.Generator | None] = []
-    rows: list[int] = []
-    for p in progresses:
-        if isinstance(p.generator, RowGenerators):
-            generators += p.generator.generators
-            rows += p.generator.rows
-        else:
-            generators.append(p.generator)
-            rows.append(p.batch)
-    return RowGenerators(tuple(generators), tuple(rows))
 
 
 def concat_text(prompts: list[TextKV]) -> TextKV:
