@@ -299,12 +299,15 @@ def generate(
     if prompt is not None and prompts_file is not None:
         err_console.print("[bold red]error:[/] give --prompt or --prompts, not both")
         raise typer.Exit(2)
+    if prompt is not None and not prompt.strip():
+        err_console.print("[bold red]error:[/] --prompt is empty; leave it out to stream without a prompt")
+        raise typer.Exit(2)
     extra = [f"stream.steps={steps}"] if steps is not None else []
     extra += [f"stream.cfg_scale={cfg_scale}"] if cfg_scale is not None else []
     extra += [f"stream.runtime={runtime}"] if runtime is not None else []
     cfg = _load(config, [*(overrides or []), *extra])
     try:
-        prompts = read_prompts(prompts_file) if prompts_file else [PromptChange(0.0, prompt)] if prompt else None
+        prompts = read_prompts(prompts_file) if prompts_file else [PromptChange(0.0, prompt)] if prompt is not None else None
         with _progress_bar("streaming blocks") as bar:
             task = bar.add_task("blocks", total=None)
             result = run_generate(
@@ -410,7 +413,11 @@ def bench_stream(
     }
     shape = BenchShape(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
     console.print(f"benchmarking {shape} on {__import__('torch').get_num_threads()} threads ...")
-    results = run_stream_bench(shape, quickstart=cfg, progress=lambda line: console.print(f"[dim]{line}[/]"))
+    try:
+        results = run_stream_bench(shape, quickstart=cfg, progress=lambda line: console.print(f"[dim]{line}[/]"))
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     console.print(stream_report(results))
     _write_figures(json_out, results)
 

@@ -79,6 +79,11 @@ def run_generate(
     vae: Any = load_checkpoint(autoencoder_path)[0] if autoencoder_path else build_autoencoder_from(cfg)
     if not isinstance(dit, DiT) or not isinstance(vae, OobleckVAE):
         raise ValueError("--dit must hold a DiT checkpoint and --autoencoder an autoencoder checkpoint")
+    if dit.args.io_channels != vae.latent_dim:
+        raise ValueError(
+            f"the DiT ({dit_path or 'random init'}) makes {dit.args.io_channels}-channel latents but the autoencoder "
+            f"({autoencoder_path or 'random init'}) decodes {vae.latent_dim}: pass a matching --dit and --autoencoder"
+        )
     dit.eval()
     vae.eval()
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
@@ -88,9 +93,14 @@ def run_generate(
     if prompts:
         if dit.args.cond_token_dim == 0:
             raise ValueError("this DiT has no text conditioning (dit.cond_token_dim = 0): generate without --prompt/--prompts")
-        from lmdm.text.encoders import build_text_encoder
+        from lmdm.text.encoders import load_text_encoder
 
-        encoder = build_text_encoder(cfg.model_copy(update={"dit": cfg.dit.model_copy(update={"cond_token_dim": dit.args.cond_token_dim})}))
+        encoder = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_tokens)
+        if encoder.dim != dit.args.cond_token_dim:
+            raise ValueError(
+                f"the DiT ({dit_path or 'random init'}) takes {dit.args.cond_token_dim}-d text tokens but text encoder "
+                f"{cfg.text.encoder!r} gives {encoder.dim}-d ones: choose the encoder it was trained with (text.encoder, text.path)"
+            )
         for change in prompts:
             if change.prompt not in texts:
                 texts[change.prompt] = encoder.encode([change.prompt]).tokens.to(next(dit.parameters()).dtype)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 import pytest
 import torch
 
@@ -24,13 +27,24 @@ def dit_on(device: str, dtype: torch.dtype = torch.float32) -> DiT:
     return dit.to(device=device, dtype=dtype)
 
 
-def full_cache_step_mask(engine: LMDMEngine, device: str) -> object:
+def full_cache_step_mask(
+    engine: LMDMEngine, device: str, around_step: Callable[[], AbstractContextManager[object]] = nullcontext
+) -> object:
+    """The mask of an ordinary step once every context slot is filled; only that step runs inside ``around_step``
+    (the context encoding and the merged commit pass carry masks)."""
     cond = Condition(torch.randn(1, 4, 64, device=device, dtype=engine.core.dtype), "p")
+    x = torch.randn(1, 8, 8, device=device, dtype=engine.core.dtype)
+    t = torch.full((1,), 0.5, device=device)
     with torch.inference_mode():
         state = engine.start(cond, 1, context=torch.randn(1, 8, 16, device=device, dtype=engine.core.dtype))
         engine.begin_block(state, cond)
-        engine.denoise_step(state, torch.randn(1, 8, 8, device=device, dtype=engine.core.dtype), torch.full((1,), 0.5, device=device))
+        engine.denoise_step(state, x, t)
+        engine.end_block(state, x)
+        engine.begin_block(state, cond)
+        engine.denoise_step(state, x, t)  # the merged pass: commits the last block (a masked pass)
         assert state.step_plan is not None
+        with around_step():
+            engine.denoise_step(state, x, t)
         return state.step_plan.mask
 
 
@@ -51,8 +65,8 @@ def test_lmdm_step_reaches_flash_attention_in_bf16() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     engine = LMDMEngine(dit_on("cuda", torch.bfloat16), "block_causal", GEO, Sampling(steps=2))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if a pass could not use FlashAttention
-        assert full_cache_step_mask(engine, "cuda") is None
+    only_flash = lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])  # noqa: E731  # raises if the step cannot use FlashAttention
+    assert full_cache_step_mask(engine, "cuda", only_flash) is None
 
 
 @pytest.mark.gpu

@@ -134,6 +134,28 @@ def test_generate_bad_prompts_file_is_a_clear_error(tmp_path: Path, text: str, e
     assert result.exit_code == 1 and error in " ".join(result.output.split())
 
 
+def test_generate_refuses_mismatched_models_and_empty_prompts(tmp_path: Path) -> None:
+    from lmdm.builders import build_autoencoder_from, build_dit
+    from lmdm.checkpoints.format import save_checkpoint
+    from lmdm.config import load_config
+
+    dit = save_checkpoint(tmp_path / "dit", build_dit(load_config("quickstart", [*TINY, "autoencoder.latent_channels=8"])))
+    ae = save_checkpoint(tmp_path / "ae", build_autoencoder_from(load_config("quickstart", TINY)))
+    result = runner.invoke(app, ["generate", "--out", str(tmp_path / "x.wav"), "--dit", str(dit), "--autoencoder", str(ae), *TINY])
+    assert result.exit_code == 1 and "makes 8-channel latents but the autoencoder" in " ".join(result.output.split())
+    wide = save_checkpoint(tmp_path / "wide", build_dit(load_config("quickstart", [*TINY, "dit.cond_token_dim=64"])))
+    result = runner.invoke(app, ["generate", "--out", str(tmp_path / "x.wav"), "--dit", str(wide), "--prompt", "organ", *TINY])
+    assert result.exit_code == 1 and "takes 64-d text tokens but text encoder 'minilm' gives 384-d" in " ".join(result.output.split())
+    result = runner.invoke(app, ["generate", "--out", str(tmp_path / "x.wav"), "--prompt", "  ", *TINY])
+    assert result.exit_code == 2 and "--prompt is empty" in result.output
+
+
+def test_bench_stream_refuses_packed_off_float32_cpu() -> None:
+    args = ["bench", "stream", "--quick", "--width", "64", "--depth", "1", "--block-frames", "4", "--steps", "2", "--repeats", "2"]
+    result = runner.invoke(app, [*args, "--runtime", "packed", "--dtype", "bfloat16"])
+    assert result.exit_code == 2 and "no runtime to measure" in result.output
+
+
 def test_generate_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["generate", "--dit", str(tmp_path / "nope"), *TINY])
     assert result.exit_code == 1 and "config.json: missing" in result.output

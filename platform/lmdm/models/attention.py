@@ -249,13 +249,14 @@ class TransformerBlock(nn.Module):
         Args:
             x: ``(B, S, D)`` tokens.
             freqs: rotary table of the tokens (:class:`~lmdm.models.rotary.RotaryEmbedding`).
-            mask: self-attention mask over the keys the hook returns (True = attend), dense or a
-                FlexAttention block mask (see :meth:`SelfAttention.attend`; only with ``outputs_from = 0``).
+            mask: self-attention mask over the keys attended (the tokens' own, or the region ``cache`` reads;
+                True = attend), dense or a FlexAttention block mask (see :meth:`SelfAttention.attend`; only
+                with ``outputs_from = 0``).
             text_kv: this layer's text keys/values, each ``(B, Hkv, L, Dh)``; ``None`` skips cross-attention.
             text_mask: which text keys each token may see, ``(S, L)`` (for per-block prompts).
             cache: this layer's share of the pass's cache plan: where its keys/values go and which cached
                 keys/values the queries attend over (default: their own).
-            outputs_from: tokens before this index only give keys/values (to the hook); their outputs
+            outputs_from: tokens before this index only give keys/values (to the cache); their outputs
                 are not computed (a last layer whose early tokens' outputs nobody reads).
 
         Returns:

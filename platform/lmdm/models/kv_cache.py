@@ -145,10 +145,6 @@ class BlockKVCache:
         start = self.aux_positions + slot * self.block_frames
         return slice(start, start + self.block_frames)
 
-    def raw_range(self, slot: int) -> slice:
-        """Positions of ring slot ``slot`` in ``k_raw`` (and in :meth:`slot_valid`), which have no aux region."""
-        return slice(slot * self.block_frames, (slot + 1) * self.block_frames)
-
     @property
     def aux(self) -> slice:
         """Buffer positions of the block being committed (merged pass)."""
@@ -183,11 +179,6 @@ class BlockKVCache:
         if raw_slot is not None and self.k_raw is not None:
             raw_write = raw_slot * self.block_frames + torch.arange(self.block_frames, device=device)
         return CacheIO(self.k, self.v, write, start, stop, self.k_raw if raw_write is not None else None, raw_write)
-
-    def slot_valid(self, device: torch.device) -> Tensor:
-        """``(Kc,)`` bool: which context positions hold a block."""
-        valid = torch.tensor([b >= 0 for b in self.slot_block], dtype=torch.bool, device=device)
-        return valid.repeat_interleave(self.block_frames)
 
     def slot_blocks(self, device: torch.device) -> Tensor:
         """``(Kc,)`` int64: the stream block each context position holds (-1: empty)."""

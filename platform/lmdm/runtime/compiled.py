@@ -11,9 +11,11 @@ pass, a context encoding, an outpainting window, and each batch size — and non
   so training and ARC-Forcing rollouts backpropagate through plain PyTorch.
 - ``freeze=True`` (inductor freezing: weights become constants, which lets inductor pre-pack them, a large
   gain on CPU) is for inference weights only. The weights are fingerprinted at every call (identity and
-  autograd version of each parameter); when they changed (an EMA or ARC-Forcing step, a reload) the
-  frozen graphs are dropped and compiled again — never silently run with old weights. Dropping them is
-  :func:`torch.compiler.reset`, which clears every compiled function of the process.
+  autograd version of each parameter and buffer); when they changed (an EMA or ARC-Forcing step,
+  ``load_state_dict``, a reload) the frozen graphs are dropped and compiled again. Writes that keep no
+  version — through ``param.data``, or into inference tensors — are not seen: call
+  :meth:`CompiledLayers.invalidate` after those. Dropping the graphs is :func:`torch.compiler.reset`,
+  which clears every compiled function of the process.
 
 Private torch APIs used here, each with a fallback: ``torch._dynamo.config`` (raising the recompile
 limit, so that the expected shapes never fall back to eager: skipped with a warning where the setting is
@@ -70,7 +72,8 @@ def _freezing(on: bool) -> Iterator[None]:
 
 
 def _fingerprint(dit: DiT) -> list[tuple[Tensor, int]]:
-    return [(p, -1 if p.is_inference() else p._version) for p in dit.parameters()]
+    """Every parameter and buffer (frozen graphs bake in both), with autograd's in-place version counter."""
+    return [(t, -1 if t.is_inference() else t._version) for t in (*dit.parameters(), *dit.buffers())]
 
 
 class CompiledLayers:
@@ -108,6 +111,13 @@ class CompiledLayers:
         if dit is None:
             raise RuntimeError("the model these compiled layers were bound to no longer exists")
         return dit
+
+    def invalidate(self) -> None:
+        """Drop frozen graphs now (after weight writes that keep no version: ``param.data``, inference tensors)."""
+        if self.freeze:
+            torch.compiler.reset()
+            self.recompiles_for_weights += 1
+        self._weights = None
 
     def _check_weights(self) -> None:
         """Frozen graphs hold the weights they were compiled with: drop them when the weights changed."""

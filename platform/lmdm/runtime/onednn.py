@@ -47,7 +47,8 @@ class LinearPack:
 
     @staticmethod
     def of(weight: Tensor, bias: Tensor | None) -> LinearPack:
-        """Pack ``weight`` ``(O, I)`` (a copy: later in-place changes to it are not seen; re-pack then)."""
+        """Pack ``weight`` ``(O, I)``. The oneDNN layout is a copy (later in-place changes to the weight are not
+        seen: re-pack then); the fallback keeps the weight itself."""
         with torch.no_grad():
             w = weight.detach().contiguous()
             b = None if bias is None else bias.detach().contiguous()

@@ -184,11 +184,14 @@ class PackedLayers:
         """Every block's packs, gathered again if a weight changed; ``None`` where the packed forward would
         not compute what the modules compute (another module class, a forward hook, a non-float32 or
         non-CPU weight)."""
-        if module_lib._global_forward_hooks or module_lib._global_forward_pre_hooks:
+        # nn.Module's private hook registries (no public way to ask); where they are gone, assume hooks
+        if getattr(module_lib, "_global_forward_hooks", True) or getattr(module_lib, "_global_forward_pre_hooks", True):
             return None
         tensors: list[Tensor] = []
         for m in self.dit.transformer.layers.modules():
-            if m is not self.dit.transformer.layers and (type(m) not in _KNOWN or m._forward_hooks or m._forward_pre_hooks):
+            if m is not self.dit.transformer.layers and (
+                type(m) not in _KNOWN or getattr(m, "_forward_hooks", True) or getattr(m, "_forward_pre_hooks", True)
+            ):
                 return None
             tensors.extend(t for t in m._parameters.values() if t is not None)
             tensors.extend(t for t in m._buffers.values() if t is not None)

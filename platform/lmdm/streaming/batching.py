@@ -109,14 +109,27 @@ def stack(engine: LMDMEngine, states: list[LMDMState]) -> LMDMState:
     prompts = PromptCache(engine.core.dit, batch, batch * branches, engine.core.dtype)
 
     def joined(keys: list[str]) -> str:
+        """The stacked prompt of one key per session: K/V rows and texts concatenated (no text: zeros)."""
         key = KEY_SEP.join(keys)
-        if key not in prompts.entries and all(k in s.prompts.entries for k, s in zip(keys, states, strict=True)):
-            per = [s.prompts.entries[k] for k, s in zip(keys, states, strict=True)]
-            if len({p[0][0].shape[2] for p in per}) > 1:
-                raise ValueError("the sessions' prompts have different token counts; encode them to one length")
-            prompts.entries[key] = [
-                (cat_rows([p[i][0] for p in per], branches), cat_rows([p[i][1] for p in per], branches)) for i in range(len(per[0]))
-            ]
+        if key in prompts.texts:
+            return key
+        per = [s.prompts.lookup(k) for k, s in zip(keys, states, strict=True)]
+        texts = [s.prompts.texts[k] for k, s in zip(keys, states, strict=True)]
+        like = next((p for p in per if p is not None), None)
+        like_text = next((t for t in texts if t is not None), None)
+        if like is None or like_text is None:
+            prompts.texts[key] = None
+            return key
+        if len({p[0][0].shape[2] for p in per if p is not None}) > 1:
+            raise ValueError("the sessions' prompts have different token counts; encode them to one length")
+        per_kv = [p if p is not None else [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in like] for p in per]
+        prompts.entries[key] = [
+            (cat_rows([p[i][0] for p in per_kv], branches), cat_rows([p[i][1] for p in per_kv], branches)) for i in range(len(like))
+        ]
+        sizes = [s.progress.batch for s in states]
+        prompts.texts[key] = torch.cat(
+            [t if t is not None else like_text.new_zeros(n, *like_text.shape[1:]) for t, n in zip(texts, sizes, strict=True)]
+        )
         return key
 
     window_keys = [None if k is None else joined([s.window.keys[i] or "" for s in states]) for i, k in enumerate(first.window.keys)]
@@ -170,9 +183,15 @@ def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int]) -> list[LM
     out = []
     for i, b in enumerate(batches):
         prompts = PromptCache(engine.core.dit, b, b * branches, engine.core.dtype)
-        for key, entry in state.prompts.entries.items():
+        for key, text in state.prompts.texts.items():
+            own = key.split(KEY_SEP)[i]
+            entry = state.prompts.entries.get(key)
+            if text is None or entry is None:
+                prompts.texts[own] = None
+                continue
             parts = [split_rows(t, batches, branches) for layer in entry for t in layer]
-            prompts.entries[key.split(KEY_SEP)[i]] = [(parts[2 * j][i], parts[2 * j + 1][i]) for j in range(len(entry))]
+            prompts.entries[own] = [(parts[2 * j][i], parts[2 * j + 1][i]) for j in range(len(entry))]
+            prompts.texts[own] = torch.split(text, batches)[i]
         cache = BlockKVCache(
             ks[i],
             vs[i],

@@ -83,7 +83,7 @@ class Sampling:
 
 
 class Engine(Protocol[StateT]):
-    """The interface every generation method implements (outpainting, LMDM variants, LMM)."""
+    """The interface every generation method implements (outpainting and the LMDM variants; the LMM baseline next)."""
 
     def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> StateT:
         """A new stream of ``batch`` rows; ``context`` ``(B, C, k·Bf)`` is real starting context (``None``: silence)."""
@@ -157,35 +157,69 @@ class ContextWindow:
 
 
 class PromptCache:
-    """Per-layer text keys/values per prompt key, with CFG rows ``[cond; uncond]`` (cache per prompt)."""
+    """Per-layer text keys/values per prompt key, with CFG rows ``[cond; uncond]`` (cache per prompt).
+
+    A prompt key may stand for "no text" (a condition without text). Where blocks with and without text
+    meet in one pass (a prompt given mid-stream, or taken away), the textless ones cross-attend to zero
+    keys/values, which is exactly no cross-attention (its projections have no bias: zero values give a
+    zero output). Under autograd the keys/values are recomputed at every block (:meth:`refresh`), so no
+    block's backward reaches through another block's graph.
+    """
 
     def __init__(self, dit: DiT, batch: int, rows: int, dtype: torch.dtype) -> None:
         self.dit, self.batch, self.rows, self.dtype = dit, batch, rows, dtype
         self.entries: dict[str, TextKV] = {}
+        self.texts: dict[str, Tensor | None] = {}  # (B, L, Dc) each key was made from; None = no text
+
+    def _compute(self, text: Tensor) -> TextKV:
+        text = text.to(self.dtype)
+        if text.shape[0] != self.batch:
+            raise ValueError(f"condition text has batch {text.shape[0]}, the stream {self.batch}")
+        if self.rows != self.batch:
+            text = torch.cat([text, torch.zeros_like(text)])
+        return self.dit.text_kv(text)
 
     def get(self, condition: Condition) -> TextKV | None:
         """The text K/V of ``condition``'s prompt (computed once per key); ``None`` for no text."""
+        if condition.key not in self.texts:
+            self.texts[condition.key] = condition.text
         if condition.text is None:
             return None
         cached = self.entries.get(condition.key)
         if cached is None:
-            text = condition.text.to(self.dtype)
-            if text.shape[0] != self.batch:
-                raise ValueError(f"condition text has batch {text.shape[0]}, the stream {self.batch}")
-            if self.rows != self.batch:
-                text = torch.cat([text, torch.zeros_like(text)])
-            cached = self.entries[condition.key] = self.dit.text_kv(text)
+            cached = self.entries[condition.key] = self._compute(condition.text)
         return cached
 
-    def __getitem__(self, key: str) -> TextKV:
-        if key not in self.entries:
-            raise KeyError(f"prompt {key!r} is no longer cached (a context block still refers to it)")
-        return self.entries[key]
+    def lookup(self, key: str) -> TextKV | None:
+        """The K/V cached for ``key`` (``None``: a prompt without text).
+
+        Raises:
+            KeyError: a key never seen, or forgotten while a context block still refers to it.
+        """
+        if key not in self.texts:
+            raise KeyError(f"prompt {key!r} is not cached: a context block refers to a prompt that was never given or was dropped")
+        return self.entries.get(key)
+
+    def kv_for(self, keys: list[str]) -> list[TextKV] | None:
+        """Each key's K/V, textless keys as zeros of the others' shape; ``None`` if no key has text."""
+        found = [self.lookup(k) for k in keys]
+        like = next((f for f in found if f is not None), None)
+        if like is None:
+            return None
+        zeros = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in like]
+        return [f if f is not None else zeros for f in found]
+
+    def refresh(self) -> None:
+        """Recompute every cached K/V (under autograd: a fresh graph for this block)."""
+        for key, text in self.texts.items():
+            if text is not None:
+                self.entries[key] = self._compute(text)
 
     def keep_only(self, keys: set[str]) -> None:
         """Forget every prompt not in ``keys`` (prompts of blocks that left the context)."""
-        for key in [k for k in self.entries if k not in keys]:
-            del self.entries[key]
+        for key in [k for k in self.texts if k not in keys]:
+            self.texts.pop(key, None)
+            self.entries.pop(key, None)
 
 
 def concat_text(prompts: list[TextKV]) -> TextKV:
@@ -222,8 +256,8 @@ class EngineCore:
         self.run_layers: LayerRunner = self.runtime.bind(dit)
         self.ts = timesteps(sampling.steps, self.objective, sampling.schedule, device=self.device, dtype=self.dtype)
 
-    def progress(self, condition: Condition, batch: int, generator: Generator) -> Progress:
-        branches = 2 if self.sampling.cfg_scale != 1.0 and condition.text is not None else 1
+    def progress(self, batch: int, generator: Generator) -> Progress:
+        branches = 2 if self.sampling.cfg_scale != 1.0 else 1  # not from the text: a prompt may come mid-stream
         return Progress(batch=batch, rows=batch * branches, block=0, generator=generator)
 
     def check_context(self, context: Tensor | None, batch: int) -> list[Tensor]:

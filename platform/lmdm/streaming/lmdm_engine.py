@@ -160,7 +160,7 @@ class LMDMEngine:
     def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> LMDMState:
         c, g = self.core, self.geometry
         blocks = c.check_context(context, batch)
-        progress = c.progress(condition, batch, generator)
+        progress = c.progress(batch, generator)
         cache = BlockKVCache.allocate(
             len(c.dit.layers), progress.rows, self.heads, self.head_dim, g.context_blocks, g.block_frames,
             keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
@@ -175,7 +175,7 @@ class LMDMEngine:
         )
         for block in blocks:
             if self.variant == "block_causal":
-                self._encode_block(state, block, condition)
+                self._encode_block(state, context_inputs(c.rows(block, progress)), state.prompts.get(condition), progress.block)
             state.window.push(block, condition.key)
             progress.block += 1
         return state
@@ -191,6 +191,8 @@ class LMDMEngine:
         if state.pending is not None:
             keep.add(state.pending.key)
         state.prompts.keep_only(keep)
+        if torch.is_grad_enabled():
+            state.prompts.refresh()
         state.key = condition.key
         state.global_cond = c.global_rows(condition, state.progress)
         state.text_kv = state.prompts.get(condition)
@@ -228,11 +230,11 @@ class LMDMEngine:
         first = (Ctx - 1) * Bf + 1 if self.rotary == "fixed" else (j - 1) * Bf + 1  # block j−1: the newest context slot
         pending_positions = torch.arange(Bf, device=device) + first
         text_kv, text_mask = state.text_kv, None
-        if text_kv is not None and pending.key != condition.key:
-            pending_text = state.prompts[pending.key]
-            text_kv = concat_text([text_kv, pending_text])
+        per = state.prompts.kv_for([condition.key, pending.key]) if pending.key != condition.key else None
+        if per is not None:  # the committed block cross-attends to its own prompt (no text: zeros)
+            text_kv = concat_text(per)
             group = torch.cat([torch.ones(Bf, dtype=torch.long), torch.zeros(1 + Bf, dtype=torch.long)]).to(device)
-            text_mask = text_group_mask(group, pending_text[0][0].shape[2], 2)
+            text_mask = text_group_mask(group, per[0][0][0].shape[2], 2)
         write = torch.cat(
             [torch.arange(cache.positions, device=device)[cache.aux], torch.arange(cache.positions, device=device)[cache.own]]
         )
@@ -290,6 +292,8 @@ class LMDMEngine:
         (merged pass); ``encdec`` re-encodes the whole context at the next block anyway."""
         if state.step_plan is None and state.merged_plan is None:
             raise RuntimeError("end_block before begin_block")
+        if state.pending is not None:  # the block's first step never ran (a block made elsewhere): commit j − 1 alone
+            self._encode_block(state, state.pending.inputs, state.prompts.lookup(state.pending.key), state.progress.block - 1)
         if self.variant == "block_causal" and self.geometry.context_blocks:
             state.pending = Pending(context_inputs(self.core.rows(block.detach(), state.progress)), state.key)
         state.window.push(block, state.key)
@@ -323,14 +327,14 @@ class LMDMEngine:
         freqs = self.core.dit.freqs(self._slot_positions(cache, block))
         cache.k[:, :, :, cache.ring] = apply_rotary(cache.k_raw, freqs)  # (Ly, R, H, Kc, Dh)
 
-    def _encode_block(self, state: LMDMState, block: Tensor, condition: Condition) -> None:
-        """``block_causal``, a starting context: run the clean block ``j`` through every layer (banded: it sees
-        the ring and itself) and write its keys/values into the ring slot of the oldest block."""
+    def _encode_block(self, state: LMDMState, inputs: Tensor, text_kv: TextKV | None, j: int) -> None:
+        """``block_causal``, a block committed in its own pass (a starting context; a pending block whose
+        merged pass never ran): run clean block ``j``'s context inputs ``(R, 2C+1, Bf)`` through every layer
+        (banded: it sees the ring and itself) and write its keys/values into the ring slot of the oldest block."""
         c, cache = self.core, state.cache
         Ctx, Bf = self.geometry.context_blocks, self.geometry.block_frames
         if Ctx == 0:
             return
-        j = state.progress.block
         slot = j % Ctx
         if cache.k_raw is not None:
             self._rotate_ring(cache, j)
@@ -338,8 +342,7 @@ class LMDMEngine:
         queries = self._layout([(CLEAN, j, True, Bf)])
         keys = self._layout([self._ring_layout(cache), (GLOBAL, j, False, 1), (CLEAN, j, True, Bf)])
         io = cache.io(write=mine, read=slice(cache.ring.start, None), raw_slot=torch.tensor(slot, device=c.device))
-        h = c.dit.embed_frames(context_inputs(c.rows(block, state.progress)))
-        text_kv = state.prompts.get(condition)
+        h = c.dit.embed_frames(inputs)
         c.run_layers(h, c.dit.freqs(self._own_positions(j)[1:]), self._mask(queries, keys), text_kv, None, io, Bf)  # keys/values only
         rng = cache.slot_range(slot)
         cache.v[:, :, :, rng] = cache.v[:, :, :, mine]
@@ -359,9 +362,13 @@ class LMDMEngine:
         mask = attention_bias(attention_mask(layout, layout, "encdec", Ctx), c.dtype)  # same tokens: an empty slot sees itself
         keys = [k if k is not None else condition.key for k in state.window.keys]
         text_kv, text_mask = state.prompts.get(condition), None
-        if text_kv is not None and any(k != condition.key for k in keys):
-            prompts = [*dict.fromkeys(keys)]
-            per = [state.prompts[k] for k in prompts]
+        prompts = [*dict.fromkeys(keys)]
+        per = state.prompts.kv_for(prompts) if prompts != [condition.key] else [text_kv] if text_kv is not None else None
+        if per is None:  # no context block has text
+            text_kv = None
+        elif len(prompts) == 1:
+            text_kv = per[0]
+        else:
             text_kv = concat_text(per)
             group = torch.tensor([prompts.index(k) for k in keys for _ in range(Bf)], device=c.device)
             text_mask = text_group_mask(group, per[0][0][0].shape[2], len(prompts))

@@ -70,7 +70,7 @@ class OutpaintingEngine:
     ) -> OutpaintingState:
         c, g = self.core, self.geometry
         blocks = c.check_context(context, batch)
-        progress = c.progress(condition, batch, generator)
+        progress = c.progress(batch, generator)
         state = OutpaintingState(
             progress,
             ContextWindow.empty(batch, c.channels, g.block_frames, g.context_blocks, c.dtype, c.device),
@@ -87,6 +87,8 @@ class OutpaintingEngine:
     def begin_block(self, state: OutpaintingState, condition: Condition) -> None:
         c, Bf, Ctx = self.core, self.geometry.block_frames, self.geometry.context_blocks
         state.prompts.keep_only({k for k in state.window.keys if k is not None} | {condition.key})
+        if torch.is_grad_enabled():
+            state.prompts.refresh()
         j = state.progress.block
         slots = torch.arange(Ctx, device=c.device).repeat_interleave(Bf)
         layout = TokenLayout(
@@ -114,15 +116,16 @@ class OutpaintingEngine:
     def _window_text(self, state: OutpaintingState, condition: Condition) -> tuple[TextKV | None, Tensor | None]:
         """Text K/V for [global, context slots, target]: one prompt, or per-slot prompts with a group mask."""
         current = state.prompts.get(condition)
-        if current is None:
-            return None, None
         keys = [k if k is not None else condition.key for k in state.window.keys]
         if all(k == condition.key for k in keys):
             return current, None
         prompts = [*dict.fromkeys([condition.key, *keys])]
+        per = state.prompts.kv_for(prompts)  # blocks without text: zero keys/values
+        if per is None:
+            return None, None
         Bf = self.geometry.block_frames
         group = torch.tensor([0] + [prompts.index(k) for k in keys for _ in range(Bf)] + [0] * Bf, device=self.core.device)
-        return concat_text([state.prompts[k] for k in prompts]), text_group_mask(group, current[0][0].shape[2], len(prompts))
+        return concat_text(per), text_group_mask(group, per[0][0][0].shape[2], len(prompts))
 
     def denoise_step(self, state: OutpaintingState, x_t: Tensor, t: Tensor) -> Tensor:
         """The model output ``(B, C, Bf)`` for the target at ``t`` ``(B,)``, re-encoding the whole window."""
