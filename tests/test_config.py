@@ -156,3 +156,17 @@ def test_autoencoder_lr_out_of_range_names_the_key(value: str) -> None:
 def test_shuffle_buffer_out_of_range_names_the_key(value: str) -> None:
     with pytest.raises(ConfigError, match=rf"train.shuffle_buffer: got '?{re.escape(value)}'?: Input should be"):
         load_config("quickstart", [f"train.shuffle_buffer={value}"])
+
+
+@pytest.mark.timeout(30, method="thread")  # the expansion runs in C, which a signal cannot interrupt
+def test_a_billion_laughs_config_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
+    """Nine anchors, each a list of nine aliases of the previous: refused at the first alias, not expanded
+    (before, ``lmdm config show`` ran for over 100 s)."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join([*lines, "train: {steps: *a8}"]) + "\n")
+    with pytest.raises(ConfigError, match=r"laughs.yaml: YAML alias '\*a0' at line 2, column \d+: aliases are not allowed"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="override 'train.steps=.*: YAML alias"):
+        load_config("quick", ["train.steps=[&x 1, *x]"])

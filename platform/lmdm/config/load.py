@@ -40,6 +40,26 @@ def resolve_config_path(config: str | Path) -> Path:
     raise ConfigError(f"config {str(config)!r}: no such file, and no shipped config of that name (shipped: {', '.join(names)})")
 
 
+def _refuse_aliases(text: str, where: str) -> None:
+    """Configs may not use YAML aliases (``*name``): nested aliases expand exponentially (a "billion laughs"
+    file of a few lines becomes gigabytes once validated), so they are refused before anything is expanded.
+    Scanning the event stream is linear in the text.
+
+    Raises:
+        ConfigError: at the first alias, naming its line and column.
+    """
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise ConfigError(
+                    f"{where}: YAML alias '*{event.anchor}' at line {mark.line + 1}, column {mark.column + 1}: "
+                    "aliases are not allowed in configs (nested aliases expand exponentially); write the values out"
+                )
+    except yaml.YAMLError:
+        return  # the loader reports syntax errors with their position
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into its key path and a YAML-typed value (``3`` → int, ``[1, 2]`` → list).
 
@@ -50,6 +70,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected KEY=VALUE with a dotted key, e.g. train.steps=100")
+    _refuse_aliases(raw, f"override {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
@@ -62,6 +83,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+    _refuse_aliases(text, str(path))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
