@@ -168,5 +168,5 @@ def test_a_billion_laughs_config_is_refused_before_it_is_expanded(tmp_path: Path
     path.write_text("\n".join([*lines, "train: {steps: *a8}"]) + "\n")
     with pytest.raises(ConfigError, match=r"laughs.yaml: YAML alias '\*a0' at line 2, column \d+: aliases are not allowed"):
         load_config(path)
-    with pytest.raises(ConfigError, match="override 'train.steps=.*: YAML alias"):
+    with pytest.raises(ConfigError, match=r"override 'train.steps=.*: YAML alias"):
         load_config("quick", ["train.steps=[&x 1, *x]"])

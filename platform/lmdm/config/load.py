@@ -52,8 +52,9 @@ def _refuse_aliases(text: str, where: str) -> None:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
                 mark = event.start_mark
+                at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
                 raise ConfigError(
-                    f"{where}: YAML alias '*{event.anchor}' at line {mark.line + 1}, column {mark.column + 1}: "
+                    f"{where}: YAML alias '*{event.anchor}'{at}: "
                     "aliases are not allowed in configs (nested aliases expand exponentially); write the values out"
                 )
     except yaml.YAMLError:
