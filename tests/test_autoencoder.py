@@ -18,11 +18,9 @@ from lmdm.checkpoints.sao_autoencoder import load_sao_autoencoder, read_sao_auto
 from lmdm.config import AudioConfig, AutoencoderConfig
 from lmdm.models.autoencoder import OobleckVAE, StreamingDecoder, build_autoencoder, span_forward
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # frozen Stable Audio references (fixtures/README.md)
 OOBLECK = FIXTURES / "oobleck_tiny"
 ATOL, RTOL = 1e-5, 1e-4
-
-needs_fixture = pytest.mark.skipif(not OOBLECK.is_dir(), reason=f"Stable Audio reference fixtures not found at {OOBLECK}")
 
 
 def tiny_vae(seed: int = 0) -> OobleckVAE:
@@ -57,7 +55,6 @@ def fixture_config() -> dict[str, Any]:
 # --- The import reproduces stable-audio-tools ---------------------------------------------------
 
 
-@needs_fixture
 def test_import_reproduces_stable_audio_tools_outputs() -> None:
     vae = load_sao_autoencoder(OOBLECK)
     ref = load_file(OOBLECK / "reference.safetensors")
@@ -71,7 +68,6 @@ def test_import_reproduces_stable_audio_tools_outputs() -> None:
     assert decoded.abs().max() > 1e-2  # a silent decoder would pass a loose comparison
 
 
-@needs_fixture
 def test_config_sizes_are_read_from_the_file() -> None:
     spec = read_sao_autoencoder_config(OOBLECK / "model_config.json")
     assert (spec.audio_channels, spec.channels, spec.c_mults, spec.strides, spec.latent_dim, spec.final_tanh) == (
@@ -84,7 +80,6 @@ def test_config_sizes_are_read_from_the_file() -> None:
     )
 
 
-@needs_fixture
 def test_bare_encoder_decoder_prefix_and_explicit_paths_load(tmp_path: Path) -> None:
     sao = load_file(OOBLECK / "model.safetensors")
     bare = {k.removeprefix("pretransform.model."): v for k, v in sao.items()}
@@ -97,7 +92,6 @@ def test_bare_encoder_decoder_prefix_and_explicit_paths_load(tmp_path: Path) -> 
         torch.testing.assert_close(vae.decode(ref["latent_mean"]), ref["decoded"], atol=ATOL, rtol=RTOL)
 
 
-@needs_fixture
 def test_full_diffusion_checkpoint_skips_the_dit_and_conditioners(tmp_path: Path) -> None:
     config = fixture_config()
     config["model_type"] = "diffusion_cond"
@@ -141,7 +135,6 @@ def test_stand_alone_autoencoder_config_layout(tmp_path: Path) -> None:
 # --- Bad checkpoints fail with the keys -------------------------------------------------------
 
 
-@needs_fixture
 def test_missing_key_is_listed_with_its_shape_and_the_file(tmp_path: Path) -> None:
     tensors = load_file(OOBLECK / "model.safetensors")
     del tensors["pretransform.model.decoder.layers.1.layers.1.weight_g"]
@@ -157,7 +150,6 @@ def test_missing_key_is_listed_with_its_shape_and_the_file(tmp_path: Path) -> No
     assert "unexpected" not in message and "shape mismatch" not in message
 
 
-@needs_fixture
 def test_unexpected_and_misspelt_keys_are_listed(tmp_path: Path) -> None:
     tensors = load_file(OOBLECK / "model.safetensors")
     tensors["pretransform.model.encoder.layers.9.bias"] = torch.zeros(5)
@@ -176,7 +168,6 @@ def test_unexpected_and_misspelt_keys_are_listed(tmp_path: Path) -> None:
     assert "missing (1)" in message and "pretransform.model.decoder.layers.4.weight_g [1, 1, 1]" in message
 
 
-@needs_fixture
 def test_shape_mismatch_lists_file_and_model_shapes(tmp_path: Path) -> None:
     tensors = load_file(OOBLECK / "model.safetensors")
     tensors["pretransform.model.decoder.layers.0.weight_v"] = torch.zeros(32, 4, 5)
@@ -188,7 +179,6 @@ def test_shape_mismatch_lists_file_and_model_shapes(tmp_path: Path) -> None:
     assert "missing" not in message  # a mismatched key is not also reported missing
 
 
-@needs_fixture
 def test_config_that_does_not_fit_the_weights_fails_on_shapes(tmp_path: Path) -> None:
     config = fixture_config()
     for codec in ("encoder", "decoder"):
@@ -212,7 +202,6 @@ def test_config_that_does_not_fit_the_weights_fails_on_shapes(tmp_path: Path) ->
         (lambda ae: ae.update(downsampling_ratio=16), "model.pretransform.config.downsampling_ratio"),
     ],
 )
-@needs_fixture
 def test_unsupported_or_inconsistent_config_names_the_key(tmp_path: Path, edit: Any, key: str) -> None:
     config = copy.deepcopy(fixture_config())
     edit(config["model"]["pretransform"]["config"])
@@ -223,7 +212,6 @@ def test_unsupported_or_inconsistent_config_names_the_key(tmp_path: Path, edit: 
     assert key in str(info.value)
 
 
-@needs_fixture
 def test_pretransform_scale_and_non_safetensors_weights_are_refused(tmp_path: Path) -> None:
     config = fixture_config()
     config["model"]["pretransform"]["scale"] = 0.5

@@ -16,12 +16,10 @@ from lmdm.checkpoints.sao_dit import NumberConditioners, import_sao, load_sao_di
 from lmdm.models.autoencoder import OobleckVAE
 from lmdm.models.dit import DiT, DiTArgs
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # frozen Stable Audio references (fixtures/README.md)
 DIT_FIXTURE = FIXTURES / "sao_dit_tiny"
-needs_fixture = pytest.mark.skipif(not DIT_FIXTURE.is_dir(), reason=f"fixtures not found at {FIXTURES}")
 
 
-@needs_fixture
 def test_sao_dit_import_reproduces_stable_audio_tools_outputs() -> None:
     imported = load_sao_diffusion(DIT_FIXTURE)
     ref = load_file(str(DIT_FIXTURE / "reference.safetensors"))
@@ -37,7 +35,6 @@ def copy_fixture(tmp_path: Path) -> Path:
     return folder
 
 
-@needs_fixture
 def test_wrong_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     folder = copy_fixture(tmp_path)
     state = load_file(str(folder / "model.safetensors"))
@@ -53,7 +50,6 @@ def test_wrong_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     assert "transformer.layers.0.self_attn.to_qkv.weight: file [3, 3], model expects [384, 128]" in msg
 
 
-@needs_fixture
 def test_unsupported_config_option_names_the_key(tmp_path: Path) -> None:
     folder = copy_fixture(tmp_path)
     config = json.loads((folder / "model_config.json").read_text())
@@ -63,13 +59,11 @@ def test_unsupported_config_option_names_the_key(tmp_path: Path) -> None:
         load_sao_diffusion(folder)
 
 
-@needs_fixture
 def test_pickle_weights_are_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"only \.safetensors weights are read"):
         load_sao_diffusion(DIT_FIXTURE, tmp_path / "model.ckpt")
 
 
-@needs_fixture
 def test_import_sao_writes_our_format(tmp_path: Path) -> None:
     written = import_sao(DIT_FIXTURE, tmp_path / "out")
     assert set(written) == {"dit"}
