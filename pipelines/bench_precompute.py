@@ -24,7 +24,8 @@ def run_precompute_bench(cfg: Config, corpus_root: Path) -> dict[str, Any]:
 
     from lmdm.builders import build_autoencoder_from
     from lmdm.checkpoints.format import save_checkpoint
-    from lmdm.pipelines.precompute import ensure_ray, run_precompute
+    from lmdm.pipelines.precompute import run_precompute
+    from lmdm.pipelines.ray_session import ensure_ray
 
     ensure_ray(cfg)
     results: dict[str, Any] = {"torch_threads_per_worker": cfg.precompute.torch_threads}

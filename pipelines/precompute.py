@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import pyarrow.parquet as pq
 
 from lmdm.config import Config
 
-__all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "chunk_dataset", "ensure_ray", "file_sha256", "run_precompute"]
+__all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "chunk_dataset", "file_sha256", "run_precompute"]
 
 FORMAT = 1
 
@@ -57,32 +55,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def ensure_ray(cfg: Config) -> None:
-    """Connect to ``ray.address`` (or ``$RAY_ADDRESS``, set inside a Ray job), or start a local Ray on
-    loopback with its own temp dir."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Inside `ray job submit` Ray sets RAY_ADDRESS for the entrypoint: join that cluster (ray.init semantics).
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    temp = Path(tempfile.gettempdir()) / f"lmdm-ray-{os.getuid()}"
-    # Logical CPUs are scheduling slots, not cores (torch threads per task/actor are set explicitly):
-    # twice the cores (at least 4) lets decode tasks run beside a full actor pool instead of deadlocking.
-    num_cpus = cfg.ray.num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(temp),
-        configure_logging=False,
-        log_to_driver=False,
-    )
 
 
 def _decode_batch(
@@ -257,6 +229,8 @@ def run_precompute(
         progress(inputs_done, len(records))
     written = 0
     if todo:
+        from lmdm.pipelines.ray_session import ensure_ray
+
         ensure_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows arrive in input order: a shard is complete when the next begins

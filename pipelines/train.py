@@ -27,13 +27,21 @@ from typing import Any
 
 from lmdm.config import Config
 
-__all__ = ["TrainResult", "run_name", "run_train", "training_state_bytes"]
+__all__ = ["MIXED_PRECISION", "TrainResult", "process_group_backend", "run_name", "run_train", "training_state_bytes"]
 
 
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path | None  # the latest reported checkpoint folder
     metrics: dict[str, Any]
+
+
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision → Accelerate's mixed_precision
+
+
+def process_group_backend(cfg: Config) -> str:
+    """``nccl`` on GPUs, ``gloo`` on CPUs (for Ray Train's process group and Accelerate's alike)."""
+    return "nccl" if cfg.train.use_gpu else "gloo"
 
 
 def _deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -194,13 +202,14 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     torch.set_num_threads(cfg.train.torch_threads)
     plugin = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg)) if cfg.train.strategy == "deepspeed" else None
     # On CPU, DDP needs `cpu=True` (else Accelerate runs every worker unsynchronised), while DeepSpeed must
-    # not get it (Accelerate would silently drop DeepSpeed for DDP); the gloo process-group kwargs make
-    # Accelerate see every process under DeepSpeed on CPU.
+    # not get it (Accelerate would silently drop DeepSpeed for DDP); the process-group kwargs (gloo on CPU,
+    # nccl on GPUs) make Accelerate see every process under DeepSpeed.
     accelerator = Accelerator(
         cpu=plugin is None and not cfg.train.use_gpu,
         deepspeed_plugin=plugin,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+        kwargs_handlers=[InitProcessGroupKwargs(backend=process_group_backend(cfg))],
         gradient_accumulation_steps=cfg.train.grad_accum,
+        mixed_precision=MIXED_PRECISION[cfg.train.precision],
     )
     if accelerator.num_processes > 1 and str(accelerator.distributed_type) == "DistributedType.NO":
         raise RuntimeError(f"Accelerate sees {accelerator.num_processes} processes but no distributed backend: gradients would not sync")
@@ -421,7 +430,7 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from lmdm.eval.tracking import absolute_tracking_uri
-    from lmdm.pipelines.precompute import ensure_ray
+    from lmdm.pipelines.ray_session import ensure_ray
 
     # Workers run in other directories: every path they read must be absolute.
     cfg = cfg.model_copy(deep=True)
@@ -450,7 +459,7 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
             "mlflow_run_id": mlflow_run_id,
             "measure": measure,
         },
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(cfg)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
         ),

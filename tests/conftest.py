@@ -39,7 +39,7 @@ def local_ray() -> object:
     Ray Data tasks and actors always get slots)."""
     import ray
 
-    from lmdm.pipelines.precompute import ensure_ray
+    from lmdm.pipelines.ray_session import ensure_ray
 
     ensure_ray(load_config("quickstart", ["ray.num_cpus=4"]))
     yield ray

@@ -170,3 +170,15 @@ def test_a_billion_laughs_config_is_refused_before_it_is_expanded(tmp_path: Path
         load_config(path)
     with pytest.raises(ConfigError, match=r"override 'train.steps=.*: YAML alias"):
         load_config("quick", ["train.steps=[&x 1, *x]"])
+
+
+def test_training_precision_is_checked_against_the_hardware_and_strategy() -> None:
+    from lmdm.pipelines.train import process_group_backend
+
+    assert load_config("quick", ["train.precision=bf16"]).train.precision == "bf16"
+    with pytest.raises(ConfigError, match="precision 'fp16' needs GPUs"):
+        load_config("quick", ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="precision 'bf16' with strategy 'deepspeed' is not supported yet"):
+        load_config("quick", ["train.precision=bf16", "train.strategy=deepspeed"])
+    assert process_group_backend(load_config("quick")) == "gloo"
+    assert process_group_backend(load_config("quick", ["train.use_gpu=true", "train.precision=fp16"])) == "nccl"

@@ -206,6 +206,9 @@ class TrainConfig(Section):
     workers: int = Field(2, ge=1, le=4096)
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
     use_gpu: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="mixed precision (autocast) through Accelerate: fp32 | bf16 | fp16 (GPUs only); ddp only for now"
+    )
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: Literal[1, 2] = 2
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
@@ -233,6 +236,17 @@ class TrainConfig(Section):
     audio_chunk_frames: int = Field(16, ge=1, le=100_000, description="autoencoder stage: latent frames of audio per example")
     kl_weight: float = Field(1e-4, ge=0.0, le=1.0, description="autoencoder stage: KL weight")
     fail_once_at_step: int | None = Field(None, ge=1, description="fault-tolerance drill: rank 1 raises once at this step")
+
+    @model_validator(mode="after")
+    def _precision_fits(self) -> TrainConfig:
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision 'fp16' needs GPUs (train.use_gpu=true); on CPU use fp32 or bf16")
+        if self.precision != "fp32" and self.strategy == "deepspeed":
+            raise ValueError(
+                f"precision {self.precision!r} with strategy 'deepspeed' is not supported yet (DeepSpeed keeps bf16/fp16 "
+                "weights and fp32 masters, which checkpoints must save); use strategy ddp, or precision fp32"
+            )
+        return self
 
 
 class QuickstartConfig(Section):
