@@ -86,7 +86,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
 
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
-        with mlflow_run(cfg, "precompute", nested=True, params=False):
+        with mlflow_run(pre_cfg, "precompute", nested=True):  # the training stages log theirs in run_train
             pre = run_precompute(pre_cfg, autoencoder)
             mlflow.log_metrics({"precompute/chunks": pre.chunks, "precompute/skipped": len(pre.skipped)})
         times["precompute"] = time.perf_counter() - start

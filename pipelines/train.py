@@ -247,6 +247,7 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
     fixed: dict[str, Any] | None = None
     pending_metrics: list[Any] = []
     clock, state_bytes = (time.perf_counter(), step), dict[str, int]()
+    last_step_at, grad_norm = time.perf_counter(), float("nan")
     reports = 0  # ray.train.report calls by this worker in this attempt (one per checkpoint)
     epoch = 0
     while step < cfg.train.steps:
@@ -270,9 +271,11 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                     _measure_at_next_step(model, optimizer, state_bytes)
                 accelerator.backward(loss)
                 if plugin is None and accelerator.sync_gradients:  # DeepSpeed clips itself (gradient_clipping)
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad()
+                if plugin is not None and accelerator.sync_gradients:
+                    grad_norm = float(model.get_global_grad_norm() or float("nan"))  # the DeepSpeed engine's, before clipping
             step += 1
             drill = cfg.train.fail_once_at_step
             marker = Path(cfg.train.storage_path).resolve() / f"{cfg.name}-{stage}.failed-once"
@@ -298,7 +301,16 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                             ema[k].lerp_(v.detach().to(ema[k].dtype), 1 - cfg.train.ema_decay)
                         else:
                             ema[k].copy_(v)
-            pending_metrics.append(mlflow.entities.Metric("train/loss", metrics["train/loss"], int(time.time() * 1000), step))
+            now, stamp = time.perf_counter(), int(time.time() * 1000)
+            rows = cfg.train.batch_size * accelerator.num_processes
+            per_step = {
+                "train/loss": metrics["train/loss"],
+                "train/lr": float(optimizer.param_groups[0]["lr"]),
+                "train/grad_norm": grad_norm,
+                "train/samples_per_s": rows / (now - last_step_at) if now > last_step_at else float("nan"),
+            }
+            last_step_at = now
+            pending_metrics += [mlflow.entities.Metric(key, value, stamp, step) for key, value in per_step.items()]
             if step % cfg.train.checkpoint_every == 0 or step >= cfg.train.steps:
                 # Metrics are committed with checkpoints: steps after the last checkpoint are recomputed after
                 # a failure, so MLflow keeps one continuous history without duplicate steps.
@@ -322,6 +334,22 @@ def _train_loop(config: dict[str, Any]) -> None:  # runs on every Ray Train work
                 break
     if run is not None:
         mlflow.end_run()
+
+
+def _log_stage_params(cfg: Config, stage: str, run_id: str) -> None:
+    """The stage's resolved config (absolute paths, stage overrides) as the run's params, every key the run
+    does not hold yet (a parent command may have logged its own; MLflow refuses changing a value)."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from lmdm.eval.tracking import flatten
+
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    held = client.get_run(run_id).data.params
+    params = {**flatten(cfg.model_dump(mode="json")), "stage": stage}
+    new = [Param(k, v) for k, v in params.items() if k not in held]
+    for i in range(0, len(new), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=new[i : i + 100])
 
 
 def epoch_batches(shard: Any, cfg: Config, rank: int, epoch: int) -> Any:
@@ -470,6 +498,12 @@ def run_train(cfg: Config, stage: str, latents: Path | None, mlflow_run_id: str 
         ),
         datasets={"train": dataset},
     )
+    if mlflow_run_id:
+        _log_stage_params(cfg, stage, mlflow_run_id)
     result = trainer.fit()
     folder = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    if mlflow_run_id and folder is not None:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=cfg.tracking.tracking_uri).set_tag(mlflow_run_id, "checkpoint", str(folder))
     return TrainResult(checkpoint=folder, metrics=dict(result.metrics or {}))

@@ -46,5 +46,8 @@ def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("quick")
     assert experiment is not None
-    names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-    assert {"quickstart", "autoencoder", "precompute", "base", "lmdm"} <= names
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert {"quickstart", "autoencoder", "precompute", "base", "lmdm"} <= set(runs)
+    for stage in ("autoencoder", "precompute", "base", "lmdm"):  # every stage run carries its resolved config
+        assert "train.steps" in runs[stage].data.params, stage
+    assert runs["lmdm"].data.params["train.init"].endswith("base") and "checkpoint" in runs["lmdm"].data.tags

@@ -53,6 +53,8 @@ def decreases(history: list[tuple[int, float]]) -> bool:
 
 
 def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, latents: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
     from lmdm.eval.tracking import mlflow_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -66,6 +68,12 @@ def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, 
     assert isinstance(model, DiT) and meta == {"stage": "base", "step": 8}
     history = loss_history(uri, run.info.run_id)
     assert [s for s, _ in history] == list(range(1, 9)) and decreases(history), history
+    stage_run = MlflowClient(tracking_uri=uri).get_run(run.info.run_id)
+    assert stage_run.data.params["train.lr"] == "0.001" and stage_run.data.params["stage"] == "base"
+    assert stage_run.data.tags["checkpoint"] == str(base.checkpoint)
+    for key in ("train/lr", "train/grad_norm", "train/samples_per_s"):
+        values = [m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, key)]
+        assert len(values) == 8 and all(v > 0 for v in values), (key, values)
     cfg = train_cfg(
         tmp_path, "train.steps=8", "train.checkpoint_every=8", f"train.init={base.checkpoint / 'model'}",
         "stream.variant=block_causal", f"tracking.tracking_uri={uri}",
