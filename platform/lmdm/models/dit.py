@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from einops import rearrange
@@ -33,10 +34,10 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from lmdm.models.attention import TransformerBlock
-from lmdm.models.kv_cache import CacheIO
+from lmdm.models.kv_cache import CacheIO, LayerCache
 from lmdm.models.rotary import RotaryEmbedding
 
-__all__ = ["DiT", "DiTArgs", "TextKV"]
+__all__ = ["Block", "DiT", "DiTArgs", "TextKV", "run_blocks"]
 
 TIMESTEP_FEATURES = 256
 
@@ -56,6 +57,53 @@ class DiTArgs:
     project_cond_tokens: bool = False  # Stable Audio: project text tokens to `width` first
     global_cond_dim: int = 0  # timing/global conditioning vector width; 0 = none
     input_concat_dim: int = 0  # extra input channels (clean context + mask for LMDMs)
+
+
+class Block(Protocol):
+    """One layer of the stack as :func:`run_blocks` calls it (a :class:`TransformerBlock`, or a runtime's own
+    implementation of the same maths)."""
+
+    def __call__(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        mask: Tensor | BlockMask | None,
+        text_kv: tuple[Tensor, Tensor] | None,
+        text_mask: Tensor | None,
+        cache: LayerCache | None,
+        outputs_from: int,
+    ) -> Tensor: ...
+
+    def keys_values(self, x: Tensor, freqs: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, Tensor]: ...
+
+
+def run_blocks(
+    blocks: Sequence[Block],
+    h: Tensor,
+    freqs: Tensor,
+    mask: Tensor | BlockMask | None,
+    text_kv: TextKV | None,
+    text_mask: Tensor | None = None,
+    cache: CacheIO | None = None,
+    outputs_from: int = 0,
+) -> Tensor:
+    """The layer loop of :meth:`DiT.run_layers` over any blocks (the arguments are documented there).
+
+    Raises:
+        ValueError: ``outputs_from`` outside ``[0, S]``.
+    """
+    if not 0 <= outputs_from <= h.shape[1]:
+        raise ValueError(f"outputs_from must be in [0, {h.shape[1]}] for {h.shape[1]} tokens, got {outputs_from}")
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        text = text_kv[i] if text_kv is not None else None
+        layer_cache = cache.layer(i) if cache is not None else None
+        keep = outputs_from if i == last else 0
+        if keep == h.shape[1]:  # the last layer of a keys/values-only pass
+            block.keys_values(h, freqs, layer_cache)
+            return h[:, keep:]
+        h = block(h, freqs, mask, text, text_mask, layer_cache, keep)
+    return h
 
 
 class _FourierFeatures(nn.Module):
@@ -180,18 +228,7 @@ class DiT(nn.Module):
         Raises:
             ValueError: ``outputs_from`` outside ``[0, S]``.
         """
-        if not 0 <= outputs_from <= h.shape[1]:
-            raise ValueError(f"outputs_from must be in [0, {h.shape[1]}] for {h.shape[1]} tokens, got {outputs_from}")
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            text = text_kv[i] if text_kv is not None else None
-            layer_cache = cache.layer(i) if cache is not None else None
-            keep = outputs_from if i == last else 0
-            if keep == h.shape[1]:
-                layer.keys_values(h, freqs, layer_cache)
-                return h[:, keep:]
-            h = layer(h, freqs, mask, text, text_mask, layer_cache, keep)
-        return h
+        return run_blocks(self.layers, h, freqs, mask, text_kv, text_mask, cache, outputs_from)
 
     def forward_tokens(
         self,

@@ -37,6 +37,7 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from lmdm.models.dit import DiT, TextKV
 from lmdm.models.kv_cache import CacheIO
+from lmdm.runtime.versions import WeightWatch
 
 __all__ = ["RECOMPILE_LIMIT", "CompiledLayers", "compiled_layers", "freezing_available", "raise_recompile_limit"]
 
@@ -71,11 +72,6 @@ def _freezing(on: bool) -> Iterator[None]:
         yield
 
 
-def _fingerprint(dit: DiT) -> list[tuple[Tensor, int]]:
-    """Every parameter and buffer (frozen graphs bake in both), with autograd's in-place version counter."""
-    return [(t, -1 if t.is_inference() else t._version) for t in (*dit.parameters(), *dit.buffers())]
-
-
 class CompiledLayers:
     """``run_layers`` of one model through ``torch.compile`` (the signature of :meth:`DiT.run_layers`).
 
@@ -103,7 +99,7 @@ class CompiledLayers:
         self._compiled: Callable[..., Tensor] = torch.compile(
             type(dit).run_layers, backend=backend, fullgraph=True, dynamic=False, mode=mode
         )
-        self._weights: list[tuple[Tensor, int]] | None = None
+        self._weights = WeightWatch()
 
     @property
     def dit(self) -> DiT:
@@ -117,18 +113,13 @@ class CompiledLayers:
         if self.freeze:
             torch.compiler.reset()
             self.recompiles_for_weights += 1
-        self._weights = None
+        self._weights.forget()
 
     def _check_weights(self) -> None:
         """Frozen graphs hold the weights they were compiled with: drop them when the weights changed."""
-        current = _fingerprint(self.dit)
-        if self._weights is not None and (
-            len(current) != len(self._weights)
-            or any(a is not b or va != vb for (a, va), (b, vb) in zip(current, self._weights, strict=True))
-        ):
+        if self._weights.changed([*self.dit.parameters(), *self.dit.buffers()]):  # frozen graphs bake in both
             torch.compiler.reset()
             self.recompiles_for_weights += 1
-        self._weights = current
 
     def __call__(
         self,

@@ -40,10 +40,11 @@ from lmdm.models.attention import (
     merge_heads,
     query_rows,
 )
-from lmdm.models.dit import DiT, TextKV
+from lmdm.models.dit import DiT, TextKV, run_blocks
 from lmdm.models.kv_cache import CacheIO, LayerCache
 from lmdm.models.rotary import apply_rotary
 from lmdm.runtime.onednn import GluPack, LinearPack
+from lmdm.runtime.versions import WeightWatch
 
 __all__ = ["BlockPacks", "PackedLayers", "packed_block_forward", "packed_layers"]
 
@@ -74,6 +75,30 @@ class BlockPacks:
     ff_norm: tuple[Tensor, Tensor]
     glu: GluPack
     ff_out: LinearPack
+
+    def __call__(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        mask: Tensor | BlockMask | None,
+        text_kv: tuple[Tensor, Tensor] | None,
+        text_mask: Tensor | None,
+        cache: LayerCache | None,
+        outputs_from: int,
+    ) -> Tensor:
+        assert not isinstance(mask, BlockMask)  # PackedLayers hands block masks to the model's own path
+        return packed_block_forward(self, x, freqs, mask, text_kv, text_mask, cache, outputs_from)
+
+    def project(self, x: Tensor, freqs: Tensor) -> Projected:
+        """q, k (rotated), un-rotated k and v of ``x`` ``(B, S, D)``, each ``(B, H, S, Dh)``."""
+        B, S, D = x.shape
+        qkv = self.qkv(F.layer_norm(x, (D,), *self.pre_norm)).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], freqs).unbind(0)
+        return Projected(q, k, qkv[1], qkv[2])
+
+    def keys_values(self, x: Tensor, freqs: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, Tensor]:
+        """A last layer run for its keys/values only (``outputs_from = S``)."""
+        return keys_values(self.project(x, freqs), cache)
 
     @staticmethod
     def of(layer: TransformerBlock) -> BlockPacks:
@@ -128,10 +153,9 @@ def packed_block_forward(
     Returns:
         ``(B, S − outputs_from, D)``.
     """
-    B, S, D = x.shape
-    qkv = w.qkv(F.layer_norm(x, (D,), *w.pre_norm)).view(B, S, 3, w.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, S, Dh)
-    q, k = apply_rotary(qkv[:2], freqs).unbind(0)
-    keys, values = keys_values(Projected(q, k, qkv[1], qkv[2]), cache)
+    B, _, D = x.shape
+    p = w.project(x, freqs)
+    q, (keys, values) = p.q, keys_values(p, cache)
     if outputs_from:  # contiguous: oneDNN's fused add takes a residual of the output's layout
         x, q = x[:, outputs_from:].contiguous(), q[:, :, outputs_from:]
         mask, text_mask = query_rows(mask, outputs_from), query_rows(text_mask, outputs_from)
@@ -142,18 +166,6 @@ def packed_block_forward(
         out = F.scaled_dot_product_attention(qc, *text_kv, attn_mask=text_mask, enable_gqa=c.heads != c.kv_heads)
         x = c.to_out.add(merge_heads(out), x)
     return w.ff_out.add(w.glu(F.layer_norm(x, (D,), *w.ff_norm)), x)
-
-
-def _packed_keys_values(w: BlockPacks, x: Tensor, freqs: Tensor, cache: LayerCache | None) -> None:
-    """A last layer run for its keys/values only (``outputs_from = S``)."""
-    B, S, D = x.shape
-    qkv = w.qkv(F.layer_norm(x, (D,), *w.pre_norm)).view(B, S, 3, w.heads, -1).permute(2, 0, 3, 1, 4)
-    q, k = apply_rotary(qkv[:2], freqs).unbind(0)
-    keys_values(Projected(q, k, qkv[1], qkv[2]), cache)
-
-
-def _tensor_version(t: Tensor) -> int:
-    return -1 if t.is_inference() else t._version  # inference tensors keep no version
 
 
 class PackedLayers:
@@ -167,8 +179,7 @@ class PackedLayers:
     def clear(self) -> None:
         """Forget the packs (the next pass gathers them again)."""
         self._packs: list[BlockPacks] | None = None
-        self._held: list[Tensor] = []
-        self._versions: list[int] = []
+        self._weights = WeightWatch()
 
     @property
     def dit(self) -> DiT:
@@ -197,10 +208,8 @@ class PackedLayers:
             tensors.extend(t for t in m._buffers.values() if t is not None)
         if any(t.dtype is not torch.float32 or not t.is_cpu for t in tensors):
             return None
-        current = len(tensors) == len(self._held) and all(a is b for a, b in zip(tensors, self._held, strict=True))
-        if not current or [_tensor_version(t) for t in tensors] != self._versions or self._packs is None:
+        if self._weights.changed(tensors) or self._packs is None:
             self._packs = [BlockPacks.of(layer) for layer in self.dit.layers]
-            self._held, self._versions = tensors, [_tensor_version(t) for t in tensors]
         return self._packs
 
     def __call__(
@@ -216,18 +225,7 @@ class PackedLayers:
         packs = self.packs() if self._applies(h) else None
         if packs is None or isinstance(mask, BlockMask):
             return self.dit.run_layers(h, freqs, mask, text_kv, text_mask, cache, outputs_from)
-        if not 0 <= outputs_from <= h.shape[1]:
-            raise ValueError(f"outputs_from must be in [0, {h.shape[1]}] for {h.shape[1]} tokens, got {outputs_from}")
-        last = len(packs) - 1
-        for i, w in enumerate(packs):
-            text = text_kv[i] if text_kv is not None else None
-            layer_cache = cache.layer(i) if cache is not None else None
-            keep = outputs_from if i == last else 0
-            if keep == h.shape[1]:
-                _packed_keys_values(w, h, freqs, layer_cache)
-                return h[:, keep:]
-            h = packed_block_forward(w, h, freqs, mask, text, text_mask, layer_cache, keep)
-        return h
+        return run_blocks(packs, h, freqs, mask, text_kv, text_mask, cache, outputs_from)
 
 
 _BOUND: weakref.WeakKeyDictionary[DiT, PackedLayers] = weakref.WeakKeyDictionary()
