@@ -78,6 +78,17 @@ class TokenLayout:
             kind, torch.tensor(blocks, dtype=torch.long, device=device), torch.ones_like(kind, dtype=torch.bool) if valid is None else valid
         )
 
+    @staticmethod
+    def runs(runs: list[tuple[int, Tensor | int, Tensor | bool, int]], device: torch.device | None = None) -> TokenLayout:
+        """A layout from runs of ``(kind, block, valid, length)``; ``block`` and ``valid`` are one value for the
+        run or a ``(length,)`` tensor."""
+        kind, block, valid = [], [], []
+        for k, b, v, n in runs:
+            kind.append(torch.full((n,), k, dtype=torch.long, device=device))
+            block.append(b if isinstance(b, Tensor) else torch.full((n,), b, dtype=torch.long, device=device))
+            valid.append(v if isinstance(v, Tensor) else torch.full((n,), v, dtype=torch.bool, device=device))
+        return TokenLayout(torch.cat(kind), torch.cat(block), torch.cat(valid))
+
     def __len__(self) -> int:
         return int(self.kind.shape[0])
 

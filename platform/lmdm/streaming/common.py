@@ -32,7 +32,7 @@ from lmdm.diffusion.noise import Generator, randn
 from lmdm.diffusion.objectives import Objective, get_objective
 from lmdm.diffusion.samplers import cfg_combine, sample, x0_denoiser
 from lmdm.diffusion.schedule import timesteps
-from lmdm.models.block_mask import additive_mask
+from lmdm.models.block_mask import additive_mask, text_group_mask
 from lmdm.models.dit import DiT, TextKV
 from lmdm.runtime import LayerRunner, Runtime, get_runtime
 
@@ -208,6 +208,19 @@ class PromptCache:
             return None
         zeros = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in like]
         return [f if f is not None else zeros for f in found]
+
+    def grouped(self, token_keys: list[str]) -> tuple[TextKV | None, Tensor | None]:
+        """Text K/V for tokens that each cross-attend to their own prompt (``token_keys``, one per token): one
+        prompt's K/V, or several concatenated along the text axis with an ``(S, P·L)`` mask selecting each
+        token's; ``(None, None)`` where no prompt has text."""
+        prompts = [*dict.fromkeys(token_keys)]
+        if len(prompts) == 1:
+            return self.lookup(prompts[0]), None
+        per = self.kv_for(prompts)
+        if per is None:
+            return None, None
+        group = torch.tensor([prompts.index(k) for k in token_keys], device=per[0][0][0].device)
+        return concat_text(per), text_group_mask(group, per[0][0][0].shape[2], len(prompts))
 
     def refresh(self) -> None:
         """Recompute every cached K/V (under autograd: a fresh graph for this block)."""

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask, text_group_mask
+from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask
 from lmdm.models.dit import DiT, TextKV
 from lmdm.models.kv_cache import BlockKVCache, CacheIO
 from lmdm.models.rotary import apply_rotary
@@ -38,7 +38,6 @@ from lmdm.streaming.common import (
     RotaryMode,
     Sampling,
     attention_bias,
-    concat_text,
     sample_block,
 )
 from lmdm.streaming.sequences import BlockGeometry, context_inputs, target_inputs
@@ -138,15 +137,8 @@ class LMDMEngine:
             base = base - self._window_start(block)
         return (base[:, None] + offset[None, :]).reshape(-1)
 
-    def _layout(self, kinds: list[tuple[int, Tensor | int, Tensor | bool, int]]) -> TokenLayout:
-        """A token layout from runs of ``(kind, block (per token or one), valid (per token or one), length)``."""
-        device = self.core.device
-        kind, block, valid = [], [], []
-        for k, b, v, n in kinds:
-            kind.append(torch.full((n,), k, dtype=torch.long, device=device))
-            block.append(b if isinstance(b, Tensor) else torch.full((n,), b, dtype=torch.long, device=device))
-            valid.append(v if isinstance(v, Tensor) else torch.full((n,), v, dtype=torch.bool, device=device))
-        return TokenLayout(torch.cat(kind), torch.cat(block), torch.cat(valid))
+    def _layout(self, runs: list[tuple[int, Tensor | int, Tensor | bool, int]]) -> TokenLayout:
+        return TokenLayout.runs(runs, self.core.device)
 
     def _ring_layout(self, cache: BlockKVCache) -> tuple[int, Tensor, Tensor, int]:
         blocks = cache.slot_blocks(self.core.device)
@@ -229,12 +221,8 @@ class LMDMEngine:
         keys = self._layout([(CLEAN, j - 1, True, Bf), self._ring_layout(cache), (GLOBAL, j, True, 1), (NOISY, j, True, Bf)])
         first = (Ctx - 1) * Bf + 1 if self.rotary == "fixed" else (j - 1) * Bf + 1  # block j−1: the newest context slot
         pending_positions = torch.arange(Bf, device=device) + first
-        text_kv, text_mask = state.text_kv, None
-        per = state.prompts.kv_for([condition.key, pending.key]) if pending.key != condition.key else None
-        if per is not None:  # the committed block cross-attends to its own prompt (no text: zeros)
-            text_kv = concat_text(per)
-            group = torch.cat([torch.ones(Bf, dtype=torch.long), torch.zeros(1 + Bf, dtype=torch.long)]).to(device)
-            text_mask = text_group_mask(group, per[0][0][0].shape[2], 2)
+        # the committed block cross-attends to its own prompt, the global token and target to the current one
+        text_kv, text_mask = state.prompts.grouped([pending.key] * Bf + [condition.key] * (1 + Bf))
         write = torch.cat(
             [torch.arange(cache.positions, device=device)[cache.aux], torch.arange(cache.positions, device=device)[cache.own]]
         )
@@ -360,18 +348,8 @@ class LMDMEngine:
         cache.slot_block = [j - Ctx + s if state.window.keys[s] is not None else -1 for s in range(Ctx)]
         layout = self._layout([self._ring_layout(cache)])
         mask = attention_bias(attention_mask(layout, layout, "encdec", Ctx), c.dtype)  # same tokens: an empty slot sees itself
-        keys = [k if k is not None else condition.key for k in state.window.keys]
-        text_kv, text_mask = state.prompts.get(condition), None
-        prompts = [*dict.fromkeys(keys)]
-        per = state.prompts.kv_for(prompts) if prompts != [condition.key] else [text_kv] if text_kv is not None else None
-        if per is None:  # no context block has text
-            text_kv = None
-        elif len(prompts) == 1:
-            text_kv = per[0]
-        else:
-            text_kv = concat_text(per)
-            group = torch.tensor([prompts.index(k) for k in keys for _ in range(Bf)], device=c.device)
-            text_mask = text_group_mask(group, per[0][0][0].shape[2], len(prompts))
+        keys = [k if k is not None else condition.key for k in state.window.keys]  # each slot under its own prompt
+        text_kv, text_mask = state.prompts.grouped([k for k in keys for _ in range(Bf)])
         io = cache.io(write=cache.ring, read=cache.ring)
         h = c.dit.embed_frames(context_inputs(c.rows(state.window.latents, state.progress)))
         c.run_layers(h, c.dit.freqs(self._slot_positions(cache, j)), mask, text_kv, text_mask, io, Kc)  # keys/values only

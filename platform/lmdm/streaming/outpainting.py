@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask, text_group_mask
+from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask
 from lmdm.models.dit import DiT, TextKV
 from lmdm.runtime import Runtime
 from lmdm.streaming.common import (
@@ -22,7 +22,6 @@ from lmdm.streaming.common import (
     PromptCache,
     Sampling,
     attention_bias,
-    concat_text,
     sample_block,
 )
 from lmdm.streaming.sequences import BlockGeometry, context_inputs
@@ -91,16 +90,9 @@ class OutpaintingEngine:
             state.prompts.refresh()
         j = state.progress.block
         slots = torch.arange(Ctx, device=c.device).repeat_interleave(Bf)
-        layout = TokenLayout(
-            kind=torch.cat([slots.new_full((1,), GLOBAL), slots.new_full((Ctx * Bf,), CLEAN), slots.new_full((Bf,), NOISY)]),
-            block=torch.cat([slots.new_full((1,), j), slots + j - Ctx, slots.new_full((Bf,), j)]),
-            valid=torch.cat(
-                [
-                    torch.ones(1, dtype=torch.bool, device=c.device),
-                    state.window.valid().repeat_interleave(Bf),
-                    torch.ones(Bf, dtype=torch.bool, device=c.device),
-                ]
-            ),
+        layout = TokenLayout.runs(
+            [(GLOBAL, j, True, 1), (CLEAN, slots + j - Ctx, state.window.valid().repeat_interleave(Bf), Ctx * Bf), (NOISY, j, True, Bf)],
+            c.device,
         )
         text_kv, text_mask = self._window_text(state, condition)
         state.plan = WindowPlan(
@@ -115,17 +107,10 @@ class OutpaintingEngine:
 
     def _window_text(self, state: OutpaintingState, condition: Condition) -> tuple[TextKV | None, Tensor | None]:
         """Text K/V for [global, context slots, target]: one prompt, or per-slot prompts with a group mask."""
-        current = state.prompts.get(condition)
+        state.prompts.get(condition)
         keys = [k if k is not None else condition.key for k in state.window.keys]
-        if all(k == condition.key for k in keys):
-            return current, None
-        prompts = [*dict.fromkeys([condition.key, *keys])]
-        per = state.prompts.kv_for(prompts)  # blocks without text: zero keys/values
-        if per is None:
-            return None, None
         Bf = self.geometry.block_frames
-        group = torch.tensor([0] + [prompts.index(k) for k in keys for _ in range(Bf)] + [0] * Bf, device=self.core.device)
-        return concat_text(per), text_group_mask(group, per[0][0][0].shape[2], len(prompts))
+        return state.prompts.grouped([condition.key, *(k for k in keys for _ in range(Bf)), *[condition.key] * Bf])
 
     def denoise_step(self, state: OutpaintingState, x_t: Tensor, t: Tensor) -> Tensor:
         """The model output ``(B, C, Bf)`` for the target at ``t`` ``(B,)``, re-encoding the whole window."""
