@@ -180,18 +180,24 @@ def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int]) -> list[LM
     pendings = split_rows(state.pending.inputs, batches, branches) if state.pending is not None else [None] * n
     pending_keys = split_key(state.pending.key if state.pending is not None else None)
     window_keys = [split_key(k) for k in state.window.keys]
+    # Each stacked prompt split once into its sessions' parts: per key, per session, (texts, per-layer K/V).
+    prompt_parts: dict[str, list[tuple[Tensor | None, list[tuple[Tensor, Tensor]] | None]]] = {}
+    for key, text in state.prompts.texts.items():
+        entry = state.prompts.entries.get(key)
+        if text is None or entry is None:
+            prompt_parts[key] = [(None, None)] * n
+            continue
+        layers = [(split_rows(k, batches, branches), split_rows(v, batches, branches)) for k, v in entry]
+        texts = torch.split(text, batches)
+        prompt_parts[key] = [(texts[i], [(k[i], v[i]) for k, v in layers]) for i in range(n)]
     out = []
     for i, b in enumerate(batches):
         prompts = PromptCache(engine.core.dit, b, b * branches, engine.core.dtype)
-        for key, text in state.prompts.texts.items():
+        for key, parts in prompt_parts.items():
             own = key.split(KEY_SEP)[i]
-            entry = state.prompts.entries.get(key)
-            if text is None or entry is None:
-                prompts.texts[own] = None
-                continue
-            parts = [split_rows(t, batches, branches) for layer in entry for t in layer]
-            prompts.entries[own] = [(parts[2 * j][i], parts[2 * j + 1][i]) for j in range(len(entry))]
-            prompts.texts[own] = torch.split(text, batches)[i]
+            prompts.texts[own], kv = parts[i]
+            if kv is not None:
+                prompts.entries[own] = kv
         cache = BlockKVCache(
             ks[i],
             vs[i],
