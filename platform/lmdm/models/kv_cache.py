@@ -165,20 +165,24 @@ class BlockKVCache:
         """Buffer positions per layer: ``A + Kc + 1 + Bf``."""
         return int(self.k.shape[3])
 
-    def io(self, write: slice | Tensor, read: slice, raw_slot: Tensor | None = None) -> CacheIO:
-        """A pass that writes its tokens at buffer positions ``write`` and attends over ``read``; with
-        ``raw_slot`` (a 0-d int64 tensor) its first ``Bf`` tokens' un-rotated keys go to that ring slot of
-        ``k_raw``."""
+    def io(self, write: slice | list[slice], read: slice, raw_slot: Tensor | None = None) -> CacheIO:
+        """A pass that writes its tokens at buffer positions ``write`` (one region, or several in token order)
+        and attends over ``read``; with ``raw_slot`` (a 0-d int64 tensor) its first ``Bf`` tokens' un-rotated
+        keys go to that ring slot of ``k_raw``.
+
+        Raises:
+            ValueError: a written region outside the attended one (checked on the host: no device sync).
+        """
         device = self.k.device
-        if isinstance(write, slice):
-            write = torch.arange(self.positions, device=device)[write]
         start, stop, _ = read.indices(self.positions)
-        if write.numel() and (int(write.min()) < start or int(write.max()) >= stop):
+        regions = [r.indices(self.positions) for r in ([write] if isinstance(write, slice) else write)]
+        if any(a < b and (a < start or b > stop) for a, b, _ in regions):
             raise ValueError(f"written positions must lie inside the attended region [{start}, {stop})")
+        positions = torch.cat([torch.arange(a, b, device=device) for a, b, _ in regions])
         raw_write = None
         if raw_slot is not None and self.k_raw is not None:
             raw_write = raw_slot * self.block_frames + torch.arange(self.block_frames, device=device)
-        return CacheIO(self.k, self.v, write, start, stop, self.k_raw if raw_write is not None else None, raw_write)
+        return CacheIO(self.k, self.v, positions, start, stop, self.k_raw if raw_write is not None else None, raw_write)
 
     def slot_blocks(self, device: torch.device) -> Tensor:
         """``(Kc,)`` int64: the stream block each context position holds (-1: empty)."""

@@ -223,14 +223,11 @@ class LMDMEngine:
         pending_positions = torch.arange(Bf, device=device) + first
         # the committed block cross-attends to its own prompt, the global token and target to the current one
         text_kv, text_mask = state.prompts.grouped([pending.key] * Bf + [condition.key] * (1 + Bf))
-        write = torch.cat(
-            [torch.arange(cache.positions, device=device)[cache.aux], torch.arange(cache.positions, device=device)[cache.own]]
-        )
         raw_slot = torch.tensor((j - 1) % Ctx, device=device)  # its un-rotated keys go straight to its ring slot
         return StepPlan(
             freqs=self.core.dit.freqs(torch.cat([pending_positions, self._own_positions(j)])),
             mask=self._mask(queries, keys),
-            io=cache.io(write=write, read=slice(0, None), raw_slot=raw_slot),
+            io=cache.io(write=[cache.aux, cache.own], read=slice(0, None), raw_slot=raw_slot),
             text_kv=text_kv,
             text_mask=text_mask,
             outputs_from=Bf + 1,  # neither the committed block's outputs nor the global token's
