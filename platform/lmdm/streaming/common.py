@@ -35,6 +35,7 @@ from lmdm.diffusion.schedule import timesteps
 from lmdm.models.block_mask import additive_mask, text_group_mask
 from lmdm.models.dit import DiT, TextKV
 from lmdm.runtime import LayerRunner, Runtime, get_runtime
+from lmdm.streaming.sequences import BlockGeometry
 
 __all__ = [
     "KEY_SEP",
@@ -252,14 +253,14 @@ class EngineCore:
     """The parts every engine holds (composed, not inherited): the model and how its layers run, geometry,
     sampling, objective, timesteps, and CFG row handling."""
 
-    def __init__(self, dit: DiT, block_frames: int, context_blocks: int, sampling: Sampling, runtime: Runtime | None = None) -> None:
+    def __init__(self, dit: DiT, geometry: BlockGeometry, sampling: Sampling, runtime: Runtime | None = None) -> None:
         if dit.args.input_concat_dim != dit.args.io_channels + 1:
             raise ValueError(
                 f"streaming needs a DiT with input_concat_dim = io_channels + 1 = {dit.args.io_channels + 1} "
                 f"(clean context + context mask), got {dit.args.input_concat_dim}"
             )
         self.dit = dit
-        self.block_frames, self.context_blocks = block_frames, context_blocks
+        self.geometry = geometry
         self.sampling = sampling
         self.objective: Objective = get_objective(sampling.objective)
         self.channels = dit.args.io_channels
@@ -282,7 +283,7 @@ class EngineCore:
         if context is None:
             return []
         B, C, T = context.shape
-        Bf = self.block_frames
+        Bf = self.geometry.block_frames
         if B != batch or C != self.channels or T % Bf:
             raise ValueError(f"context must be (batch={batch}, channels={self.channels}, whole blocks of {Bf}), got {tuple(context.shape)}")
         return [context[..., b * Bf : (b + 1) * Bf].to(self.dtype) for b in range(T // Bf)]
@@ -315,7 +316,7 @@ def sample_block(engine: Any, core: EngineCore, state: Any, condition: Condition
     """
     engine.begin_block(state, condition)
     progress: Progress = engine.progress(state)
-    noise = randn((progress.batch, core.channels, core.block_frames), progress.generator, core.device, core.dtype)
+    noise = randn((progress.batch, core.channels, core.geometry.block_frames), progress.generator, core.device, core.dtype)
     _, sigma = core.objective.alpha_sigma(core.ts[:1])
     calls = [0]
 

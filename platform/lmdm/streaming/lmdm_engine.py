@@ -110,7 +110,7 @@ class LMDMEngine:
             raise ValueError(f"LMDM variant must be 'encdec' or 'block_causal', got {variant!r}")
         if rotary not in ("fixed", "growing"):
             raise ValueError(f"rotary mode must be 'fixed' or 'growing', got {rotary!r}")
-        self.core = EngineCore(dit, geometry.block_frames, geometry.context_blocks, sampling, runtime)
+        self.core = EngineCore(dit, geometry, sampling, runtime)
         self.geometry = geometry
         self.variant, self.rotary = variant, rotary
         first = dit.layers[0].self_attn

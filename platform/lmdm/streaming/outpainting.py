@@ -61,7 +61,7 @@ class OutpaintingEngine:
     """
 
     def __init__(self, dit: DiT, geometry: BlockGeometry, sampling: Sampling, runtime: Runtime | None = None) -> None:
-        self.core = EngineCore(dit, geometry.block_frames, geometry.context_blocks, sampling, runtime)
+        self.core = EngineCore(dit, geometry, sampling, runtime)
         self.geometry = geometry
 
     def start(
