@@ -63,16 +63,9 @@ def config_show(
 
 
 def _progress_bar(description: str):  # type: ignore[no-untyped-def]
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from lmdm.pipelines.progress import progress_bar
 
-    return Progress(
-        TextColumn(description),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
+    return progress_bar(description, console)
 
 
 def _build_corpus(cfg: Config, force: bool) -> CorpusSummary:
@@ -202,13 +195,18 @@ def precompute(
     from lmdm.pipelines.precompute import PrecomputeMismatchError, run_precompute
 
     cfg = _load(config, overrides)
-    with _progress_bar("precomputing latents") as bar:
-        task = bar.add_task("inputs", total=None)
-        try:
-            summary = run_precompute(cfg, autoencoder, progress=lambda done, total: bar.update(task, completed=done, total=total))
-        except (PrecomputeMismatchError, CheckpointError, FileNotFoundError) as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-            raise typer.Exit(1) from None
+    said: list[int] = []
+
+    def say_inputs_to_encode(done: int, total: int) -> None:  # once, before encoding: what earlier runs left
+        if not said:
+            said.append(done)
+            console.print(f"precompute: {total - done} of {total} inputs to encode ({done} in shards already written)", style="dim")
+
+    try:  # Ray Data draws its own progress bars (one per operator) on a terminal
+        summary = run_precompute(cfg, autoencoder, progress=say_inputs_to_encode)
+    except (PrecomputeMismatchError, CheckpointError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
     console.print(
         f"{summary.out}: {summary.inputs} inputs → {summary.chunks} chunks in {summary.seconds:.1f} s "
         f"({summary.shards_written} shards written, {summary.shards_reused} reused); {len(summary.skipped)} skipped"
@@ -228,6 +226,7 @@ def train(
     import mlflow
 
     from lmdm.eval.tracking import mlflow_run, ui_command
+    from lmdm.pipelines.progress import training_progress
     from lmdm.pipelines.train import run_train
 
     cfg = _load(config, overrides)
@@ -235,7 +234,8 @@ def train(
     console.print(f"lmdm {lmdm.__version__} imported from {Path(lmdm.__file__).parent}", style="dim", soft_wrap=True)
     with mlflow_run(cfg, "train"), mlflow_run(cfg, stage, nested=True, params=False) as run:
         try:
-            result = run_train(cfg, stage, latents, mlflow_run_id=run.info.run_id)
+            with training_progress(f"training {stage}", console) as progress:
+                result = run_train(cfg, stage, latents, mlflow_run_id=run.info.run_id, progress=progress)
         except (ValueError, FileNotFoundError) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
             raise typer.Exit(1) from None

@@ -15,8 +15,8 @@ folder is an error, never a silent mix.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from lmdm.config import Config
 
-__all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "chunk_dataset", "file_sha256", "run_precompute"]
+__all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "chunk_dataset", "run_precompute"]
 
 FORMAT = 1
 
@@ -47,14 +47,6 @@ class PrecomputeSummary:
     shards_written: int
     shards_reused: int
     seconds: float
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _decode_batch(
@@ -161,6 +153,8 @@ def _write_shard(out: Path, shard: int, rows: list[dict[str, Any]], skipped: lis
 
 
 def _request(cfg: Config, autoencoder: Path, text_fingerprint: str) -> dict[str, Any]:
+    from lmdm.checkpoints.format import file_sha256
+
     data = cfg.data.model_dump(mode="json", include={"source", "path", "captions", "root", "frame_rate"})
     return {
         "format": FORMAT,
@@ -198,9 +192,8 @@ def run_precompute(
 
     started = time.perf_counter()
     autoencoder = Path(autoencoder)
-    vae, _ = load_checkpoint(autoencoder)
-    if not isinstance(vae, OobleckVAE):
-        raise ValueError(f"{autoencoder} is not an autoencoder checkpoint")
+    vae, _ = load_checkpoint(autoencoder, kind="autoencoder")
+    assert isinstance(vae, OobleckVAE)
     text_encoder = build_text_encoder(cfg)
     out = Path(cfg.precompute.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +227,9 @@ def run_precompute(
         ensure_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows arrive in input order: a shard is complete when the next begins
-        ctx.enable_progress_bars = False
+        # Ray Data's own progress bars (per operator) on a terminal; elsewhere (CI, a log file) it would log
+        # every operator's full metrics instead, so none there.
+        ctx.enable_progress_bars = sys.stdout.isatty()
         ds = chunk_dataset(cfg, todo, vae.downsampling_ratio, cfg.precompute.chunk_frames)
         ds = ds.map_batches(
             _Encoder,

@@ -47,12 +47,13 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
 
     from lmdm.audio.io import load_audio, write_audio
     from lmdm.builders import build_dit
-    from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
+    from lmdm.checkpoints.format import copy_checkpoint, load_checkpoint
     from lmdm.data.corpus import read_corpus_metadata
     from lmdm.eval.likeness import FIGURES, TIE, audio_stats, compare, likeness
     from lmdm.eval.plots import plot_clip
     from lmdm.eval.tracking import mlflow_run
     from lmdm.pipelines.precompute import run_precompute
+    from lmdm.pipelines.progress import training_progress
     from lmdm.pipelines.train import run_train
     from lmdm.text.encoders import build_text_encoder
 
@@ -79,15 +80,16 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
                     )
                 }
             )
-            ae = run_train(ae_cfg, "autoencoder", None, mlflow_run_id=run.info.run_id)
+            with training_progress("autoencoder", console) as progress:
+                ae = run_train(ae_cfg, "autoencoder", None, mlflow_run_id=run.info.run_id, progress=progress)
         assert ae.checkpoint is not None
-        autoencoder = save_checkpoint(out / "autoencoder", load_checkpoint(ae.checkpoint / "model")[0])
+        autoencoder = copy_checkpoint(ae.checkpoint / "model", out / "autoencoder")
         times["autoencoder"] = time.perf_counter() - start
 
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
         with mlflow_run(pre_cfg, "precompute", nested=True):  # the training stages log theirs in run_train
-            pre = run_precompute(pre_cfg, autoencoder)
+            pre = run_precompute(pre_cfg, autoencoder)  # Ray Data draws its own progress bars
             mlflow.log_metrics({"precompute/chunks": pre.chunks, "precompute/skipped": len(pre.skipped)})
         times["precompute"] = time.perf_counter() - start
 
@@ -96,17 +98,21 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             base_cfg = cfg.model_copy(
                 update={"train": cfg.train.model_copy(update={"steps": q.base_steps, "checkpoint_every": q.base_steps})}
             )
-            base = run_train(base_cfg, "base", out / "latents", mlflow_run_id=run.info.run_id)
+            with training_progress("base DiT", console) as progress:
+                base = run_train(base_cfg, "base", out / "latents", mlflow_run_id=run.info.run_id, progress=progress)
         assert base.checkpoint is not None
-        base_dir = save_checkpoint(out / "base", load_checkpoint(base.checkpoint / "model")[0])
+        base_dir = copy_checkpoint(base.checkpoint / "model", out / "base")
         times["base"] = time.perf_counter() - start
 
         start = stage("LMDM fine-tune (Ray Train)")
         with mlflow_run(cfg, "lmdm", nested=True, params=False) as run:
             lm_train = cfg.train.model_copy(update={"steps": q.lmdm_steps, "checkpoint_every": q.lmdm_steps, "init": base_dir.resolve()})
-            lm = run_train(cfg.model_copy(update={"train": lm_train}), "lmdm", out / "latents", mlflow_run_id=run.info.run_id)
+            with training_progress("LMDM", console) as progress:
+                lm = run_train(
+                    cfg.model_copy(update={"train": lm_train}), "lmdm", out / "latents", mlflow_run_id=run.info.run_id, progress=progress
+                )
         assert lm.checkpoint is not None
-        lmdm_dir = save_checkpoint(out / "lmdm", load_checkpoint(lm.checkpoint / "model")[0])
+        lmdm_dir = copy_checkpoint(lm.checkpoint / "model", out / "lmdm")
         times["lmdm"] = time.perf_counter() - start
 
         start = stage(f"stream {q.stream_seconds:g} s and likeness check")

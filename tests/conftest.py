@@ -41,6 +41,20 @@ def local_ray() -> object:
 
     from lmdm.pipelines.ray_session import ensure_ray
 
-    ensure_ray(load_config("quickstart", ["ray.num_cpus=4"]))
+    # Ray Train's controller polls the workers (and commits their reported checkpoints) every 0.2 s, not 2 s:
+    # a test's checkpoint interval is a fraction of a second. Set before Ray starts: its processes inherit it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ensure_ray(load_config("quickstart", ["ray.num_cpus=4", "ray.dashboard=true"]))  # the dashboard: Ray's state API
     yield ray
     ray.shutdown()
+
+
+def alive_actor_pids(class_name: str) -> list[int]:
+    """Pids of this Ray session's live actors of ``class_name``, from Ray's state API (needs the dashboard:
+    the test session's Ray starts it, ``ray.dashboard=true``)."""
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], detail=True)
+    return [int(a.pid) for a in actors if a.pid]

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmdm.checkpoints.errors import CheckpointError
-from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
-from lmdm.checkpoints.sao_dit import NumberConditioners, import_sao, load_sao_diffusion
+from lmdm.checkpoints.format import load_checkpoint, read_checkpoint_info, save_checkpoint
+from lmdm.checkpoints.sao_dit import import_sao, load_sao_diffusion
 from lmdm.models.autoencoder import OobleckVAE
+from lmdm.models.conditioners import NumberConditioners
 from lmdm.models.dit import DiT, DiTArgs
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # frozen Stable Audio references (fixtures/README.md)
@@ -67,8 +68,8 @@ def test_pickle_weights_are_refused(tmp_path: Path) -> None:
 def test_import_sao_writes_our_format(tmp_path: Path) -> None:
     written = import_sao(DIT_FIXTURE, tmp_path / "out")
     assert set(written) == {"dit"}
-    dit, meta = load_checkpoint(written["dit"])
-    assert isinstance(dit, DiT) and meta["objective"] == "rectified_flow"
+    dit, _ = load_checkpoint(written["dit"])
+    assert isinstance(dit, DiT) and read_checkpoint_info(written["dit"]).trained.objective == "rectified_flow"
     ref = load_file(str(DIT_FIXTURE / "reference.safetensors"))
     with torch.no_grad():
         y = dit(ref["x"], ref["t"], cross_attn_cond=ref["cross_attn_cond"], global_embed=ref["global_embed"])
@@ -118,3 +119,54 @@ def test_number_conditioner_formula() -> None:
     f = x[:, None] * fourier.weights[None] * 2 * torch.pi
     expected = linear(torch.cat([x[:, None], f.sin(), f.cos()], dim=-1))[:, None]
     torch.testing.assert_close(cond(values), expected)
+
+
+def test_widen_inputs_keeps_imported_weights_and_adds_zeros() -> None:
+    """A DiT without conditioning inputs (a Stable Audio import) maps onto an LMDM's wider inputs: every
+    imported tensor unchanged, the added ones zero, and the same output whatever the new channels hold."""
+    from lmdm.checkpoints.compat import widen_inputs
+
+    torch.manual_seed(0)
+    narrow = DiT(DiTArgs(io_channels=4, width=64, depth=1, head_dim=32)).eval()
+    torch.nn.init.normal_(narrow.preprocess_conv.weight)  # non-zero, so the zero blocks are visible
+    args = DiTArgs(io_channels=4, width=64, depth=1, head_dim=32, input_concat_dim=5)
+    state = widen_inputs(narrow.state_dict(), args)
+    wide = DiT(args).eval()
+    wide.load_state_dict(state)
+    for key, old in narrow.state_dict().items():
+        new = wide.state_dict()[key]
+        if key == "transformer.project_in.weight":
+            assert torch.equal(new[:, :4], old) and not new[:, 4:].any()
+        elif key == "preprocess_conv.weight":
+            assert torch.equal(new[:4, :4], old) and not new[4:].any() and not new[:, 4:].any()
+        else:
+            assert torch.equal(new, old)
+    x, t = torch.randn(2, 4, 6), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x, t, input_concat_cond=torch.randn(2, 5, 6)), narrow(x, t), rtol=0, atol=0)
+
+
+def test_train_init_mismatches_name_both_sides(tmp_path: Path) -> None:
+    from lmdm.checkpoints.compat import check_init
+    from lmdm.checkpoints.format import TrainedWith, read_checkpoint_info
+
+    args = DiTArgs(io_channels=4, width=64, depth=1, head_dim=32, cond_token_dim=32, input_concat_dim=5)
+    base = TrainedWith(stage="base", objective="v", autoencoder="a" * 64, text_encoder="t" * 64)
+    folder = save_checkpoint(tmp_path / "base", DiT(args), trained=base)
+    info = read_checkpoint_info(folder)
+    ok = dict(stage="lmdm", args=args, objective="v", autoencoder="a" * 64, text_encoder="t" * 64)
+    check_init(info, **ok)  # type: ignore[arg-type]
+    cases = [
+        (dict(args=DiTArgs(io_channels=8, width=128, depth=1, head_dim=32, cond_token_dim=32, input_concat_dim=9)),
+         r"set:\n  autoencoder.latent_channels: config 8, checkpoint 4\n  dit.width: config 128, checkpoint 64"),
+        (dict(objective="rectified_flow"), "objective 'v', but dit.objective is 'rectified_flow'"),
+        (dict(autoencoder="b" * 64), "autoencoder aaaaaaaaaaaa .* uses the autoencoder bbbbbbbbbbbb"),
+        (dict(text_encoder="u" * 64), "text encoder tttttttttttt, but .* uses the text encoder uuuuuuuuuuuu"),
+        (dict(stage="autoencoder"), "kind 'dit', but stage 'autoencoder' trains kind 'autoencoder'"),
+    ]  # fmt: skip
+    for changes, error in cases:
+        with pytest.raises(CheckpointError, match=error):
+            check_init(info, **{**ok, **changes})  # type: ignore[arg-type]
+    assert read_checkpoint_info(save_checkpoint(tmp_path / "old", DiT(args))).trained == TrainedWith()  # unknown: not checked
+    with pytest.raises(CheckpointError, match="kind 'dit' where kind 'autoencoder' is needed"):
+        load_checkpoint(folder, kind="autoencoder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -93,3 +94,37 @@ def test_flex_training_forward_equals_dense_on_cuda() -> None:
     dense = block_causal_forward(dit, GEO, clean, noisy, [1, 3, 6], t, flex=False)
     flex = block_causal_forward(dit, GEO, clean, noisy, [1, 3, 6], t, flex=True)
     assert float((flex - dense).abs().max() / dense.abs().max()) < 1e-3
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.timeout(900)
+def test_training_smoke_on_cuda_with_nccl_and_bf16_then_stream(tmp_path, local_ray, tiny_corpus) -> None:  # type: ignore[no-untyped-def]
+    """A few LMDM training steps on the GPU through Ray Train (nccl process group, bf16 autocast), then a
+    stream from the checkpoint it wrote, on CUDA in bf16."""
+    from conftest import tiny_config
+    from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
+    from lmdm.models.autoencoder import OobleckVAE
+    from lmdm.pipelines.precompute import run_precompute
+    from lmdm.pipelines.train import process_group_backend, run_train
+
+    _, summary = tiny_corpus
+    torch.manual_seed(0)
+    ae = save_checkpoint(tmp_path / "autoencoder", OobleckVAE(1, 4, [1, 2], [2, 4], 4))
+    latents = tmp_path / "latents"
+    run_precompute(tiny_config(f"data.root={summary.root}", f"precompute.out={latents}", "precompute.chunk_frames=96"), ae)
+    cfg = tiny_config(
+        "dit.width=128", "dit.depth=2", "dit.head_dim=64", "dit.cond_token_dim=384", "dit.project_cond_tokens=true",
+        "autoencoder.latent_channels=4", "stream.block_frames=8", "stream.context_blocks=2", "train.workers=1",
+        "train.use_gpu=true", "train.precision=bf16", "train.batch_size=2", "train.steps=3", "train.checkpoint_every=3",
+        f"train.storage_path={tmp_path / 'ray_results'}",
+    )  # fmt: skip
+    assert process_group_backend(cfg) == "nccl"
+    result = run_train(cfg, "lmdm", latents)
+    assert result.checkpoint is not None and result.metrics["step"] == 3 and math.isfinite(result.metrics["train/loss"])
+    dit, _ = load_checkpoint(result.checkpoint / "model", kind="dit")
+    engine = LMDMEngine(dit.to("cuda", torch.bfloat16), "block_causal", BlockGeometry(8, 2), Sampling(steps=2))  # type: ignore[arg-type]
+    cond = Condition(torch.randn(1, 4, 384, device="cuda", dtype=torch.bfloat16), "p")
+    with torch.inference_mode():
+        out = rollout(engine, 4, cond, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert out.shape == (1, 4, 32) and bool(torch.isfinite(out).all())

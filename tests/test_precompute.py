@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import tiny_config
+from conftest import alive_actor_pids, tiny_config
 from lmdm.audio.io import load_audio
 from lmdm.checkpoints.format import save_checkpoint
 from lmdm.config import Config
@@ -95,3 +95,39 @@ def test_corrupt_input_is_listed_in_the_manifest(tmp_path: Path, local_ray: obje
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
     assert {s["input_id"] for s in manifest["skipped"]} == {"b.wav", "c.wav"}
     assert result.chunks == 4
+
+
+ENCODER_ACTOR = "MapWorker(MapBatches(_Encoder))"  # Ray Data's actor class name for precompute's encoder pool
+
+
+def test_an_encoder_actor_killed_with_sigkill_loses_no_shard(
+    tmp_path: Path, local_ray: object, vae_dir: Path, tiny_corpus: tuple[Config, CorpusSummary]
+) -> None:
+    """A real fault: an encoder actor is SIGKILLed from outside while shards are being written; Ray Data
+    restarts it and retries its batch, and every shard is written once with every chunk once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    _, summary = tiny_corpus
+    out = tmp_path / "latents"
+    cfg = corpus_cfg(summary, out, "precompute.shard_inputs=1", "precompute.batch_size=1")
+    done: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: done.update(summary=run_precompute(cfg, vae_dir)))
+    thread.start()
+    killed: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and not killed and time.monotonic() < deadline:
+        pids = alive_actor_pids(ENCODER_ACTOR)
+        if pids and (out / "shard_00000.json").is_file():
+            killed = {"pid": pids[0], "shards": len(list(out.glob("shard_*.json")))}
+            os.kill(pids[0], signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(300)
+    assert killed and killed["shards"] < 6, f"the run ended before the kill ({killed})"
+    result = done["summary"]
+    assert result.inputs == 6 and result.chunks == 18 and not result.skipped  # type: ignore[attr-defined]
+    assert sorted(p.name for p in out.glob("shard_*.parquet")) == [f"shard_{k:05d}.parquet" for k in range(6)]
+    assert sorted((r["input_index"], r["chunk"]) for r in rows(out)) == [(i, c) for i in range(6) for c in range(3)]
+    assert killed["pid"] not in alive_actor_pids(ENCODER_ACTOR)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -148,6 +149,43 @@ def test_generate_refuses_mismatched_models_and_empty_prompts(tmp_path: Path) ->
     assert result.exit_code == 1 and "takes 64-d text tokens but text encoder 'minilm' gives 384-d" in " ".join(result.output.split())
     result = runner.invoke(app, ["generate", "--out", str(tmp_path / "x.wav"), "--prompt", "  ", *TINY])
     assert result.exit_code == 2 and "--prompt is empty" in result.output
+
+
+def test_generate_refuses_checkpoints_trained_for_something_else(tmp_path: Path) -> None:
+    """Each mismatch of what a DiT checkpoint says it is (DESIGN §6) is refused, naming both sides."""
+    from lmdm.builders import build_autoencoder_from, build_dit
+    from lmdm.checkpoints.format import TrainedWith, file_sha256, save_checkpoint
+    from lmdm.config import load_config
+
+    cfg = load_config("quickstart", TINY)
+    torch.manual_seed(0)
+    ae = save_checkpoint(tmp_path / "ae", build_autoencoder_from(cfg))
+    other_ae = save_checkpoint(tmp_path / "other-ae", build_autoencoder_from(cfg))
+    sha, other_sha = file_sha256(ae / "model.safetensors"), file_sha256(other_ae / "model.safetensors")
+    lmdm = TrainedWith(stage="lmdm", objective="rectified_flow", variant="block_causal", block_frames=4, context_blocks=2, autoencoder=sha)
+    cases = [
+        (dict(stage="base", variant=None), [], "is a bidirectional base model, but stream.variant='block_causal' needs an LMDM"),
+        ({}, ["stream.context_blocks=3"], "stream.context_blocks=3 is a longer context than"),
+        ({}, ["stream.block_frames=8"], "trained with blocks of 4 latent frames, but stream.block_frames is 8"),
+        ({}, ["stream.variant=encdec"], "an LMDM trained for stream.variant='block_causal', not 'encdec'"),
+        ({}, ["dit.objective=v"], "trained with objective 'rectified_flow', but dit.objective is 'v'"),
+        (dict(autoencoder=other_sha), [], f"latents of the autoencoder {other_sha[:12]}"),
+    ]
+    args = ["generate", "--out", str(tmp_path / "x.wav"), "--seconds", "0.5", "--autoencoder", str(ae)]
+    for changes, overrides, error in cases:
+        dit = save_checkpoint(tmp_path / "dit", build_dit(cfg), trained=dataclasses.replace(lmdm, **changes))  # type: ignore[arg-type]
+        result = runner.invoke(app, [*args, "--dit", str(dit), *TINY, "stream.context_blocks=2", *overrides])
+        said = " ".join(result.output.split())
+        assert result.exit_code == 1 and error in said, (error, said)
+        if "autoencoder " in error:
+            assert sha[:12] in said  # both sides named
+    result = runner.invoke(app, [*args, "--dit", str(ae), *TINY])
+    assert result.exit_code == 1 and "holds a checkpoint of kind 'autoencoder' where kind 'dit' is needed" in " ".join(
+        result.output.split()
+    )
+    dit = save_checkpoint(tmp_path / "dit", build_dit(cfg), trained=lmdm)
+    result = runner.invoke(app, [*args, "--dit", str(dit), *TINY, "stream.context_blocks=1"])  # a shorter context is fine
+    assert result.exit_code == 0, result.output
 
 
 def test_bench_stream_refuses_packed_off_float32_cpu() -> None:

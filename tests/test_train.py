@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import alive_actor_pids, tiny_config
 from lmdm.builders import build_dit
-from lmdm.checkpoints.format import load_checkpoint, save_checkpoint
+from lmdm.checkpoints.format import load_checkpoint, read_checkpoint_info
 from lmdm.config import Config
 from lmdm.data.corpus import CorpusSummary
 from lmdm.models.autoencoder import OobleckVAE
@@ -29,13 +31,79 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def latents(tmp_path_factory: pytest.TempPathFactory, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary]) -> Path:
-    _, summary = tiny_corpus
+def write_sao_folder(folder: Path) -> Path:
+    """A tiny Stable Audio folder written by hand in stable-audio-tools' layout: a ``diffusion_cond``
+    ``model_config.json`` and one ``model.safetensors`` with the DiT (``model.model.*``, no conditioning
+    inputs: a bidirectional text-to-audio DiT) and its pretransform (``pretransform.model.*``, Oobleck,
+    weight norm as ``weight_g``/``weight_v``). The DiT's io channels are the autoencoder's latent channels
+    and its text width the built-in encoder's (384), at the sizes of ``SMALL``."""
+    from safetensors.torch import save_file
+
+    from lmdm.checkpoints.sao_autoencoder import lmdm_key_to_sao
+    from lmdm.models.dit import DiTArgs
+
     torch.manual_seed(0)
-    ae = save_checkpoint(tmp_path_factory.mktemp("ae") / "autoencoder", OobleckVAE(1, 4, [1, 2], [2, 4], 4))
+    dit = DiT(DiTArgs(io_channels=4, width=64, depth=1, head_dim=32, cond_token_dim=384, project_cond_tokens=True))
+    vae = OobleckVAE(1, 4, [1, 2], [2, 4], 4)
+    tensors = {f"model.model.{k}": v for k, v in dit.state_dict().items()}
+    tensors |= {f"pretransform.model.{lmdm_key_to_sao(k)}": v for k, v in vae.state_dict().items()}
+    oobleck = {"channels": 4, "c_mults": [1, 2], "strides": [2, 4], "use_snake": True}
+    config = {
+        "model_type": "diffusion_cond",
+        "sample_rate": 16000,
+        "audio_channels": 1,
+        "model": {
+            "io_channels": 4,
+            "pretransform": {
+                "type": "autoencoder",
+                "config": {
+                    "encoder": {"type": "oobleck", "config": {**oobleck, "in_channels": 1, "latent_dim": 8}},
+                    "decoder": {"type": "oobleck", "config": {**oobleck, "out_channels": 1, "latent_dim": 4, "final_tanh": False}},
+                    "bottleneck": {"type": "vae"},
+                    "latent_dim": 4,
+                    "downsampling_ratio": 8,
+                    "io_channels": 1,
+                },
+            },
+            "conditioning": {"configs": [{"id": "prompt", "type": "t5", "config": {}}], "cond_dim": 384},
+            "diffusion": {
+                "type": "dit",
+                "cross_attention_cond_ids": ["prompt"],
+                "diffusion_objective": "rectified_flow",
+                "config": {
+                    "io_channels": 4,
+                    "embed_dim": 64,
+                    "depth": 1,
+                    "num_heads": 2,
+                    "cond_token_dim": 384,
+                    "project_cond_tokens": True,
+                },
+            },
+        },
+    }
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    (folder / "model_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The hand-written Stable Audio folder, imported (``dit/``, ``autoencoder/`` in our format)."""
+    from lmdm.checkpoints.sao_dit import import_sao
+
+    root = tmp_path_factory.mktemp("sao")
+    return import_sao(write_sao_folder(root / "sao"), root / "imported")
+
+
+@pytest.fixture(scope="module")
+def latents(
+    tmp_path_factory: pytest.TempPathFactory, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary], imported: dict[str, Path]
+) -> Path:
+    """The tiny corpus encoded by the imported Stable Audio pretransform (the paper's path: its latents)."""
+    _, summary = tiny_corpus
     out = tmp_path_factory.mktemp("latents") / "latents"
-    run_precompute(tiny_config(f"data.root={summary.root}", f"precompute.out={out}", "precompute.chunk_frames=96"), ae)
+    run_precompute(tiny_config(f"data.root={summary.root}", f"precompute.out={out}", "precompute.chunk_frames=96"), imported["autoencoder"])
     return out
 
 
@@ -65,7 +133,16 @@ def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, 
     # Reports only with the 2 checkpoints: each `ray.train.report` waits for the controller's 2-s poll.
     assert base.metrics["reports"] == 2
     model, meta = load_checkpoint(base.checkpoint / "model")
-    assert isinstance(model, DiT) and meta == {"stage": "base", "step": 8}
+    assert isinstance(model, DiT) and meta == {"step": 8}
+    trained = read_checkpoint_info(base.checkpoint / "model").trained
+    assert (trained.stage, trained.objective, trained.variant, trained.block_frames, trained.context_blocks) == (
+        "base",
+        "rectified_flow",
+        None,
+        8,
+        2,
+    )
+    assert trained.autoencoder == json.loads((latents / "manifest.json").read_text())["autoencoder_sha256"] and trained.text_encoder
     history = loss_history(uri, run.info.run_id)
     assert [s for s, _ in history] == list(range(1, 9)) and decreases(history), history
     stage_run = MlflowClient(tracking_uri=uri).get_run(run.info.run_id)
@@ -83,6 +160,43 @@ def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, 
     assert lmdm.checkpoint is not None and (lmdm.checkpoint / "ema" / "model.safetensors").is_file()
     history = loss_history(uri, run.info.run_id)
     assert decreases(history), " ".join(f"{v:.4f}" for _, v in history)
+
+
+def test_fine_tune_an_imported_stable_audio_dit_into_an_lmdm(tmp_path: Path, latents: Path, imported: dict[str, Path]) -> None:
+    """The paper's path: `lmdm train --stage lmdm train.init=<imported SAO dit>` on latents its own
+    pretransform encoded. The LMDM's extra inputs (clean context + mask) start at zero and every imported
+    weight loads unchanged; 2 workers; the loss falls."""
+    from safetensors.torch import load_file
+
+    from lmdm.checkpoints.compat import load_init
+    from lmdm.eval.tracking import mlflow_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = train_cfg(tmp_path, "train.steps=8", "train.checkpoint_every=8", f"train.init={imported['dit']}", f"tracking.tracking_uri={uri}")
+    lmdm = build_dit(cfg)
+    load_init(lmdm, imported["dit"])  # what every worker does with train.init
+    sao = {
+        k.removeprefix("model.model."): v
+        for k, v in load_file(str(imported["dit"].parent.parent / "sao" / "model.safetensors")).items()
+        if k.startswith("model.model.")
+    }
+    state = lmdm.state_dict()
+    assert set(state) == set(sao)
+    for key, value in sao.items():
+        if key == "transformer.project_in.weight":
+            assert torch.equal(state[key][:, :4], value) and not state[key][:, 4:].any()
+        elif key == "preprocess_conv.weight":
+            assert torch.equal(state[key][:4, :4], value) and not state[key][4:].any() and not state[key][:, 4:].any()
+        else:
+            assert torch.equal(state[key], value), key
+    with mlflow_run(cfg, "sao-lmdm") as run:
+        result = run_train(cfg, "lmdm", latents, mlflow_run_id=run.info.run_id)
+    assert result.checkpoint is not None and result.metrics["step"] == 8
+    history = loss_history(uri, run.info.run_id)
+    assert decreases(history), " ".join(f"{v:.4f}" for _, v in history)
+    trained = read_checkpoint_info(result.checkpoint / "model").trained
+    assert trained.stage == "lmdm" and trained.variant == "block_causal"
+    assert trained.autoencoder == read_checkpoint_info(imported["dit"]).trained.autoencoder  # the imported pretransform's latents
 
 
 def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
@@ -114,23 +228,79 @@ def test_deepspeed_zero2_runs_and_matches_ddp(tmp_path: Path, latents: Path) -> 
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
 
 
-def test_worker_failure_resumes_from_the_last_checkpoint(tmp_path: Path, latents: Path) -> None:
+def checkpointed_steps(storage: Path) -> list[int]:
+    """The step of every checkpoint folder written under ``storage`` (committed or not)."""
+    return sorted(json.loads(p.read_text())["step"] for p in storage.glob("*/checkpoint_*/step.json"))
+
+
+def committed_step(storage: Path) -> int:
+    """The step of the latest checkpoint Ray Train has committed (its checkpoint manager's snapshot), 0 if none.
+
+    Ray Train commits a reported checkpoint at its controller's next poll of the workers
+    (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 0.2 s in the test session): only committed ones survive a worker's death.
+    """
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        except (OSError, ValueError, KeyError):  # being written
+            return 0
+        return int(latest["metrics"]["step"]) if latest else 0
+    return 0
+
+
+def test_a_worker_killed_with_sigkill_resumes_from_the_last_checkpoint(tmp_path: Path, latents: Path) -> None:
+    """A real fault: a training worker process is SIGKILLed from outside mid-run (its pid from Ray's state
+    API) and the run resumes from the latest checkpoint, at most one checkpoint interval lost, with one
+    continuous MLflow history. The same run also takes the in-loop drill (``train.fail_once_at_step``)."""
+    import os
+    import signal
+    import threading
+    import time
+
     from lmdm.eval.tracking import mlflow_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "ray_results"
     cfg = train_cfg(
         tmp_path,
-        "train.steps=4",
-        "train.checkpoint_every=2",
-        "train.fail_once_at_step=3",
-        "train.max_failures=1",
+        "train.steps=16",
+        "train.checkpoint_every=4",
+        "train.fail_once_at_step=13",
+        "train.max_failures=2",
         f"tracking.tracking_uri={uri}",
     )
-    with mlflow_run(cfg, "fault") as run:
-        result = run_train(cfg, "base", latents, mlflow_run_id=run.info.run_id)
-    assert result.metrics["step"] == 4
-    assert (tmp_path / "ray_results" / "quickstart-base.failed-once").is_file()  # the drill really fired
-    assert [s for s, _ in loss_history(uri, run.info.run_id)] == [1, 2, 3, 4]  # one continuous history
+    killed: dict[str, Any] = {}
+    stop = threading.Event()
+
+    def kill_after_the_first_commit() -> None:
+        while not stop.wait(0.01):
+            committed = committed_step(storage)
+            pids = alive_actor_pids("RayTrainWorker") if committed else []
+            if pids:
+                written = checkpointed_steps(storage)
+                os.kill(pids[0], signal.SIGKILL)
+                killed.update(pid=pids[0], committed=committed, written=written, at=time.monotonic())
+                return
+
+    watcher = threading.Thread(target=kill_after_the_first_commit)
+    watcher.start()
+    try:
+        with mlflow_run(cfg, "fault") as run:
+            result = run_train(cfg, "base", latents, mlflow_run_id=run.info.run_id)
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed and killed["committed"] == 4 and max(killed["written"]) < 13, killed
+    assert result.metrics["step"] == 16
+    assert (storage / "quickstart-base.failed-once").is_file()  # the drill fired too
+    assert [s for s, _ in loss_history(uri, run.info.run_id)] == list(range(1, 17))  # one continuous history
+    # Resumed from the committed checkpoint: the first checkpoint written after the kill is the next one.
+    after = checkpointed_steps(storage)
+    for step in killed["written"]:
+        after.remove(step)
+    assert min(after) == killed["committed"] + 4, (killed, after)
+    # At most one interval lost: at the kill, at most one checkpoint past the committed one had been written.
+    assert max(killed["written"]) - killed["committed"] <= 4, killed
+    assert killed["pid"] not in alive_actor_pids("RayTrainWorker")
 
 
 def test_autoencoder_stage_on_audio_chunks_and_the_loss_decreases(

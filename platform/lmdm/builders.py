@@ -11,25 +11,29 @@ from lmdm.runtime import Runtime, get_runtime
 from lmdm.streaming.engines import LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["build_autoencoder_from", "build_dit", "build_engine", "build_geometry", "build_runtime", "build_sampling"]
+__all__ = ["build_autoencoder_from", "build_dit", "build_engine", "build_geometry", "build_runtime", "build_sampling", "dit_args"]
 
 EngineKind = Literal["outpainting", "encdec", "block_causal"]
 
 
-def build_dit(cfg: Config) -> DiT:
-    """The streaming DiT: latent channels from the autoencoder, inputs ``[noisy | clean | mask]``."""
+def dit_args(cfg: Config) -> DiTArgs:
+    """The streaming DiT's sizes: latent channels from the autoencoder, inputs ``[noisy | clean | mask]``."""
     io = cfg.autoencoder.latent_channels
-    return DiT(
-        DiTArgs(
-            io_channels=io,
-            width=cfg.dit.width,
-            depth=cfg.dit.depth,
-            head_dim=cfg.dit.head_dim,
-            cond_token_dim=cfg.dit.cond_token_dim,
-            project_cond_tokens=cfg.dit.project_cond_tokens,
-            input_concat_dim=io + 1,
-        )
+    return DiTArgs(
+        io_channels=io,
+        width=cfg.dit.width,
+        depth=cfg.dit.depth,
+        head_dim=cfg.dit.head_dim,
+        cond_token_dim=cfg.dit.cond_token_dim,
+        project_cond_tokens=cfg.dit.project_cond_tokens,
+        global_cond_dim=cfg.dit.global_cond_dim,
+        input_concat_dim=io + 1,
     )
+
+
+def build_dit(cfg: Config) -> DiT:
+    """The streaming DiT of :func:`dit_args`."""
+    return DiT(dit_args(cfg))
 
 
 def build_autoencoder_from(cfg: Config) -> OobleckVAE:

@@ -11,22 +11,18 @@ naming the config key. Keys: ``model.model.*`` (DiT, names identical to ours aft
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor, nn
 
 from lmdm.checkpoints.errors import CheckpointError
 from lmdm.checkpoints.format import load_state_strict
+from lmdm.models.conditioners import NumberConditioners
 from lmdm.models.dit import DiT, DiTArgs
 
 __all__ = [
-    "NumberConditioner",
-    "NumberConditioners",
     "SaoDiffusion",
     "SaoDiffusionSpec",
     "import_sao",
@@ -53,43 +49,6 @@ _SUPPORTED: dict[str, Any] = {
     "prepend_cond_dim": 0,
     "project_global_cond": True,
 }
-
-
-class NumberConditioner(nn.Module):
-    """Stable Audio's timing conditioner: ``Linear(cat(x, sin 2πxw, cos 2πxw))`` of the clamped,
-    normalised number ``x = (clamp(v, min, max) − min) / (max − min)``; keys ``embedder.embedding.{0.weights, 1.*}``."""
-
-    def __init__(self, output_dim: int, min_val: float = 0.0, max_val: float = 1.0, dim: int = 256) -> None:
-        super().__init__()
-        self.min_val, self.max_val = min_val, max_val
-        self.embedder = nn.Module()
-        self.embedder.embedding = nn.Sequential(_LearnedFourier(dim), nn.Linear(dim + 1, output_dim))
-
-    def forward(self, values: Tensor) -> Tensor:
-        """``(B,)`` numbers → ``(B, 1, output_dim)`` embeddings."""
-        x = (values.clamp(self.min_val, self.max_val) - self.min_val) / (self.max_val - self.min_val)
-        embedding: nn.Sequential = self.embedder.embedding  # type: ignore[assignment]
-        linear: nn.Linear = embedding[1]  # type: ignore[assignment]
-        out: Tensor = embedding(x.to(linear.weight.dtype))
-        return out[:, None]
-
-
-class _LearnedFourier(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weights = nn.Parameter(torch.randn(dim // 2))
-
-    def forward(self, x: Tensor) -> Tensor:
-        freqs = x[:, None] * self.weights[None] * 2 * math.pi
-        return torch.cat([x[:, None], freqs.sin(), freqs.cos()], dim=-1)
-
-
-class NumberConditioners(nn.ModuleDict):
-    """The timing conditioners of a checkpoint, by id (``seconds_start``, ``seconds_total``)."""
-
-    def __init__(self, numbers: dict[str, tuple[int, float, float]]) -> None:
-        super().__init__({cid: NumberConditioner(dim, lo, hi) for cid, (dim, lo, hi) in numbers.items()})
-        self.numbers = dict(numbers)
 
 
 @dataclass(frozen=True)
@@ -237,7 +196,7 @@ def import_sao(folder_or_config: str | Path, out: str | Path) -> dict[str, Path]
     Raises:
         CheckpointError: see :func:`load_sao_diffusion` and :func:`~lmdm.checkpoints.sao_autoencoder.load_sao_autoencoder`.
     """
-    from lmdm.checkpoints.format import save_checkpoint
+    from lmdm.checkpoints.format import TrainedWith, file_sha256, save_checkpoint
     from lmdm.checkpoints.sao_autoencoder import load_sao_autoencoder
 
     path = Path(folder_or_config)
@@ -247,18 +206,22 @@ def import_sao(folder_or_config: str | Path, out: str | Path) -> dict[str, Path]
     imported = load_sao_diffusion(config_path, weights)
     spec = imported.spec
     meta = {
-        "source": str(path),
-        "objective": spec.objective,
         "sample_rate": spec.sample_rate,
         "audio_channels": spec.audio_channels,
         "cross_attention_cond_ids": list(spec.cross_attention_cond_ids),
         "global_cond_ids": list(spec.global_cond_ids),
     }
-    written = {"dit": save_checkpoint(out / "dit", imported.dit, meta)}
-    if spec.numbers:
-        written["conditioners"] = save_checkpoint(out / "conditioners", imported.conditioners, meta)
+    written: dict[str, Path] = {}
     with safe_open(str(weights), framework="pt", device="cpu") as f:
         has_autoencoder = any(k.startswith("pretransform.") for k in f.keys())  # noqa: SIM118 (safe_open is not a mapping)
+    autoencoder_sha = None
     if has_autoencoder:
-        written["autoencoder"] = save_checkpoint(out / "autoencoder", load_sao_autoencoder(config_path, weights), meta)
+        trained = TrainedWith(stage="autoencoder", source=str(path))
+        written["autoencoder"] = save_checkpoint(out / "autoencoder", load_sao_autoencoder(config_path, weights), meta, trained)
+        autoencoder_sha = file_sha256(written["autoencoder"] / "model.safetensors")
+    # A Stable Audio DiT is bidirectional: a base (its text encoder, T5, is not part of the file: unknown).
+    trained = TrainedWith(stage="base", objective=spec.objective, autoencoder=autoencoder_sha, source=str(path))
+    written["dit"] = save_checkpoint(out / "dit", imported.dit, meta, trained)
+    if spec.numbers:
+        written["conditioners"] = save_checkpoint(out / "conditioners", imported.conditioners, meta, TrainedWith(source=str(path)))
     return written

@@ -129,6 +129,12 @@ class DiTConfig(Section):
     head_dim: int = Field(64, ge=32, le=256, description="partial rotary needs >= 32")
     cond_token_dim: int = Field(384, ge=0, le=8192, description="text-encoder token width; 0 = no text")
     project_cond_tokens: bool = Field(False, description="project text tokens to `width` before cross-attention")
+    global_cond_dim: int = Field(
+        0,
+        ge=0,
+        le=8192,
+        description="timing-conditioning width of an imported Stable Audio DiT (kept frozen: the stages feed no timing); 0 = none",
+    )
     objective: Literal["rectified_flow", "v"] = "rectified_flow"
 
     @model_validator(mode="after")
@@ -193,6 +199,7 @@ class RayConfig(Section):
 
     address: str | None = Field(None, description="e.g. 'auto' inside a cluster / `ray job submit`")
     num_cpus: float | None = Field(None, gt=0, description="logical CPUs (scheduling slots) for a local Ray; None = 2 × cores, at least 4")
+    dashboard: bool = Field(False, description="a local Ray also starts its dashboard on 127.0.0.1 (the UI and Ray's state API)")
 
 
 class TrainConfig(Section):
