@@ -37,7 +37,8 @@ wheel: $(BIN)/python
 	$(BIN)/python -m pip install --quiet build
 	rm -rf dist && $(BIN)/python -m build --wheel --outdir dist .
 
-# For anyone with a GPU, one command (under 5 minutes on one H100-class GPU): the gpu-marked tests, then
+# For anyone with a GPU, one command (under 5 minutes on one H100-class GPU): the gpu-marked tests (among
+# them a few LMDM training steps through Ray Train with nccl and bf16, then a stream from that checkpoint), then
 # `lmdm bench stream` at Stable Audio Open Small's size (width 1024, depth 16, the paper's geometry) in
 # bf16 on the compile runtime beside eager. CI cannot run it (no GPU); it is dry-run on CPU with a tiny shape:
 #   make gpu-check GPU_DEVICE=cpu GPU_BENCH="--quick --width 64 --depth 1 --block-frames 4 --steps 2 --repeats 2"

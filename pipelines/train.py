@@ -63,6 +63,19 @@ def _trained_with(cfg: Config, stage: str, latents: Path | None) -> dict[str, An
     }
 
 
+def _require_chunks(latents: Path) -> None:
+    """Latents with nothing to train on are an error here, not an obscure one from Ray Data later."""
+    manifest = json.loads((latents / "manifest.json").read_text())
+    counts = manifest.get("counts", {})
+    if not counts.get("chunks") or not any(latents.glob("shard_*.parquet")):
+        reasons = sorted({s.get("reason", "?") for s in manifest.get("skipped", [])})
+        raise ValueError(
+            f"{latents} holds no latent chunks to train on ({counts.get('inputs', 0)} inputs, {counts.get('skipped', 0)} skipped"
+            + (f": {'; '.join(reasons[:3])}" if reasons else "")
+            + "); check the data and precompute.chunk_frames (inputs shorter than a chunk are skipped)"
+        )
+
+
 def _check_init(cfg: Config, stage: str, trained: dict[str, Any]) -> None:
     """``train.init`` fits this run (kind, model size, objective, autoencoder, text encoder), else a clear error."""
     from lmdm.builders import dit_args
@@ -278,6 +291,7 @@ def run_train(
         if latents is None or not (Path(latents) / "manifest.json").is_file():
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
+        _require_chunks(latents)
     trained = _trained_with(cfg, stage, latents)
     _check_init(cfg, stage, trained)
     ensure_ray(cfg)

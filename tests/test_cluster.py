@@ -131,7 +131,7 @@ def ray_head() -> object:
                 time.sleep(1)
         yield address
     finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # `ray start --block` ignores SIGTERM for ~15 s
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(wait)

@@ -20,6 +20,7 @@ def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.chdir(tmp_path)
     overrides = [
         "data.corpus.num_clips=8",
+        "dit.depth=1",  # the chain, not the sizes
         "quickstart.autoencoder_steps=4",
         "quickstart.base_steps=4",
         "quickstart.lmdm_steps=4",
