@@ -254,6 +254,27 @@ def _dataset(cfg: Config, stage: str, latents: Path | None) -> Any:
     return latent_dataset(shards)
 
 
+def _trainer(cfg: Config, stage: str, latents: Path | None, trained: dict[str, Any], extra: dict[str, Any]) -> Any:
+    """The ``TorchTrainer`` whose workers run :func:`lmdm.pipelines.recipe.train_worker` on ``cfg.train.workers`` workers."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage": stage, "latents": str(latents or ""), "trained": trained, **extra},
+        torch_config=TorchConfig(backend=process_group_backend(cfg)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(cfg, stage, latents),
+            storage_path=str(cfg.train.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": _dataset(cfg, stage, latents)},
+    )
+
+
 def run_train(
     cfg: Config,
     stage: str,
@@ -279,9 +300,6 @@ def run_train(
             a ``train.init`` that does not fit the run.
         FileNotFoundError: no precomputed latents for a DiT stage.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from lmdm.pipelines.ray_session import ensure_ray
 
     cfg = _absolute(cfg)
@@ -298,28 +316,7 @@ def run_train(
     if mlflow_run_id:
         _log_stage_params(cfg, stage, mlflow_run_id)
     with _progress_board(progress) as board:
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={
-                "cfg": cfg.model_dump(mode="json"),
-                "stage": stage,
-                "latents": str(latents or ""),
-                "trained": trained,
-                "mlflow_run_id": mlflow_run_id,
-                "measure": measure,
-                "progress": board,
-            },
-            torch_config=TorchConfig(backend=process_group_backend(cfg)),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name(cfg, stage, latents),
-                storage_path=str(cfg.train.storage_path),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            ),
-            datasets={"train": _dataset(cfg, stage, latents)},
-        )
+        trainer = _trainer(cfg, stage, latents, trained, {"mlflow_run_id": mlflow_run_id, "measure": measure, "progress": board})
         result = trainer.fit()
     folder = Path(result.checkpoint.path) if result.checkpoint is not None else None
     if mlflow_run_id and folder is not None:
