@@ -229,7 +229,8 @@ def run_precompute(
         ctx.execution_options.preserve_order = True  # rows arrive in input order: a shard is complete when the next begins
         # Ray Data's own progress bars (per operator) on a terminal; elsewhere (CI, a log file) it would log
         # every operator's full metrics instead, so none there.
-        ctx.enable_progress_bars = sys.stdout.isatty()
+        ctx.enable_progress_bars = ctx.enable_rich_progress_bars = sys.stdout.isatty()
+        ctx.use_ray_tqdm = False  # Ray Data's rich bars: its tqdm ones stay blank with the driver's logs off the terminal
         ds = chunk_dataset(cfg, todo, vae.downsampling_ratio, cfg.precompute.chunk_frames)
         ds = ds.map_batches(
             _Encoder,
