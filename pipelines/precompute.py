@@ -31,7 +31,7 @@ from lmdm.config import Config
 
 __all__ = ["PrecomputeMismatchError", "PrecomputeSummary", "chunk_dataset", "run_precompute"]
 
-FORMAT = 1
+FORMAT = 2  # 2: the corpus' held-out clips are never encoded (lmdm.data.split)
 
 
 class PrecomputeMismatchError(RuntimeError):
@@ -212,7 +212,8 @@ def run_precompute(
 
     source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
     assert source_path is not None
-    records = list_inputs(cfg.data.source, source_path, cfg.data.captions)
+    records = list_inputs(cfg.data.source, source_path, cfg.data.captions, split="train")
+    held_out = [r.input_id for r in list_inputs(cfg.data.source, source_path, cfg.data.captions, split="held_out")]
     S = cfg.precompute.shard_inputs
     shards = (len(records) + S - 1) // S
     done = {k for k in range(shards) if _shard_paths(out, k)[1].is_file()}
@@ -275,6 +276,7 @@ def run_precompute(
             "rate": cfg.audio.sample_rate / vae.downsampling_ratio,
         },
         "skipped": summary.skipped,
+        "held_out": held_out,  # the reference, never encoded here (lmdm.data.split)
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return summary

@@ -40,6 +40,21 @@ def _stream(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: in
     return (audio / max(peak, 1e-6) * 0.9).numpy()
 
 
+def _precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console) -> Any:
+    """``run_precompute`` into the quickstart's own latents folder; latents there from another request (an
+    older format, another autoencoder) are the quickstart's own too, so they are re-encoded, not an error."""
+    import shutil
+
+    from lmdm.pipelines.precompute import PrecomputeMismatchError, run_precompute
+
+    try:
+        return run_precompute(cfg, autoencoder)  # Ray Data draws its own progress bars
+    except PrecomputeMismatchError:
+        console.print(f"[dim]{cfg.precompute.out} holds latents from an earlier request: encoding them again[/]")
+        shutil.rmtree(cfg.precompute.out)
+        return run_precompute(cfg, autoencoder)
+
+
 def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config], Any]) -> dict[str, Any]:
     """Run every stage; returns the figures (also written to ``runs/<name>/quickstart.json``)."""
     import mlflow
@@ -52,7 +67,6 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
     from lmdm.eval.likeness import FIGURES, TIE, audio_stats, compare, likeness
     from lmdm.eval.plots import plot_clip
     from lmdm.eval.tracking import mlflow_run
-    from lmdm.pipelines.precompute import run_precompute
     from lmdm.pipelines.progress import training_progress
     from lmdm.pipelines.train import run_train
     from lmdm.text.encoders import build_text_encoder
@@ -89,7 +103,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
         with mlflow_run(pre_cfg, "precompute", nested=True):  # the training stages log theirs in run_train
-            pre = run_precompute(pre_cfg, autoencoder)  # Ray Data draws its own progress bars
+            pre = _precompute_into_own_folder(pre_cfg, autoencoder, console)
             mlflow.log_metrics({"precompute/chunks": pre.chunks, "precompute/skipped": len(pre.skipped)})
         times["precompute"] = time.perf_counter() - start
 

@@ -151,7 +151,7 @@ def _audio_dataset(cfg: Config) -> Any:
 
     source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
     assert source_path is not None
-    records = _read_order(list_inputs(cfg.data.source, source_path, cfg.data.captions), cfg)
+    records = _read_order(list_inputs(cfg.data.source, source_path, cfg.data.captions, split="train"), cfg)
     ds = chunk_dataset(cfg, records, cfg.autoencoder.downsampling_ratio, cfg.train.audio_chunk_frames)
     return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
 

@@ -131,3 +131,34 @@ def test_an_encoder_actor_killed_with_sigkill_loses_no_shard(
     assert sorted(p.name for p in out.glob("shard_*.parquet")) == [f"shard_{k:05d}.parquet" for k in range(6)]
     assert sorted((r["input_index"], r["chunk"]) for r in rows(out)) == [(i, c) for i in range(6) for c in range(3)]
     assert killed["pid"] not in alive_actor_pids(ENCODER_ACTOR)
+
+
+def test_held_out_clips_never_reach_training(tmp_path: Path, local_ray: object, vae_dir: Path) -> None:
+    """The corpus' held-out reference (a pure function of seed and clip index) is recorded in the corpus and
+    precompute manifests; precompute encodes only the training split, and the autoencoder stage's inputs are
+    the training split too, so no held-out clip reaches a training batch."""
+    from lmdm.data.chunks import list_inputs
+    from lmdm.data.corpus import build_corpus
+    from lmdm.data.split import held_out_indices
+
+    cfg = tiny_config("data.corpus.seed=2", f"data.root={tmp_path / 'corpus'}", f"precompute.out={tmp_path / 'latents'}")
+    assert held_out_indices(2, 4) == [2]  # seed 2 holds out clip 2 of the first four
+    build_corpus(cfg.data.root, cfg.data.corpus, cfg.audio, cfg.data.frame_rate)
+    recorded = json.loads((cfg.data.root / "corpus.json").read_text())["held_out"]
+    assert recorded["clips"] == ["clip_00002"] and recorded["fraction"] == 0.1
+    assert [r.input_id for r in list_inputs("corpus", cfg.data.root, split="held_out")] == ["clip_00002"]
+    train = list_inputs("corpus", cfg.data.root, split="train")  # what the autoencoder stage reads (_audio_dataset)
+    assert [r.input_id for r in train] == ["clip_00000", "clip_00001", "clip_00003"] and [r.index for r in train] == [0, 1, 2]
+    run_precompute(cfg, vae_dir)
+    assert {r["input_id"] for r in rows(tmp_path / "latents")} == {"clip_00000", "clip_00001", "clip_00003"}
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["held_out"] == ["clip_00002"] and manifest["counts"]["inputs"] == 3
+
+
+def test_the_split_is_a_pure_function_of_seed_and_index() -> None:
+    from lmdm.data.split import held_out_indices, is_held_out
+
+    small, large = held_out_indices(0, 48), held_out_indices(0, 5000)
+    assert small == [i for i in large if i < 48]  # a larger corpus holds out the same clips, and more
+    assert 0.08 < len(large) / 5000 < 0.12  # about HELD_OUT_FRACTION
+    assert held_out_indices(0, 300) != held_out_indices(1, 300) and is_held_out(0, 15) and not is_held_out(0, 14)

@@ -18,6 +18,7 @@ import numpy as np
 
 from lmdm.audio.features import f0_pyin, loudness_db, spectral_centroid
 from lmdm.audio.io import AUDIO_EXTENSIONS, AudioReadError, decode_audio, load_audio
+from lmdm.data.split import Split
 
 __all__ = ["InputRecord", "chunk_input", "curves_at_latent_rate", "list_inputs"]
 
@@ -29,7 +30,7 @@ class InputRecord:
     """One input to precompute.
 
     Attributes:
-        index: position in the input list (fixes the shard it belongs to).
+        index: position in the input list of its split (fixes the shard it belongs to).
         input_id: stable id (relative path, ``dataset[row]`` or corpus clip id).
         path: file to decode, or the saved dataset folder for ``hf_disk``.
         row: dataset row for ``hf_disk`` inputs.
@@ -46,13 +47,15 @@ class InputRecord:
     curves: dict[str, list[float]] = field(default_factory=dict)
 
 
-def list_inputs(source: str, path: Path, captions: Path | None = None) -> list[InputRecord]:
-    """Every input of a data source, in a stable order.
+def list_inputs(source: str, path: Path, captions: Path | None = None, split: Split = "all") -> list[InputRecord]:
+    """Every input of a data source (of one split), in a stable order.
 
     Args:
         source: ``corpus`` (a built corpus folder), ``folder`` (audio files) or ``hf_disk``.
         path: the corpus root, the audio folder or the saved dataset.
         captions: CSV/JSONL captions for a folder.
+        split: ``train`` (what every training stage reads: the corpus without its held-out reference),
+            ``held_out`` (the reference, :mod:`lmdm.data.split`) or ``all``. Other sources are all ``train``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -61,8 +64,11 @@ def list_inputs(source: str, path: Path, captions: Path | None = None) -> list[I
     if not path.exists():
         raise FileNotFoundError(f"{source} input {path} does not exist")
     if source == "corpus":
-        from lmdm.data.corpus import read_corpus_metadata
+        from lmdm.data.corpus import corpus_seed, read_corpus_metadata
+        from lmdm.data.split import is_held_out
 
+        seed = corpus_seed(path)
+        rows = [row for i, row in enumerate(read_corpus_metadata(path)) if split == "all" or is_held_out(seed, i) == (split == "held_out")]
         return [
             InputRecord(
                 i,
@@ -72,8 +78,10 @@ def list_inputs(source: str, path: Path, captions: Path | None = None) -> list[I
                 frame_rate=int(row["frame_rate"]),
                 curves={k: row[k] for k in CURVES},
             )
-            for i, row in enumerate(read_corpus_metadata(path))
+            for i, row in enumerate(rows)
         ]
+    if split == "held_out":
+        return []
     if source == "folder":
         from lmdm.data.readers import read_captions
 

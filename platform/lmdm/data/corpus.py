@@ -44,6 +44,7 @@ __all__ = [
     "CorpusExistsError",
     "CorpusSummary",
     "build_corpus",
+    "corpus_seed",
     "load_corpus_dataset",
     "make_clip",
     "read_corpus_metadata",
@@ -312,6 +313,9 @@ def build_corpus(
     if root.exists():
         if manifest.is_file() and json.loads(manifest.read_text()).get("fingerprint") == fingerprint and not force:
             info = json.loads(manifest.read_text())
+            if "held_out" not in info:  # a corpus built before the split was recorded
+                info["held_out"] = _held_out_record(cfg)
+                manifest.write_text(json.dumps(info, indent=2))
             if progress:  # nothing to render: report it complete
                 progress(info["num_clips"], info["num_clips"])
             return CorpusSummary(root, info["num_clips"], info["seconds"], info["build_seconds"], reused=True)
@@ -356,10 +360,26 @@ def build_corpus(
         "num_clips": cfg.num_clips,
         "seconds": cfg.num_clips * cfg.clip_seconds,
         "build_seconds": round(build_seconds, 2),
+        "held_out": _held_out_record(cfg),
     }
     (partial / "corpus.json").write_text(json.dumps(info, indent=2))
     partial.rename(root)
     return CorpusSummary(root, cfg.num_clips, info["seconds"], build_seconds, reused=False)
+
+
+def _held_out_record(cfg: CorpusConfig) -> dict[str, Any]:
+    from lmdm.data.split import HELD_OUT_FRACTION, SPLIT_RULE, held_out_indices
+
+    clips = [f"clip_{i:05d}" for i in held_out_indices(cfg.seed, cfg.num_clips)]
+    return {"rule": SPLIT_RULE, "fraction": HELD_OUT_FRACTION, "clips": clips}
+
+
+def corpus_seed(root: Path) -> int:
+    """The seed a built corpus was made with (its ``corpus.json``), which fixes its held-out split."""
+    manifest = Path(root) / "corpus.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} is missing: {root} is not a built corpus (run `lmdm data build`)")
+    return int(json.loads(manifest.read_text())["fingerprint"]["corpus"]["seed"])
 
 
 def read_corpus_metadata(root: Path) -> list[dict[str, Any]]:
