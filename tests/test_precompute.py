@@ -118,12 +118,14 @@ def test_an_encoder_actor_killed_with_sigkill_loses_no_shard(
     thread.start()
     killed: dict[str, int] = {}
     deadline = time.monotonic() + 120
-    while thread.is_alive() and not killed and time.monotonic() < deadline:
+    pids: list[int] = []
+    while thread.is_alive() and not pids and time.monotonic() < deadline:  # the encoder's pid (a state-API call: slow)
         pids = alive_actor_pids(ENCODER_ACTOR)
-        if pids and (out / "shard_00000.json").is_file():
+    while thread.is_alive() and pids and not killed and time.monotonic() < deadline:  # then kill it once shard 0 is written
+        if (out / "shard_00000.json").is_file():
             killed = {"pid": pids[0], "shards": len(list(out.glob("shard_*.json")))}
             os.kill(pids[0], signal.SIGKILL)
-        time.sleep(0.05)
+        time.sleep(0.005)
     thread.join(300)
     assert killed and killed["shards"] < 6, f"the run ended before the kill ({killed})"
     result = done["summary"]
@@ -162,3 +164,25 @@ def test_the_split_is_a_pure_function_of_seed_and_index() -> None:
     assert small == [i for i in large if i < 48]  # a larger corpus holds out the same clips, and more
     assert 0.08 < len(large) / 5000 < 0.12  # about HELD_OUT_FRACTION
     assert held_out_indices(0, 300) != held_out_indices(1, 300) and is_held_out(0, 15) and not is_held_out(0, 14)
+
+
+def test_the_quickstart_re_encodes_its_own_latents_from_an_older_request(
+    tmp_path: Path, local_ray: object, vae_dir: Path, tiny_corpus: tuple[Config, CorpusSummary]
+) -> None:
+    """Latents in the quickstart's own folder from another request (e.g. precompute format 1, made before the
+    held-out split) are encoded again there; `lmdm precompute` into a user's folder refuses them instead."""
+    from rich.console import Console
+
+    from lmdm.pipelines.quickstart import _precompute_into_own_folder
+
+    _, summary = tiny_corpus
+    cfg = corpus_cfg(summary, tmp_path / "latents")
+    (tmp_path / "latents").mkdir()
+    (tmp_path / "latents" / "request.json").write_text(json.dumps({"format": 1}))
+    (tmp_path / "latents" / "shard_00000.json").write_text("{}")  # an old shard, not to be reused
+    with pytest.raises(PrecomputeMismatchError, match="differs in: "):
+        run_precompute(cfg, vae_dir)
+    console = Console(record=True, width=200)
+    result = _precompute_into_own_folder(cfg, vae_dir, console)
+    assert "holds latents from an earlier request: encoding them again" in console.export_text()
+    assert result.inputs == 6 and result.chunks == 18 and result.shards_reused == 0

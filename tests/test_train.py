@@ -232,7 +232,6 @@ def test_a_worker_killed_with_sigkill_resumes_from_the_last_checkpoint(tmp_path:
     import os
     import signal
     import threading
-    import time
 
     from lmdm.eval.tracking import mlflow_run
 
@@ -249,13 +248,15 @@ def test_a_worker_killed_with_sigkill_resumes_from_the_last_checkpoint(tmp_path:
     stop = threading.Event()
 
     def kill_after_the_first_commit() -> None:
-        while not stop.wait(0.01):
+        pids: list[int] = []
+        while not pids and not stop.wait(0.01):  # the workers' pids first (a state-API call: slow)
+            pids = alive_actor_pids("RayTrainWorker")
+        while not stop.wait(0.005):  # then kill one the moment Ray Train commits a checkpoint
             committed = committed_step(storage)
-            pids = alive_actor_pids("RayTrainWorker") if committed else []
-            if pids:
+            if committed:
                 written = checkpointed_steps(storage)
                 os.kill(pids[0], signal.SIGKILL)
-                killed.update(pid=pids[0], committed=committed, written=written, at=time.monotonic())
+                killed.update(pid=pids[0], committed=committed, written=written)
                 return
 
     watcher = threading.Thread(target=kill_after_the_first_commit)
@@ -266,7 +267,7 @@ def test_a_worker_killed_with_sigkill_resumes_from_the_last_checkpoint(tmp_path:
     finally:
         stop.set()
         watcher.join()
-    assert killed and killed["committed"] == 4 and max(killed["written"]) < 13, killed
+    assert killed and killed["committed"] in (4, 8) and max(killed["written"]) < 13, killed
     assert result.metrics["step"] == 16
     assert (storage / "quickstart-base.failed-once").is_file()  # the drill fired too
     assert [s for s, _ in loss_history(uri, run.info.run_id)] == list(range(1, 17))  # one continuous history
