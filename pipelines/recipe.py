@@ -260,9 +260,7 @@ class StageRecipe:
         (folder / "step.json").write_text(json.dumps({"step": self.step}))
         module = self.accelerator.unwrap_model(self.model).dit
         save_checkpoint(folder / "model", module, meta, trained)
-        ema_model = type(module)(module.args) if hasattr(module, "args") else type(module)(**module.init_args)
-        ema_model.load_state_dict(self.ema)
-        save_checkpoint(folder / "ema", ema_model, {**meta, "ema_decay": self.cfg.train.ema_decay}, trained)
+        save_checkpoint(folder / "ema", module, {**meta, "ema_decay": self.cfg.train.ema_decay}, trained, state=self.ema)
 
     # ---- the loop ---------------------------------------------------------------------------
 

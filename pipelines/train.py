@@ -46,12 +46,11 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def _trained_with(cfg: Config, stage: str, latents: Path | None) -> dict[str, Any]:
+def _trained_with(cfg: Config, stage: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
     """What the run's checkpoints will say they are (:class:`~lmdm.checkpoints.format.TrainedWith`), from the
     config and the latents' manifest (the autoencoder and text encoder they were made with)."""
-    if stage == "autoencoder":
+    if manifest is None:  # the autoencoder stage: no latents
         return {"stage": stage}
-    manifest = json.loads((Path(latents or "") / "manifest.json").read_text())
     return {
         "stage": stage,
         "objective": cfg.dit.objective,
@@ -63,9 +62,8 @@ def _trained_with(cfg: Config, stage: str, latents: Path | None) -> dict[str, An
     }
 
 
-def _require_chunks(latents: Path) -> None:
+def _require_chunks(latents: Path, manifest: dict[str, Any]) -> None:
     """Latents with nothing to train on are an error here, not an obscure one from Ray Data later."""
-    manifest = json.loads((latents / "manifest.json").read_text())
     counts = manifest.get("counts", {})
     if not counts.get("chunks") or not any(latents.glob("shard_*.parquet")):
         reasons = sorted({s.get("reason", "?") for s in manifest.get("skipped", [])})
@@ -305,12 +303,14 @@ def run_train(
     cfg = _absolute(cfg)
     if stage not in ("autoencoder", "base", "lmdm"):
         raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm)")
+    manifest = None
     if stage != "autoencoder":
         if latents is None or not (Path(latents) / "manifest.json").is_file():
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
-        _require_chunks(latents)
-    trained = _trained_with(cfg, stage, latents)
+        manifest = json.loads((latents / "manifest.json").read_text())
+        _require_chunks(latents, manifest)
+    trained = _trained_with(cfg, stage, manifest)
     _check_init(cfg, stage, trained)
     ensure_ray(cfg)
     if mlflow_run_id:

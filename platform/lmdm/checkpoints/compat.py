@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from lmdm.checkpoints.errors import CheckpointError
-from lmdm.checkpoints.format import CheckpointInfo
-from lmdm.models.dit import DiTArgs
+from lmdm.checkpoints.format import CheckpointInfo, load_state_strict
+from lmdm.models.dit import DiT, DiTArgs
 
 __all__ = ["STREAMING_VARIANTS", "check_fingerprints", "check_init", "check_streaming", "load_init", "widen_inputs"]
 
@@ -174,9 +174,6 @@ def load_init(module: nn.Module, folder: str | Path) -> None:
     """Load ``train.init`` (a checkpoint folder) into ``module``; a DiT with fewer conditioning inputs is
     widened with zeros (:func:`widen_inputs`). Strict otherwise (every bad key listed)."""
     from safetensors.torch import load_file
-
-    from lmdm.checkpoints.format import load_state_strict
-    from lmdm.models.dit import DiT
 
     weights = Path(folder) / "model.safetensors"
     state = load_file(str(weights))

@@ -132,12 +132,19 @@ def _kind_of(model: nn.Module) -> str:
     raise CheckpointError(f"cannot save a {type(model).__name__}: no checkpoint kind for it (known: {sorted(KINDS)})")
 
 
-def save_checkpoint(folder: str | Path, model: nn.Module, meta: dict[str, Any] | None = None, trained: TrainedWith | None = None) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    model: nn.Module,
+    meta: dict[str, Any] | None = None,
+    trained: TrainedWith | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model`` to ``folder/model.safetensors`` + ``folder/config.json``.
 
     Args:
         meta: JSON-serialisable extras (training step, EMA decay, ...).
         trained: how the weights were made (checked by loaders; see :mod:`lmdm.checkpoints.compat`).
+        state: other tensors for ``model``'s kind and arguments (e.g. its EMA), instead of its own.
 
     Returns:
         ``folder``.
@@ -145,8 +152,8 @@ def save_checkpoint(folder: str | Path, model: nn.Module, meta: dict[str, Any] |
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kind = _kind_of(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
+    save_file(tensors, str(folder / "model.safetensors"))
     config = {
         "format": FORMAT_VERSION,
         "kind": kind,
