@@ -27,3 +27,29 @@ def test_a_closer_set_of_tones_beats_a_single_buzz() -> None:
     assert not compare(buzz, close)["beats"]
     same = compare(close, close)
     assert same["tied"] == list(FIGURES) and not same["beats"]
+
+
+def _notes(pitches: list[int], note_seconds: float) -> np.ndarray:
+    """A melody: each MIDI pitch for ``note_seconds`` with a 10 ms attack and an exponential decay."""
+    n = int(note_seconds * RATE)
+    t = np.arange(n) / RATE
+    envelope = np.minimum(t / 0.01, 1.0) * np.exp(-3.0 * t)
+    notes = [0.3 * envelope * np.sin(2 * np.pi * 440.0 * 2 ** ((p - 69) / 12) * t) for p in pitches]
+    return np.concatenate(notes)[None].astype(np.float32)
+
+
+def test_a_note_sequence_gives_its_known_rates_and_a_drone_gives_none() -> None:
+    """16 notes of 0.25 s (a scale up and down, every neighbour different): 4 onsets/s and 15 changes
+    over about 4 voiced seconds; a steady drone with a slow fade-in: about 0 of each."""
+    melody = _notes([60, 62, 64, 65, 67, 69, 71, 72, 71, 69, 67, 65, 64, 62, 60, 62], 0.25)
+    stats = audio_stats([melody], RATE)
+    assert 3.4 <= stats.onset_rate <= 4.6, stats
+    assert 3.2 <= stats.pitch_change_rate <= 4.5, stats
+    t = np.arange(4 * RATE) / RATE
+    drone = (0.3 * np.minimum(t / 1.0, 1.0) * np.sin(2 * np.pi * 110.0 * t))[None].astype(np.float32)
+    still = audio_stats([drone], RATE)
+    assert still.onset_rate == 0.0 and still.pitch_change_rate == 0.0, still
+    far = likeness(still, stats)
+    assert far["onset_rate_ratio"] < 0.1 and far["pitch_change_rate_ratio"] < 0.05
+    assert likeness(stats, stats)["onset_rate_log_ratio"] == 0.0
+    assert compare(likeness(audio_stats([melody[:, : 2 * RATE]], RATE), stats), far)["beats"]
