@@ -217,7 +217,7 @@ def precompute(
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm (lmm, arc: later).")],
+    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm | embedder (lmm, arc: later).")],
     latents: Annotated[Path | None, typer.Option("--latents", help="Output folder of `lmdm precompute` (base, lmdm).")] = None,
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,

@@ -55,7 +55,7 @@ class Callback:
 
 
 class StageRecipe:
-    """One worker's training of one stage (``autoencoder``, ``base`` or ``lmdm``)."""
+    """One worker's training of one stage (``autoencoder``, ``base``, ``lmdm`` or ``embedder``)."""
 
     def __init__(self, config: dict[str, Any], callbacks: list[Callback]) -> None:
         import ray.train
@@ -86,7 +86,7 @@ class StageRecipe:
         betas = (0.8, 0.99) if self.stage == "autoencoder" else (0.9, 0.999)
         optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=self.cfg.train.lr, betas=betas)
         self.model, self.optimizer = self.accelerator.prepare(loss, optimizer)
-        self.texts = _text_table(self.latents) if self.stage != "autoencoder" else {}
+        self.texts = _text_table(self.latents) if self.stage in ("base", "lmdm") else {}
         self._start_tracking()
 
     def _accelerator(self) -> Any:
@@ -121,6 +121,12 @@ class StageRecipe:
         from lmdm.builders import build_autoencoder_from, build_dit
         from lmdm.checkpoints.compat import load_init
 
+        if self.stage == "embedder":
+            from lmdm.builders import build_embedder
+            from lmdm.text.encoders import build_text_encoder
+
+            self.sentences = _SentenceTable(build_text_encoder(self.cfg))
+            return build_embedder(self.cfg, self.sentences.dim)
         module: Any = build_autoencoder_from(self.cfg) if self.stage == "autoencoder" else build_dit(self.cfg)
         if self.cfg.train.init is not None:
             load_init(module, self.cfg.train.init)
@@ -182,6 +188,9 @@ class StageRecipe:
 
         if self.stage == "autoencoder":
             return torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32)), None
+        if self.stage == "embedder":  # mono audio and its caption's sentence embedding
+            audio = torch.from_numpy(np.ascontiguousarray(batch["audio"], dtype=np.float32)).mean(1)
+            return audio, self.sentences.embed([str(c) for c in batch["caption"]])
         D, T = int(batch["latent_channels"][0]), int(batch["latent_frames"][0])
         lat = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in batch["latent_mean"]])).reshape(-1, D, T)
         text = torch.stack([self.texts[str(c)] for c in batch["caption"]]) if self.cfg.dit.cond_token_dim else None
@@ -392,6 +401,25 @@ def _deepspeed_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+class _SentenceTable:
+    """Captions → sentence embeddings (the text encoder's tokens mean-pooled), each caption encoded once."""
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder, self.dim, self.cache = encoder, int(encoder.dim), {}
+
+    def embed(self, captions: list[str]) -> Any:
+        import torch
+
+        from lmdm.models.embedder import sentence_embedding
+
+        new = sorted({c for c in captions if c not in self.cache})
+        if new:
+            encoded = self.encoder.encode(new)
+            for caption, row in zip(new, sentence_embedding(encoded.tokens, encoded.mask), strict=True):
+                self.cache[caption] = row
+        return torch.stack([self.cache[c] for c in captions])
+
+
 def _text_table(latents: Path) -> dict[str, Any]:
     import numpy as np
     import pyarrow.parquet as pq
@@ -506,6 +534,17 @@ class _StageLoss:
 
         if stage == "autoencoder":
             return AutoencoderStageLoss()
+
+        class EmbedderStageLoss(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dit = dit  # the embedder
+
+            def forward(self, audio: Tensor, sentences: Tensor) -> Tensor:
+                return self.dit(audio, sentences)
+
+        if stage == "embedder":
+            return EmbedderStageLoss()
 
         class StageLoss(nn.Module):
             def __init__(self) -> None:

@@ -49,6 +49,10 @@ class TrainResult:
 def _trained_with(cfg: Config, stage: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
     """What the run's checkpoints will say they are (:class:`~lmdm.checkpoints.format.TrainedWith`), from the
     config and the latents' manifest (the autoencoder and text encoder they were made with)."""
+    if stage == "embedder":  # audio and captions: the text encoder is what it depends on
+        from lmdm.text.encoders import build_text_encoder
+
+        return {"stage": stage, "text_encoder": build_text_encoder(cfg).fingerprint()}
     if manifest is None:  # the autoencoder stage: no latents
         return {"stage": stage}
     return {
@@ -154,6 +158,20 @@ def _audio_dataset(cfg: Config) -> Any:
     return ds.filter(lambda row: not row["error"]).select_columns(["audio"])
 
 
+def _captioned_audio_dataset(cfg: Config) -> Any:
+    """Embedder stage: ``embedder.chunk_seconds`` of audio and its input's caption, from the training split."""
+    from lmdm.data.chunks import list_inputs
+    from lmdm.pipelines.precompute import chunk_dataset
+
+    source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
+    assert source_path is not None
+    records = _read_order(list_inputs(cfg.data.source, source_path, cfg.data.captions, split="train"), cfg)
+    hop = cfg.audio.sample_rate // cfg.data.frame_rate
+    frames = max(1, round(cfg.embedder.chunk_seconds * cfg.data.frame_rate))
+    ds = chunk_dataset(cfg, records, hop, frames)
+    return ds.filter(lambda row: not row["error"]).select_columns(["audio", "caption"])
+
+
 # Settings that change where or how long a run goes, not what it trains: a rerun that differs only in
 # these resumes the same Ray Train run (its latest checkpoint), e.g. to extend `train.steps`.
 _RESUMABLE_CHANGES = {
@@ -247,6 +265,8 @@ def _absolute(cfg: Config) -> Config:
 def _dataset(cfg: Config, stage: str, latents: Path | None) -> Any:
     if stage == "autoencoder":
         return _audio_dataset(cfg)
+    if stage == "embedder":
+        return _captioned_audio_dataset(cfg)
     assert latents is not None
     shards = _read_order(sorted(str(p) for p in latents.glob("shard_*.parquet")), cfg)  # not text_embeddings.parquet
     return latent_dataset(shards)
@@ -301,10 +321,10 @@ def run_train(
     from lmdm.pipelines.ray_session import ensure_ray
 
     cfg = _absolute(cfg)
-    if stage not in ("autoencoder", "base", "lmdm"):
-        raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm)")
+    if stage not in ("autoencoder", "base", "lmdm", "embedder"):
+        raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm, embedder)")
     manifest = None
-    if stage != "autoencoder":
+    if stage in ("base", "lmdm"):
         if latents is None or not (Path(latents) / "manifest.json").is_file():
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()

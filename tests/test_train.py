@@ -406,3 +406,30 @@ def test_latent_dataset_is_read_without_a_listing_step_per_epoch(latents: Path, 
     rows = dataset.take_all()
     assert len(rows) == json.loads((latents / "manifest.json").read_text())["counts"]["chunks"]
     assert set(rows[0]) == set(LATENT_COLUMNS)
+
+
+def test_embedder_stage_trains_the_contrastive_embedder_on_captioned_audio(
+    tmp_path: Path, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary]
+) -> None:
+    """`lmdm train --stage embedder`: Ray Train (2 workers, DDP) on the training split's audio chunks and their
+    captions; the InfoNCE loss falls on a fixed batch; the checkpoint is an `embedder` that says which text
+    encoder its sentences came from."""
+    from lmdm.eval.tracking import mlflow_run
+    from lmdm.models.embedder import TextAudioEmbedding
+    from lmdm.text.encoders import build_text_encoder
+
+    _, summary = tiny_corpus
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(
+        f"data.root={summary.root}", "embedder.width=16", "embedder.dim=16", "embedder.layers=2", "embedder.chunk_seconds=1.5",
+        "train.workers=2", "train.batch_size=4", "train.steps=10", "train.checkpoint_every=10", "train.lr=3e-3",
+        "train.overfit_batch=true", f"train.storage_path={tmp_path / 'ray_results'}", f"tracking.tracking_uri={uri}",
+    )  # fmt: skip
+    with mlflow_run(cfg, "embedder") as run:
+        result = run_train(cfg, "embedder", None, mlflow_run_id=run.info.run_id)
+    model, meta = load_checkpoint(result.checkpoint / "model", kind="embedder")  # type: ignore[operator]
+    assert isinstance(model, TextAudioEmbedding) and meta["step"] == 10 and model.args.width == 16
+    fingerprint = build_text_encoder(cfg).fingerprint()
+    assert read_checkpoint_info(result.checkpoint / "model").trained == TrainedWith(stage="embedder", text_encoder=fingerprint)  # type: ignore[operator]
+    history = loss_history(uri, run.info.run_id)
+    assert decreases(history), " ".join(f"{v:.4f}" for _, v in history)

@@ -7,11 +7,12 @@ from typing import Literal
 from lmdm.config import Config
 from lmdm.models.autoencoder import OobleckVAE, build_autoencoder
 from lmdm.models.dit import DiT, DiTArgs
+from lmdm.models.embedder import EmbedderArgs, TextAudioEmbedding
 from lmdm.runtime import Runtime, get_runtime
 from lmdm.streaming.engines import LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["build_autoencoder_from", "build_dit", "build_engine", "build_geometry", "build_runtime", "build_sampling", "dit_args"]
+__all__ = ["build_autoencoder_from", "build_dit", "build_embedder", "build_engine", "build_geometry", "build_runtime", "build_sampling", "dit_args"]
 
 EngineKind = Literal["outpainting", "encdec", "block_causal"]
 
@@ -38,6 +39,15 @@ def build_dit(cfg: Config) -> DiT:
 
 def build_autoencoder_from(cfg: Config) -> OobleckVAE:
     return build_autoencoder(cfg.autoencoder, cfg.audio)
+
+
+def build_embedder(cfg: Config, text_dim: int) -> TextAudioEmbedding:
+    """The text–audio embedder over sentence embeddings ``text_dim`` wide (the text encoder's width)."""
+    e = cfg.embedder
+    return TextAudioEmbedding(
+        EmbedderArgs(sample_rate=cfg.audio.sample_rate, n_mels=e.n_mels, hop=cfg.audio.sample_rate // cfg.data.frame_rate,
+                     text_dim=text_dim, width=e.width, layers=e.layers, dim=e.dim)
+    )  # fmt: skip
 
 
 def build_geometry(cfg: Config) -> BlockGeometry:

@@ -2,7 +2,7 @@
 
 ``config.json`` says what the checkpoint is (DESIGN §6)::
 
-    {"format": 2, "kind": "dit" | "autoencoder" | "number_conditioners",
+    {"format": 2, "kind": "dit" | "autoencoder" | "embedder" | "number_conditioners",
      "args": {flat constructor arguments}, "trained": {TrainedWith}, "meta": {free-form extras}}
 
 ``kind`` picks the class from :data:`KINDS` (the one registry of checkpoint kinds), ``args`` rebuild it,
@@ -33,6 +33,7 @@ from lmdm.checkpoints.errors import CheckpointError
 from lmdm.models.autoencoder import OobleckVAE
 from lmdm.models.conditioners import NumberConditioners
 from lmdm.models.dit import DiT, DiTArgs
+from lmdm.models.embedder import EmbedderArgs, TextAudioEmbedding
 
 __all__ = [
     "KINDS",
@@ -62,6 +63,7 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "dit": Kind(DiT, lambda a: DiT(DiTArgs(**a)), lambda m: dataclasses.asdict(m.args)),
     "autoencoder": Kind(OobleckVAE, lambda a: OobleckVAE(**a), lambda m: dict(m.init_args)),
+    "embedder": Kind(TextAudioEmbedding, lambda a: TextAudioEmbedding(EmbedderArgs(**a)), lambda m: m.init_args()),
     "number_conditioners": Kind(
         NumberConditioners,
         lambda a: NumberConditioners({k: tuple(v) for k, v in a["numbers"].items()}),

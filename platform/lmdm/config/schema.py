@@ -194,6 +194,16 @@ class PrecomputeConfig(Section):
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per Ray task/actor")
 
 
+class EmbedderConfig(Section):
+    """The built-in text–audio embedder (``lmdm train --stage embedder``; lmdm.models.embedder)."""
+
+    width: int = Field(128, ge=8, le=4096)
+    layers: int = Field(4, ge=1, le=16)
+    dim: int = Field(128, ge=8, le=4096, description="joint embedding width")
+    n_mels: int = Field(64, ge=8, le=512)
+    chunk_seconds: float = Field(4.0, gt=0.0, le=60.0, description="audio per training example (and per embedded window)")
+
+
 class RayConfig(Section):
     """Where Ray runs: ``address: null`` starts a local, loopback-only Ray for the command."""
 
@@ -205,7 +215,7 @@ class RayConfig(Section):
 class TrainConfig(Section):
     """Training loop settings shared by every stage."""
 
-    stage: Literal["autoencoder", "base", "lmdm", "lmm", "arc"] = "base"
+    stage: Literal["autoencoder", "base", "lmdm", "embedder", "lmm", "arc"] = "base"
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1, le=65536)
     lr: float = Field(3e-4, gt=0.0, le=1.0)
@@ -303,6 +313,7 @@ class Config(BaseModel):
     dit: DiTConfig = Field(default_factory=DiTConfig)
     text: TextConfig = Field(default_factory=TextConfig)
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     quickstart: QuickstartConfig = Field(default_factory=QuickstartConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
