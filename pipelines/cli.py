@@ -329,6 +329,124 @@ def generate(
     console.print(f"wrote {out} ({result.seconds:.1f} s, {result.blocks} blocks of {cfg.stream.block_frames} latent frames)")
 
 
+def score_table(result: dict[str, Any]) -> Table:
+    """The figures of `lmdm score` beside their floors."""
+    fad, like = result["fad"], result["likeness"]
+    columns = [k for k in ("evaluated", "floor_training", "floor_reconstructed") if k in fad]
+    table = Table(title=f"{result['evaluated']['name']} vs the held-out reference ({result['reference']['clips']} clips)")
+    table.add_column("figure")
+    for key in columns:
+        table.add_column(key.replace("_", " "), justify="right")
+    table.add_row(f"FAD ({fad['embedder']}, {fad['frames']} frames)", *(f"{fad[k]:.3f}" for k in columns))
+    if fad.get("fad_inf"):
+        table.add_row("FAD∞ (evaluated)", f"{fad['fad_inf']['score']:.3f} (R² {fad['fad_inf']['r2']:.2f})", *([""] * (len(columns) - 1)))
+    clap = result.get("clap")
+    if clap and clap.get("evaluated") is not None:
+        table.add_row(f"CLAP score ({clap['embedder']})", f"{clap['evaluated']:.3f}", *([""] * (len(columns) - 1)))
+        table.add_row("CLAP score of the reference", f"{clap['reference']:.3f}", *([""] * (len(columns) - 1)))
+    for figure in ("pitch_class_l1", "loudness_mean_diff_db", "brightness_mean_diff_hz", "onset_rate_ratio", "pitch_change_rate_ratio"):
+        table.add_row(figure, *(f"{like[k][figure]:.3f}" for k in columns))
+    table.caption = "FAD and the likeness distances: lower is closer; rate ratios: 1 is the reference's; CLAP score: higher is closer"
+    return table
+
+
+@app.command()
+def score(
+    audio: Annotated[
+        Path | None, typer.Option("--audio", help="Folder of audio to score (prompts: --prompt, or its metadata.jsonl).")
+    ] = None,
+    dit_path: Annotated[
+        Path | None, typer.Option("--dit", help="Score this DiT's streams instead (eval.num_streams × eval.stream_seconds).")
+    ] = None,
+    autoencoder_path: Annotated[
+        Path | None, typer.Option("--autoencoder", help="Autoencoder: decodes --dit's streams, and gives the reconstructed floor.")
+    ] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt for every clip (CLAP score).")] = None,
+    fad_embedder: Annotated[str, typer.Option("--fad-embedder", help="crepe | crepe-full | a CLAP folder or LAION .pt.")] = "crepe",
+    text_embedder: Annotated[
+        str, typer.Option("--text-embedder", help="builtin:embedder | a CLAP folder or .pt | none.")
+    ] = "builtin:embedder",
+    clap_tokenizer: Annotated[Path | None, typer.Option("--clap-tokenizer", help="RoBERTa tokenizer folder for a LAION .pt.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here.")] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """FAD (FAD∞), CLAP score and likeness of audio against the corpus's held-out reference, with the floors
+    (training clips, and reconstructed training clips given --autoencoder) at the same size."""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.checkpoints.format import load_checkpoint
+    from lmdm.eval.embedders import EmbedderError
+    from lmdm.eval.score import audio_folder, run_score
+
+    cfg = _load(config, overrides)
+    if (audio is None) == (dit_path is None):
+        err_console.print("[bold red]error:[/] give --audio FOLDER or --dit CHECKPOINT (one of them)")
+        raise typer.Exit(2)
+    try:
+        vae = load_checkpoint(autoencoder_path, kind="autoencoder")[0] if autoencoder_path else None
+        evaluated = audio_folder(audio, cfg, prompt) if audio is not None else _dit_streams(cfg, dit_path, autoencoder_path, prompt)
+        with console.status("scoring") as status:
+            result = run_score(
+                cfg, evaluated, vae, fad_embedder, None if text_embedder == "none" else text_embedder, clap_tokenizer,
+                progress=lambda what: status.update(what),
+            )  # fmt: skip
+    except (CheckpointError, EmbedderError, ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(score_table(result))
+    _write_figures(json_out, result)
+
+
+def _dit_streams(cfg: Config, dit_path: Path | None, autoencoder_path: Path | None, prompt: str | None) -> Any:
+    """``eval.num_streams`` streams of ``eval.stream_seconds`` from a DiT (checked as `lmdm generate` checks it),
+    each under a held-out caption in turn (or ``prompt``)."""
+    from lmdm.eval.score import AudioSet, held_out_reference
+    from lmdm.pipelines.generate import _load_models
+    from lmdm.pipelines.quickstart import stream_audio
+    from lmdm.text.encoders import build_text_encoder
+
+    if autoencoder_path is None:
+        raise ValueError("--dit needs --autoencoder (the one its latents came from) to decode the streams")
+    encoder = build_text_encoder(cfg) if cfg.dit.cond_token_dim else None
+    dit, vae = _load_models(cfg, dit_path, autoencoder_path, encoder)
+    captions = held_out_reference(cfg).prompts
+    prompts = [prompt or captions[i % len(captions)] for i in range(cfg.eval.num_streams)]
+    clips = []
+    with _progress_bar("streaming") as bar:
+        task = bar.add_task("streams", total=len(prompts))
+        for i, text in enumerate(prompts):
+            tokens = encoder.encode([str(text)]).tokens if encoder is not None else None
+            clips.append(stream_audio(cfg, dit, vae, tokens, cfg.eval.stream_seconds, cfg.eval.seed + i))
+            bar.update(task, completed=i + 1)
+    return AudioSet(
+        f"{dit_path.name if dit_path else 'DiT'} streams",
+        clips,
+        list(prompts),
+        cfg.audio.sample_rate,
+        [f"stream-{i}" for i in range(len(clips))],
+    )
+
+
+@app.command()
+def ship(
+    name: Annotated[str, typer.Argument(help="The built-in name (builtin:<name>), e.g. embedder.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint folder (model.safetensors + config.json).")],
+    card: Annotated[Path, typer.Option("--card", help="Its model card (Markdown).")],
+) -> None:
+    """Copy a trained checkpoint into the package as builtin:<name>, with its model card; record its hashes."""
+    from lmdm.checkpoints.builtin import WEIGHTS
+    from lmdm.checkpoints.builtin import ship as ship_weights
+    from lmdm.checkpoints.errors import CheckpointError
+
+    try:
+        hashes = ship_weights(checkpoint, name, card.read_text())
+    except (CheckpointError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    for file, digest in hashes.items():
+        console.print(f"{WEIGHTS / name / file}  sha256 {digest}", highlight=False)
+
+
 # The small corpus `bench precompute --quick` and `bench train` run on (built once, then reused).
 _BENCH_CORPUS = [
     "data.corpus.num_clips=24",

@@ -22,7 +22,8 @@ from lmdm.config import Config
 __all__ = ["run_quickstart"]
 
 
-def _stream(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: int) -> Any:
+def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: int) -> Any:
+    """A block-causal LMDM stream of ``seconds`` under ``text`` tokens (or none), peak-normalised to 0.9: ``(C, S)``."""
     import torch
 
     from lmdm.builders import build_engine
@@ -134,9 +135,9 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         caption = rows[0]["caption"]
         text = build_text_encoder(cfg).encode([caption]).tokens if cfg.dit.cond_token_dim else None
         vae = load_checkpoint(autoencoder)[0]
-        trained = _stream(cfg, load_checkpoint(lmdm_dir)[0], vae, text, q.stream_seconds, cfg.train.seed)
+        trained = stream_audio(cfg, load_checkpoint(lmdm_dir)[0], vae, text, q.stream_seconds, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        untrained = _stream(cfg, build_dit(cfg), vae, text, q.stream_seconds, cfg.train.seed)
+        untrained = stream_audio(cfg, build_dit(cfg), vae, text, q.stream_seconds, cfg.train.seed)
         wav = out / "stream.wav"
         write_audio(wav, trained, cfg.audio.sample_rate)
         write_audio(out / "stream-untrained.wav", untrained, cfg.audio.sample_rate)

@@ -266,6 +266,9 @@ class StageRecipe:
         from lmdm.checkpoints.format import TrainedWith, save_checkpoint
 
         trained, meta = TrainedWith(**self.trained), {"step": self.step}
+        if self.stage == "embedder":  # how to rebuild the sentences it reads (checked against trained.text_encoder)
+            meta["text_encoder"] = {"kind": self.cfg.text.encoder, "max_tokens": self.cfg.text.max_tokens}
+            meta["window_s"] = self.cfg.embedder.chunk_seconds
         (folder / "step.json").write_text(json.dumps({"step": self.step}))
         module = self.accelerator.unwrap_model(self.model).dit
         save_checkpoint(folder / "model", module, meta, trained)

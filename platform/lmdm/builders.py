@@ -12,7 +12,16 @@ from lmdm.runtime import Runtime, get_runtime
 from lmdm.streaming.engines import LMDMEngine, OutpaintingEngine, Sampling
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["build_autoencoder_from", "build_dit", "build_embedder", "build_engine", "build_geometry", "build_runtime", "build_sampling", "dit_args"]
+__all__ = [
+    "build_autoencoder_from",
+    "build_dit",
+    "build_embedder",
+    "build_engine",
+    "build_geometry",
+    "build_runtime",
+    "build_sampling",
+    "dit_args",
+]
 
 EngineKind = Literal["outpainting", "encdec", "block_causal"]
 

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from lmdm.checkpoints.errors import CheckpointError
-from lmdm.checkpoints.format import CheckpointInfo, file_sha256, load_checkpoint
+from lmdm.checkpoints.format import file_sha256, load_checkpoint
 
 __all__ = ["PREFIX", "WEIGHTS", "builtin_names", "builtin_path", "load_builtin", "resolve_checkpoint", "ship", "verify_builtin"]
 
@@ -63,8 +63,8 @@ def verify_builtin(name: str, weights: Path = WEIGHTS) -> None:
             )
 
 
-def load_builtin(name: str, kind: str | None = None, weights: Path = WEIGHTS) -> tuple[nn.Module, CheckpointInfo]:
-    """The shipped model ``name`` (hashes verified first), as :func:`~lmdm.checkpoints.format.load_checkpoint` returns it."""
+def load_builtin(name: str, kind: str | None = None, weights: Path = WEIGHTS) -> tuple[nn.Module, dict[str, Any]]:
+    """The shipped model ``name`` and its meta (hashes verified first), as :func:`~lmdm.checkpoints.format.load_checkpoint` returns them."""
     return load_checkpoint(builtin_path(name, weights), kind)
 
 

@@ -49,6 +49,9 @@ class _Residual(nn.Module):
 class TextAudioEmbedding(nn.Module):
     """Audio ``(B, S)`` and sentence embeddings ``(B, E)`` into one normalised ``(B, D)`` space."""
 
+    mel: Tensor
+    window: Tensor
+
     def __init__(self, args: EmbedderArgs) -> None:
         super().__init__()
         self.args = args

@@ -1,0 +1,62 @@
+"""Shipped weights (lmdm.checkpoints.builtin): shipped with recorded hashes, loaded by name, and refused
+with a clear error when a file is tampered with, truncated or missing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmdm.checkpoints.builtin import WEIGHTS, builtin_names, load_builtin, resolve_checkpoint, ship, verify_builtin
+from lmdm.checkpoints.errors import CheckpointError
+from lmdm.checkpoints.format import TrainedWith, save_checkpoint
+from lmdm.models.embedder import EmbedderArgs, TextAudioEmbedding
+
+
+def _shipped(tmp_path: Path) -> tuple[Path, TextAudioEmbedding]:
+    torch.manual_seed(0)
+    model = TextAudioEmbedding(EmbedderArgs(width=8, layers=1, dim=8, text_dim=12))
+    save_checkpoint(tmp_path / "trained", model, {"step": 3}, TrainedWith(stage="embedder"))
+    weights = tmp_path / "weights"
+    ship(tmp_path / "trained", "tiny", "# tiny\n", weights)
+    return weights, model
+
+
+def test_shipped_weights_load_by_name_with_their_card(tmp_path: Path) -> None:
+    weights, model = _shipped(tmp_path)
+    loaded, meta = load_builtin("builtin:tiny", kind="embedder", weights=weights)
+    assert meta["step"] == 3 and builtin_names(weights) == ["tiny"] and (weights / "tiny" / "MODEL_CARD.md").is_file()
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    index = json.loads((weights / "index.json").read_text())
+    assert index["tiny"]["kind"] == "embedder" and set(index["tiny"]["sha256"]) == {"model.safetensors", "config.json"}
+    with pytest.raises(CheckpointError, match="no built-in model builtin:other; shipped: builtin:tiny"):
+        load_builtin("other", weights=weights)
+
+
+@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "edit config", "delete"])
+def test_a_tampered_truncated_or_missing_file_is_refused(tmp_path: Path, damage: str) -> None:
+    weights, _ = _shipped(tmp_path)
+    target = weights / "tiny" / ("config.json" if damage == "edit config" else "model.safetensors")
+    data = target.read_bytes()
+    if damage == "flip a byte":
+        target.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
+    elif damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "edit config":
+        target.write_text(target.read_text().replace('"width": 8', '"width": 9'))
+    else:
+        target.unlink()
+    expected = "is missing; reinstall lmdm" if damage == "delete" else f"{target.name} has SHA-256 [0-9a-f]{{64}}, but [0-9a-f]{{64}} was shipped"
+    with pytest.raises(CheckpointError, match=expected):
+        load_builtin("tiny", weights=weights)
+
+
+def test_the_shipped_embedder_is_intact_and_resolves() -> None:
+    """The package's own shipped weights match their recorded hashes (a broken wheel fails here)."""
+    for name in builtin_names():
+        verify_builtin(name)
+        assert resolve_checkpoint(f"builtin:{name}") == WEIGHTS / name
+    assert resolve_checkpoint("runs/x") == Path("runs/x")
