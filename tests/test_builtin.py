@@ -49,7 +49,9 @@ def test_a_tampered_truncated_or_missing_file_is_refused(tmp_path: Path, damage:
         target.write_text(target.read_text().replace('"width": 8', '"width": 9'))
     else:
         target.unlink()
-    expected = "is missing; reinstall lmdm" if damage == "delete" else f"{target.name} has SHA-256 [0-9a-f]{{64}}, but [0-9a-f]{{64}} was shipped"
+    expected = (
+        "is missing; reinstall lmdm" if damage == "delete" else f"{target.name} has SHA-256 [0-9a-f]{{64}}, but [0-9a-f]{{64}} was shipped"
+    )
     with pytest.raises(CheckpointError, match=expected):
         load_builtin("tiny", weights=weights)
 

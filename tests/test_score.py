@@ -1,0 +1,91 @@
+"""`lmdm score` (lmdm.eval.score): figures against the held-out reference with the floors beside them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from lmdm.audio.io import write_audio
+from lmdm.config import Config
+from lmdm.data.corpus import build_corpus
+from lmdm.eval.crepe import CrepeEmbedder
+from lmdm.eval.likeness import audio_stats
+from lmdm.eval.score import audio_folder, held_out_reference, score_sets, training_clips
+
+OVERRIDES = ("data.corpus.seed=5", "data.corpus.num_clips=6", "data.corpus.clip_seconds=5")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Config:
+    """Seed 5: of clips 0–5, clips 2 and 4 are held out (the reference); 0, 1, 3 and 5 are the training split."""
+    root = tmp_path_factory.mktemp("score") / "corpus"
+    cfg = tiny_config(*OVERRIDES, f"data.root={root}")
+    build_corpus(root, cfg.data.corpus, cfg.audio, cfg.data.frame_rate)
+    return cfg
+
+
+def test_the_floor_is_exact_and_noise_is_far_on_likeness(corpus: Config, tmp_path: Path) -> None:
+    """Training clips scored as the evaluated set give exactly the training floor (one N, the same frames);
+    noise is far brighter than the reference, the floor is not. (With a 2-clip reference, FAD itself cannot
+    rank noise against other music: the note of issue 18 has the figures on a 35-clip reference.)"""
+    reference, floor = held_out_reference(corpus), training_clips(corpus, 4.0)
+    assert len(reference.clips) == 2 and floor.seconds == pytest.approx(4.0) and not set(floor.files) & set(reference.files)
+    rng = np.random.default_rng(0)
+    sets = {"same": floor.clips, "noise": [rng.standard_normal((1, 4 * 16000)) * 0.2]}
+    for name, clips in sets.items():
+        (tmp_path / name).mkdir()
+        for i, audio in enumerate(clips):
+            write_audio(tmp_path / name / f"{i}.wav", np.asarray(audio, dtype=np.float32), 16000, subtype="FLOAT")
+    crepe = CrepeEmbedder(hop_s=0.01)  # 100 frames a second: 1000 reference frames, well above CREPE's 256 dimensions
+    stats = audio_stats(reference.clips, 16000)  # pyin once
+    result = {
+        name: score_sets(audio_folder(tmp_path / name, corpus), reference, [floor], crepe, None, reference_stats=stats) for name in sets
+    }
+    assert result["same"]["fad"]["evaluated"] == pytest.approx(result["same"]["fad"]["floor_training"], rel=1e-9)  # the very same audio
+    noise = result["noise"]["likeness"]
+    assert noise["evaluated"]["brightness_mean_diff_hz"] > 5 * noise["floor_training"]["brightness_mean_diff_hz"]
+    assert result["noise"]["fad"]["frames"] == 401 and set(result["noise"]["fad"]["per_clip"]) == {"0.wav"}
+    assert result["noise"]["fad"]["fad_inf"] is None and "frames" in result["noise"]["fad"]["fad_inf_note"]
+
+
+def test_the_reconstructed_floor_and_the_cli_json(corpus: Config, tmp_path: Path) -> None:
+    from lmdm.builders import build_autoencoder_from
+    from lmdm.checkpoints.format import TrainedWith, save_checkpoint
+    from lmdm.pipelines.cli import app
+
+    small_vae = ("autoencoder.channels=4", "autoencoder.latent_channels=4", "autoencoder.strides=[2,4]", "autoencoder.channel_mults=[1,2]")
+    cfg = tiny_config(*OVERRIDES, f"data.root={corpus.data.root}", *small_vae)
+    vae = build_autoencoder_from(cfg)
+    folder = tmp_path / "stream"
+    folder.mkdir()
+    write_audio(folder / "s.wav", training_clips(cfg, 3.0).clips[0], 16000, subtype="FLOAT")
+    save_checkpoint(tmp_path / "vae", vae, {}, TrainedWith(stage="autoencoder"))
+    out = tmp_path / "score.json"
+    overrides = [*OVERRIDES, f"data.root={corpus.data.root}", *small_vae]
+    run = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--audio",
+            str(folder),
+            "--autoencoder",
+            str(tmp_path / "vae"),
+            "--text-embedder",
+            "none",
+            "--json",
+            str(out),
+            *overrides,
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    figures = json.loads(out.read_text())
+    assert {"evaluated", "floor_training", "floor_reconstructed"} <= set(figures["fad"]) and "clap" not in figures
+    assert figures["fad"]["evaluated"] == pytest.approx(figures["fad"]["floor_training"]) and "FAD (crepe-tiny" in run.output
+    assert figures["likeness"]["floor_reconstructed"]["loudness_mean_diff_db"] > 0
+    bad = CliRunner().invoke(app, ["score", "--audio", str(tmp_path / "absent"), *overrides])
+    assert bad.exit_code == 1 and "no such folder" in bad.output
