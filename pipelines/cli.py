@@ -33,7 +33,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Build the built-in corpus, inspect user audio.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: print figures and ratios measured in one run.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate models and embedders on the held-out reference.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
 app.add_typer(bench_app, name="bench")
 
@@ -167,12 +169,17 @@ def quickstart(
     overrides: Overrides = None,
 ) -> None:
     """Run the whole chain on the embedded default: corpus → autoencoder → precompute → base → LMDM →
-    a 30-s stream (WAV + spectrogram) with likeness figures against the corpus, beside an untrained model."""
+    a 30-s stream (WAV + spectrogram) scored (FAD, likeness) against the held-out reference, beside an untrained model."""
     from lmdm.eval.tracking import ui_command
-    from lmdm.pipelines.quickstart import run_quickstart
+    from lmdm.pipelines.quickstart import held_out_reference_indices, run_quickstart
 
     started = time.perf_counter()
     cfg = _load("quick" if quick else config, overrides)
+    try:
+        held_out_reference_indices(cfg)
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
     console.rule(f"[bold]lmdm quickstart[/] · config {cfg.name}")
 
     def corpus(c: Config) -> CorpusSummary:  # the chain's corpus stage: built (or reused) once, then summarised
@@ -425,6 +432,42 @@ def _dit_streams(cfg: Config, dit_path: Path | None, autoencoder_path: Path | No
         cfg.audio.sample_rate,
         [f"stream-{i}" for i in range(len(clips))],
     )
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    embedder: Annotated[
+        str, typer.Option("--embedder", help="builtin:embedder, an embedder checkpoint folder, or a CLAP folder / .pt.")
+    ] = ("builtin:embedder"),
+    clap_tokenizer: Annotated[Path | None, typer.Option("--clap-tokenizer", help="RoBERTa tokenizer folder for a LAION .pt.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Text–audio retrieval on the corpus's held-out clips: is each clip nearest its own caption?"""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.eval.embedders import EmbedderError, TextAudioEmbedder, load_embedder
+    from lmdm.eval.retrieval import retrieval
+    from lmdm.eval.score import held_out_reference
+
+    cfg = _load(config, overrides)
+    try:
+        model = load_embedder(embedder, clap_tokenizer)
+        if not isinstance(model, TextAudioEmbedder):
+            raise EmbedderError(f"{embedder} has no text side")
+        figures = retrieval(model, held_out_reference(cfg))
+    except (CheckpointError, EmbedderError, ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{figures['embedder']}: retrieval on {figures['clips']} held-out clips of {cfg.data.root}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("chance", justify="right")
+    table.add_row("true caption above another clip's", f"{figures['pairwise_accuracy']:.3f}", "0.500")
+    table.add_row("true caption nearest (top-1)", f"{figures['top1']:.3f}", f"{figures['top1_chance']:.3f}")
+    table.add_row("median rank of the true caption", f"{figures['median_rank']:.1f}", f"{(figures['clips'] + 1) / 2:.1f}")
+    console.print(table)
+    _write_figures(json_out, figures)
 
 
 @app.command()

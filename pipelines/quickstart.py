@@ -41,6 +41,41 @@ def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, see
     return (audio / max(peak, 1e-6) * 0.9).numpy()
 
 
+def held_out_reference_indices(cfg: Config) -> list[int]:
+    """The corpus's held-out clip indices, or a clear error where it has none (too few clips)."""
+    from lmdm.data.split import SPLIT_RULE, held_out_indices
+
+    indices = held_out_indices(cfg.data.corpus.seed, cfg.data.corpus.num_clips)
+    if not indices:
+        first = next(i for i in range(1 << 20) if held_out_indices(cfg.data.corpus.seed, i + 1))
+        raise ValueError(
+            f"corpus seed {cfg.data.corpus.seed} holds out none of its first {cfg.data.corpus.num_clips} clips "
+            f"({SPLIT_RULE}), so there is no reference to score against: use data.corpus.num_clips >= {first + 1}"
+        )
+    return indices
+
+
+def _score_streams(
+    cfg: Config, trained: Any, untrained: Any, caption: str, reference: Any, reference_stats: Any, vae: Any
+) -> dict[str, Any]:
+    """`lmdm score` of the trained stream (CREPE FAD with both floors; the built-in embedder's CLAP score where
+    it is shipped), and the untrained stream's FAD at the same N."""
+    from lmdm.checkpoints.builtin import builtin_names
+    from lmdm.eval.crepe import CrepeEmbedder
+    from lmdm.eval.embedders import TextAudioEmbedder, load_embedder
+    from lmdm.eval.score import AudioSet, reconstructed, score_sets, training_clips
+
+    stream = AudioSet("LMDM stream", [trained], [caption], cfg.audio.sample_rate, ["stream.wav"])
+    floor = training_clips(cfg, stream.seconds)
+    crepe = CrepeEmbedder()
+    text = load_embedder("builtin:embedder") if "embedder" in builtin_names() else None
+    assert text is None or isinstance(text, TextAudioEmbedder)
+    scores = score_sets(stream, reference, [floor, reconstructed(floor, vae)], crepe, text, cfg.eval.seed, reference_stats)
+    baseline = AudioSet("untrained stream", [untrained], [caption], cfg.audio.sample_rate, ["stream-untrained.wav"])
+    scores["untrained_fad"] = score_sets(baseline, reference, [floor], crepe, None, cfg.eval.seed, reference_stats)["fad"]["evaluated"]
+    return scores
+
+
 def _precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console) -> Any:
     """``run_precompute`` into the quickstart's own latents folder; latents there from another request (an
     older format, another autoencoder) are the quickstart's own too, so they are re-encoded, not an error."""
@@ -61,13 +96,14 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
     import mlflow
     import torch
 
-    from lmdm.audio.io import load_audio, write_audio
+    from lmdm.audio.io import write_audio
     from lmdm.builders import build_dit
     from lmdm.checkpoints.format import copy_checkpoint, load_checkpoint
-    from lmdm.data.corpus import read_corpus_metadata
     from lmdm.eval.likeness import FIGURES, TIE, audio_stats, compare, likeness
     from lmdm.eval.plots import plot_clip
+    from lmdm.eval.score import AudioSet, held_out_reference
     from lmdm.eval.tracking import mlflow_run
+    from lmdm.pipelines.cli import score_table
     from lmdm.pipelines.progress import training_progress
     from lmdm.pipelines.train import run_train
     from lmdm.text.encoders import build_text_encoder
@@ -83,7 +119,8 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
 
     with mlflow_run(cfg, "quickstart") as parent:
         start = stage("corpus")
-        summary = build_corpus(cfg)
+        build_corpus(cfg)
+        held_out_reference_indices(cfg)  # before any training: the chain ends by scoring against them
         times["corpus"] = time.perf_counter() - start
 
         start = stage("autoencoder (Ray Train)")
@@ -130,9 +167,12 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         lmdm_dir = copy_checkpoint(lm.checkpoint / "model", out / "lmdm")
         times["lmdm"] = time.perf_counter() - start
 
-        start = stage(f"stream {q.stream_seconds:g} s and likeness check")
-        rows = read_corpus_metadata(summary.root)
-        caption = rows[0]["caption"]
+        start = stage(f"stream {q.stream_seconds:g} s, scored against the held-out reference")
+        reference = held_out_reference(cfg)
+        reference = AudioSet(
+            reference.name, reference.clips[: q.likeness_clips], reference.prompts[: q.likeness_clips], reference.sample_rate
+        )
+        caption = str(reference.prompts[0])  # a held-out clip's caption: the model never trained on its audio
         text = build_text_encoder(cfg).encode([caption]).tokens if cfg.dit.cond_token_dim else None
         vae = load_checkpoint(autoencoder)[0]
         trained = stream_audio(cfg, load_checkpoint(lmdm_dir)[0], vae, text, q.stream_seconds, cfg.train.seed)
@@ -141,13 +181,10 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         wav = out / "stream.wav"
         write_audio(wav, trained, cfg.audio.sample_rate)
         write_audio(out / "stream-untrained.wav", untrained, cfg.audio.sample_rate)
-        corpus_clips = [
-            load_audio(summary.root / r["file_name"], cfg.audio.sample_rate, cfg.audio.channels) for r in rows[: q.likeness_clips]
-        ]
-        reference = audio_stats(corpus_clips, cfg.audio.sample_rate)
+        reference_stats = audio_stats(reference.clips, cfg.audio.sample_rate)
         figures = {
-            "trained": likeness(audio_stats([trained], cfg.audio.sample_rate), reference),
-            "untrained": likeness(audio_stats([untrained], cfg.audio.sample_rate), reference),
+            "trained": likeness(audio_stats([trained], cfg.audio.sample_rate), reference_stats),
+            "untrained": likeness(audio_stats([untrained], cfg.audio.sample_rate), reference_stats),
         }
         figures["verdict"] = compare(figures["trained"], figures["untrained"])
         from lmdm.audio.features import f0_pyin, loudness_db, spectral_centroid
@@ -161,11 +198,27 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         png = plot_clip(
             trained, cfg.audio.sample_rate, fr, curves, f"LMDM stream ({q.stream_seconds:g} s), prompt: {caption}", out / "stream.png"
         )
+        scores = _score_streams(cfg, trained, untrained, caption, reference, reference_stats, load_checkpoint(autoencoder)[0])
         times["stream"] = time.perf_counter() - start
         result = {
             "times_s": times,
             "likeness": figures,
-            "reference": reference.__dict__,
+            "fad": {
+                "embedder": scores["fad"]["embedder"],
+                "frames": scores["fad"]["frames"],
+                "stream": scores["fad"]["evaluated"],
+                "untrained": scores["untrained_fad"],
+                "floor_training": scores["fad"]["floor_training"],
+                "floor_reconstructed": scores["fad"]["floor_reconstructed"],
+            },
+            "clap": scores.get("clap"),
+            "score": scores,
+            "reference": {
+                "clips": len(reference.clips),
+                "seconds": reference.seconds,
+                "split_rule": scores["reference"]["split_rule"],
+                **reference_stats.__dict__,
+            },
             "caption": caption,
             "wav": str(wav),
             "png": str(png),
@@ -178,8 +231,10 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         for who in ("trained", "untrained"):
             mlflow.log_metrics({f"likeness/{who}/{k}": v for k, v in figures[who].items() if isinstance(v, float)})
         mlflow.log_metric("likeness/trained_closer_figures", len(figures["verdict"]["closer"]))
+        mlflow.log_metrics({f"fad/{k}": v for k, v in result["fad"].items() if isinstance(v, float)})
         result["mlflow_run_id"] = parent.info.run_id
-    table = Table(title="likeness to the corpus (lower is closer)")
+    console.print(score_table(scores))
+    table = Table(title=f"likeness to the held-out reference ({len(reference.clips)} clips; lower is closer)")
     table.add_column("figure")
     table.add_column("trained LMDM", justify="right")
     table.add_column("untrained", justify="right")

@@ -62,6 +62,9 @@ class HFTextEncoder:
 
     def __init__(self, kind: EncoderKind, path: Path, max_tokens: int) -> None:
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command that encodes a prompt
 
         path = Path(path)
         if not path.is_dir():
