@@ -84,3 +84,15 @@ def test_the_builtin_embedder_ranks_true_captions_of_held_out_clips_well_above_c
     assert isinstance(embedder, BuiltinEmbedder)
     figures = retrieval(embedder, held_out)
     assert figures["pairwise_accuracy"] > 0.8 and figures["top1"] > 4 * figures["top1_chance"], figures
+
+
+def test_every_shipped_model_is_packaged() -> None:
+    """A shipped folder that pyproject.toml does not list as a package would be missing from the wheel."""
+    import tomllib
+
+    from conftest import REPO
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for name in builtin_names():
+        assert f"lmdm.weights.{name}" in project["packages"], name
+        assert {"model.safetensors", "config.json", "MODEL_CARD.md"} <= set(project["package-data"][f"lmdm.weights.{name}"])
