@@ -54,6 +54,10 @@ class Callback:
         """After step ``recipe.step``; may add to ``metrics`` (what the next report carries)."""
 
 
+class EmptyShardError(ValueError):
+    """A worker's share of the training data holds less than one batch (it would never take a step)."""
+
+
 class StageRecipe:
     """One worker's training of one stage (``autoencoder``, ``base``, ``lmdm`` or ``embedder``)."""
 
@@ -173,7 +177,8 @@ class StageRecipe:
         shard, epoch, fixed = ray.train.get_dataset_shard("train"), 0, None
         while True:
             epoch += 1
-            for batch in epoch_batches(shard, self.cfg, self.rank, epoch):
+            batches = 0
+            for batches, batch in enumerate(epoch_batches(shard, self.cfg, self.rank, epoch), start=1):  # noqa: B007
                 if self.cfg.train.overfit_batch:  # the same batch *and* the same noise, timesteps and masks every step
                     fixed = fixed or batch
                     batch = fixed
@@ -181,6 +186,11 @@ class StageRecipe:
                 inputs, text = self._tensors(batch)
                 device = self.accelerator.device
                 yield inputs.to(device), (text.to(device) if text is not None else None)
+            if batches == 0:  # else the loop would read the data forever and never train a step
+                raise EmptyShardError(
+                    f"worker {self.rank} got no full batch of train.batch_size={self.cfg.train.batch_size} rows in epoch {epoch}: "
+                    f"its share of the data is smaller than one batch; lower train.batch_size or train.workers, or add data"
+                )
 
     def _tensors(self, batch: dict[str, Any]) -> tuple[Any, Any]:
         import numpy as np

@@ -66,9 +66,16 @@ def _trained_with(cfg: Config, stage: str, manifest: dict[str, Any] | None) -> d
     }
 
 
-def _require_chunks(latents: Path, manifest: dict[str, Any]) -> None:
-    """Latents with nothing to train on are an error here, not an obscure one from Ray Data later."""
+def _require_chunks(latents: Path, manifest: dict[str, Any], cfg: Config | None = None) -> None:
+    """Latents with nothing to train on, or too little for one batch per worker, are an error here, not a
+    run that never takes a step."""
     counts = manifest.get("counts", {})
+    chunks, t = int(counts.get("chunks") or 0), cfg.train if cfg is not None else None
+    if chunks and t is not None and chunks // t.workers < t.batch_size:
+        raise ValueError(
+            f"{latents} holds {chunks} latent chunks: {chunks // t.workers} per worker for {t.workers} workers, fewer than "
+            f"one batch (train.batch_size={t.batch_size}); lower train.batch_size or train.workers, or add data"
+        )
     if not counts.get("chunks") or not any(latents.glob("shard_*.parquet")):
         reasons = sorted({s.get("reason", "?") for s in manifest.get("skipped", [])})
         raise ValueError(
@@ -329,7 +336,7 @@ def run_train(
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
         manifest = json.loads((latents / "manifest.json").read_text())
-        _require_chunks(latents, manifest)
+        _require_chunks(latents, manifest, cfg)
     trained = _trained_with(cfg, stage, manifest)
     _check_init(cfg, stage, trained)
     ensure_ray(cfg)

@@ -89,3 +89,31 @@ def test_the_reconstructed_floor_and_the_cli_json(corpus: Config, tmp_path: Path
     assert figures["likeness"]["floor_reconstructed"]["loudness_mean_diff_db"] > 0
     bad = CliRunner().invoke(app, ["score", "--audio", str(tmp_path / "absent"), *overrides])
     assert bad.exit_code == 1 and "no such folder" in bad.output
+
+
+def test_score_a_dits_streams_under_held_out_captions(corpus: Config, tmp_path: Path) -> None:
+    """`lmdm score --dit --autoencoder`: eval.num_streams streams, each under a held-out caption, scored with
+    the built-in embedder's CLAP score; the DiT is checked against the autoencoder as `lmdm generate` does."""
+    from lmdm.builders import build_autoencoder_from, build_dit
+    from lmdm.checkpoints.format import TrainedWith, file_sha256, save_checkpoint
+    from lmdm.pipelines.cli import app
+    from lmdm.text.encoders import build_text_encoder
+
+    small = ("autoencoder.channels=4", "autoencoder.latent_channels=4", "autoencoder.strides=[2,4]", "autoencoder.channel_mults=[1,2]",
+             "dit.width=32", "dit.depth=1", "dit.head_dim=16", "stream.block_frames=8", "stream.context_blocks=2", "stream.steps=2",
+             "eval.num_streams=2", "eval.stream_seconds=1.5")  # fmt: skip
+    overrides = [*OVERRIDES, f"data.root={corpus.data.root}", *small]
+    cfg = tiny_config(*overrides)
+    save_checkpoint(tmp_path / "vae", build_autoencoder_from(cfg), {}, TrainedWith(stage="autoencoder"))
+    trained = TrainedWith(stage="lmdm", objective=cfg.dit.objective, variant="block_causal", block_frames=8, context_blocks=2,
+                          autoencoder=file_sha256(tmp_path / "vae" / "model.safetensors"), text_encoder=build_text_encoder(cfg).fingerprint())  # fmt: skip
+    save_checkpoint(tmp_path / "dit", build_dit(cfg), {}, trained)
+    out = tmp_path / "score.json"
+    args = ["score", "--dit", str(tmp_path / "dit"), "--autoencoder", str(tmp_path / "vae"), "--json", str(out), *overrides]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 0, run.output
+    figures = json.loads(out.read_text())
+    assert figures["evaluated"]["clips"] == 2 and figures["evaluated"]["seconds"] == pytest.approx(3.0)
+    assert figures["clap"]["embedder"] == "builtin:embedder" and -1 <= figures["clap"]["evaluated"] <= 1
+    other = CliRunner().invoke(app, [*args[:5], str(tmp_path / "dit"), *overrides])  # a DiT is not an autoencoder
+    assert other.exit_code == 1 and "error" in other.output

@@ -433,3 +433,23 @@ def test_embedder_stage_trains_the_contrastive_embedder_on_captioned_audio(
     assert read_checkpoint_info(result.checkpoint / "model").trained == TrainedWith(stage="embedder", text_encoder=fingerprint)  # type: ignore[operator]
     history = loss_history(uri, run.info.run_id)
     assert decreases(history), " ".join(f"{v:.4f}" for _, v in history)
+
+
+def test_too_little_data_for_one_batch_per_worker_is_an_error_not_a_run_that_never_steps(
+    tmp_path: Path, local_ray: object, tiny_corpus: tuple[Config, CorpusSummary], latents: Path
+) -> None:
+    """6 chunks on 2 workers are 3 rows each: a batch of 4 never fills (drop_last), and the loop read the data
+    forever (the quickstart hung on a corpus of 8 clips, 2 held out). Now: a clear error, before training for
+    latents (the manifest counts them), and from the worker after one empty epoch for audio stages."""
+    from ray.train import TrainingFailedError
+
+    chunks = json.loads((latents / "manifest.json").read_text())["counts"]["chunks"]
+    with pytest.raises(ValueError, match=r"fewer than one batch \(train.batch_size=\d+\)"):
+        run_train(train_cfg(tmp_path, f"train.batch_size={chunks}", "train.steps=1"), "base", latents)
+    _, summary = tiny_corpus
+    cfg = tiny_config(
+        f"data.root={summary.root}", "embedder.width=8", "embedder.dim=8", "embedder.layers=1", "embedder.chunk_seconds=5",
+        "train.workers=2", "train.batch_size=4", "train.steps=2", "train.max_failures=0", f"train.storage_path={tmp_path / 'r'}",
+    )  # fmt: skip
+    with pytest.raises(TrainingFailedError, match="got no full batch of train.batch_size=4 rows"):
+        run_train(cfg, "embedder", None)
