@@ -21,6 +21,7 @@ def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     overrides = [
         "data.corpus.num_clips=8",
         "data.corpus.seed=5",  # holds out clips 2 and 4 of 8: the reference
+        "train.batch_size=3",  # 6 training clips, 3 chunks per worker: one batch each
         "dit.depth=1",  # the chain, not the sizes
         "quickstart.autoencoder_steps=4",
         "quickstart.base_steps=4",

@@ -451,5 +451,5 @@ def test_too_little_data_for_one_batch_per_worker_is_an_error_not_a_run_that_nev
         f"data.root={summary.root}", "embedder.width=8", "embedder.dim=8", "embedder.layers=1", "embedder.chunk_seconds=5",
         "train.workers=2", "train.batch_size=4", "train.steps=2", "train.max_failures=0", f"train.storage_path={tmp_path / 'r'}",
     )  # fmt: skip
-    with pytest.raises(TrainingFailedError, match="got no full batch of train.batch_size=4 rows"):
+    with pytest.raises(TrainingFailedError, match=r"got no full batch of train\.batch_size=4 rows"):
         run_train(cfg, "embedder", None)
