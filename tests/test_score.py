@@ -100,7 +100,7 @@ def test_score_a_dits_streams_under_held_out_captions(corpus: Config, tmp_path: 
     from lmdm.text.encoders import build_text_encoder
 
     small = ("autoencoder.channels=4", "autoencoder.latent_channels=4", "autoencoder.strides=[2,4]", "autoencoder.channel_mults=[1,2]",
-             "dit.width=32", "dit.depth=1", "dit.head_dim=16", "stream.block_frames=8", "stream.context_blocks=2", "stream.steps=2",
+             "dit.width=64", "dit.depth=1", "dit.head_dim=32", "dit.project_cond_tokens=true", "stream.block_frames=8", "stream.context_blocks=2", "stream.steps=2",
              "eval.num_streams=2", "eval.stream_seconds=1.5")  # fmt: skip
     overrides = [*OVERRIDES, f"data.root={corpus.data.root}", *small]
     cfg = tiny_config(*overrides)
@@ -115,5 +115,5 @@ def test_score_a_dits_streams_under_held_out_captions(corpus: Config, tmp_path: 
     figures = json.loads(out.read_text())
     assert figures["evaluated"]["clips"] == 2 and figures["evaluated"]["seconds"] == pytest.approx(3.0)
     assert figures["clap"]["embedder"] == "builtin:embedder" and -1 <= figures["clap"]["evaluated"] <= 1
-    other = CliRunner().invoke(app, [*args[:5], str(tmp_path / "dit"), *overrides])  # a DiT is not an autoencoder
+    other = CliRunner().invoke(app, [*args[:4], str(tmp_path / "dit"), *overrides])  # a DiT is not an autoencoder
     assert other.exit_code == 1 and "error" in other.output
