@@ -35,7 +35,7 @@ from lmdm.eval.fad import fad_inf, frechet_distance
 from lmdm.eval.likeness import AudioStats, audio_stats, likeness
 from lmdm.eval.metrics import clap_scores, per_clip_fad
 
-__all__ = ["AudioSet", "audio_folder", "held_out_reference", "reconstructed", "run_score", "score_sets", "training_clips"]
+__all__ = ["AudioSet", "audio_folder", "embed_frames", "held_out_reference", "reconstructed", "run_score", "score_sets", "training_clips"]
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 FAD_INF_MIN_FRAMES = 2000  # below this many frames FAD∞'s fit is noise: reported as null
@@ -56,15 +56,61 @@ class AudioSet:
         return sum(c.shape[-1] for c in self.clips) / self.sample_rate
 
 
-def held_out_reference(cfg: Config) -> AudioSet:
-    """The held-out clips of the corpus at ``data.root`` (:mod:`lmdm.data.split`), with their captions."""
+def held_out_reference(cfg: Config, min_clips: int = 0, progress: Callable[[str], None] | None = None) -> AudioSet:
+    """The held-out clips of the corpus at ``data.root`` (:mod:`lmdm.data.split`), with their captions.
+
+    Where the corpus holds fewer than ``min_clips`` (a small one: 48 clips hold out 3), further held-out
+    clips of the same seed and settings are rendered past its last index into ``<data.root>-reference/``
+    (once; reused after). They are clips any corpus of that seed holds out, so no training stage ever
+    sees them, and FAD gets a reference with enough frames to mean something.
+    """
     root = Path(cfg.data.root)
     seed = corpus_seed(root)
-    rows = [r for i, r in enumerate(read_corpus_metadata(root)) if is_held_out(seed, i)]
-    if not rows:
+    rows = read_corpus_metadata(root)
+    held = [(root, r) for i, r in enumerate(rows) if is_held_out(seed, i)]
+    if len(held) < min_clips:
+        held += [(extra, r) for extra, r in _rendered_held_out(root, len(rows), min_clips - len(held), progress)]
+    if not held:
         raise ValueError(f"{root} holds no held-out clip (split rule {SPLIT_RULE}): build a corpus of more clips (data.corpus.num_clips)")
-    clips = [load_audio(root / r["file_name"], cfg.audio.sample_rate, cfg.audio.channels) for r in rows]
-    return AudioSet("held-out reference", clips, [r["caption"] for r in rows], cfg.audio.sample_rate, [r["file_name"] for r in rows])
+    clips = [load_audio(folder / r["file_name"], cfg.audio.sample_rate, cfg.audio.channels) for folder, r in held]
+    return AudioSet("held-out reference", clips, [r["caption"] for _, r in held], cfg.audio.sample_rate, [r["file_name"] for _, r in held])
+
+
+def _rendered_held_out(root: Path, start: int, count: int, progress: Callable[[str], None] | None) -> list[tuple[Path, dict[str, Any]]]:
+    """``count`` held-out clips past index ``start`` of the corpus at ``root``, rendered with its settings
+    into ``<root>-reference/`` (kept, and reused while those settings stay the same)."""
+    import json
+    import shutil
+
+    from lmdm.audio.io import write_audio
+    from lmdm.config.schema import AudioConfig, CorpusConfig
+    from lmdm.data.corpus import make_clip
+
+    fingerprint = json.loads((root / "corpus.json").read_text())["fingerprint"]
+    settings = {**fingerprint, "corpus": {k: v for k, v in fingerprint["corpus"].items() if k != "num_clips"}}
+    folder = root.with_name(root.name + "-reference")
+    manifest = folder / "reference.json"
+    if folder.exists() and (not manifest.is_file() or json.loads(manifest.read_text()) != settings):
+        shutil.rmtree(folder)  # rendered for other corpus settings: its clips are not this corpus's
+    (folder / "rows").mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(settings, sort_keys=True))
+    corpus = CorpusConfig(**{**fingerprint["corpus"], "workers": 1})
+    audio = AudioConfig(**fingerprint["audio"])
+    found: list[tuple[Path, dict[str, Any]]] = []
+    index = start
+    while len(found) < count:
+        if is_held_out(corpus.seed, index):
+            row_file = folder / "rows" / f"clip_{index:05d}.json"
+            if not row_file.is_file():
+                if progress:
+                    progress(f"rendering held-out clip {index} ({len(found) + 1} of {count}) into {folder}")
+                clip = make_clip(index, corpus, audio, int(fingerprint["frame_rate"]))
+                (folder / clip.metadata["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+                write_audio(folder / clip.metadata["file_name"], clip.audio, audio.sample_rate)
+                row_file.write_text(json.dumps(clip.metadata))
+            found.append((folder, json.loads(row_file.read_text())))
+        index += 1
+    return found
 
 
 def training_clips(cfg: Config, seconds: float) -> AudioSet:
@@ -123,6 +169,11 @@ def _embed(embedder: Embedder, audio: AudioSet) -> list[torch.Tensor]:
     return [embedder.embed_audio(clip, audio.sample_rate).double() for clip in audio.clips]
 
 
+def embed_frames(embedder: Embedder, audio: AudioSet) -> torch.Tensor:
+    """Every clip's embedding frames, stacked: ``(N, D)`` float64."""
+    return torch.cat(_embed(embedder, audio))
+
+
 def _rows(frames: list[torch.Tensor], n: int, seed: int) -> torch.Tensor:
     """``n`` rows of the stacked frames (a seeded subset when there are more): one N for every FAD."""
     stacked = torch.cat(frames)
@@ -150,11 +201,20 @@ def score_sets(
     seed: int = 0,
     reference_stats: AudioStats | None = None,
     progress: Callable[[str], None] | None = None,
+    reference_frames: torch.Tensor | None = None,
+    with_likeness: bool = True,
 ) -> dict[str, Any]:
-    """Every figure for ``evaluated`` and each floor against ``reference`` (see the module docstring)."""
+    """Every figure for ``evaluated`` and each floor against ``reference`` (see the module docstring).
+
+    Args:
+        reference_frames: the reference's embedding frames (:func:`embed_frames`) when already computed.
+        with_likeness: also the likeness figures (pyin: the slow part).
+    """
     say = progress or (lambda _: None)
-    say(f"embedding the reference ({fad_embedder.name})")
-    ref_frames = torch.cat(_embed(fad_embedder, reference))
+    if reference_frames is None:
+        say(f"embedding the reference ({fad_embedder.name})")
+        reference_frames = embed_frames(fad_embedder, reference)
+    ref_frames = reference_frames
     say("embedding the evaluated set")
     eval_frames = _embed(fad_embedder, evaluated)
     n = sum(f.shape[0] for f in eval_frames)
@@ -190,10 +250,11 @@ def score_sets(
             "evaluated": _clap(text_embedder, evaluated),
             "reference": _clap(text_embedder, reference),
         }
-    say("likeness (pitch, loudness, brightness, onsets)")
-    ref_stats = reference_stats or audio_stats(reference.clips, reference.sample_rate)
-    result["likeness"] = {_key(a, evaluated): likeness(audio_stats(a.clips, a.sample_rate), ref_stats) for a, _ in sets}
-    result["likeness"]["reference"] = asdict(ref_stats)
+    if with_likeness:
+        say("likeness (pitch, loudness, brightness, onsets)")
+        ref_stats = reference_stats or audio_stats(reference.clips, reference.sample_rate)
+        result["likeness"] = {_key(a, evaluated): likeness(audio_stats(a.clips, a.sample_rate), ref_stats) for a, _ in sets}
+        result["likeness"]["reference"] = asdict(ref_stats)
     return result
 
 
@@ -217,7 +278,7 @@ def run_score(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Score ``evaluated`` against the held-out reference of the corpus at ``data.root`` (see :func:`score_sets`)."""
-    reference = held_out_reference(cfg)
+    reference = held_out_reference(cfg, cfg.eval.reference_clips, progress)
     floors = [training_clips(cfg, evaluated.seconds)]
     if autoencoder is not None:
         floors.append(reconstructed(floors[0], autoencoder))
@@ -225,4 +286,7 @@ def run_score(
     text = load_embedder(text_embedder, clap_tokenizer) if text_embedder else None
     if text is not None and not isinstance(text, TextAudioEmbedder):
         raise ValueError(f"{text_embedder} has no text side: pick a text–audio embedder (builtin:embedder or a CLAP checkpoint)")
-    return score_sets(evaluated, reference, floors, embedder, text, seed=cfg.eval.seed, progress=progress)
+    if progress:
+        progress(f"likeness statistics of {min(cfg.eval.likeness_clips, len(reference.clips))} reference clips (pyin)")
+    stats = audio_stats(reference.clips[: cfg.eval.likeness_clips], reference.sample_rate)
+    return score_sets(evaluated, reference, floors, embedder, text, seed=cfg.eval.seed, reference_stats=stats, progress=progress)

@@ -28,6 +28,7 @@ def test_quickstart_quick_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         "quickstart.lmdm_steps=4",
         "quickstart.stream_seconds=8",
         "quickstart.likeness_clips=2",
+        "eval.reference_clips=2",
     ]
     result = CliRunner().invoke(app, ["quickstart", "--quick", *overrides])
     assert result.exit_code == 0, result.output

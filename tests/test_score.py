@@ -17,7 +17,7 @@ from lmdm.eval.crepe import CrepeEmbedder
 from lmdm.eval.likeness import audio_stats
 from lmdm.eval.score import audio_folder, held_out_reference, score_sets, training_clips
 
-OVERRIDES = ("data.corpus.seed=5", "data.corpus.num_clips=6", "data.corpus.clip_seconds=5")
+OVERRIDES = ("data.corpus.seed=5", "data.corpus.num_clips=6", "data.corpus.clip_seconds=5", "eval.reference_clips=2")
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,18 @@ def test_score_a_dits_streams_under_held_out_captions(corpus: Config, tmp_path: 
     assert figures["clap"]["embedder"] == "builtin:embedder" and -1 <= figures["clap"]["evaluated"] <= 1
     other = CliRunner().invoke(app, [*args[:4], str(tmp_path / "dit"), *overrides])  # a DiT is not an autoencoder
     assert other.exit_code == 1 and "error" in other.output
+
+
+def test_a_small_corpus_reference_grows_with_held_out_clips_rendered_past_it(corpus: Config) -> None:
+    """eval.reference_clips: held-out clips of the same seed past the corpus's last index are rendered once into
+    <data.root>-reference/ (clips no corpus of that seed trains on) and reused."""
+    from lmdm.data.split import is_held_out
+
+    said: list[str] = []
+    grown = held_out_reference(corpus, min_clips=3, progress=said.append)
+    extra = Path(corpus.data.root).with_name(Path(corpus.data.root).name + "-reference")
+    indices = [int(Path(f).stem.split("_")[1]) for f in grown.files]
+    assert len(grown.clips) == 3 and indices[:2] == [2, 4] and indices[2] >= 6 and all(is_held_out(5, i) for i in indices)
+    assert len(said) == 1 and (extra / grown.files[2]).is_file() and grown.prompts[2]
+    again: list[str] = []
+    assert held_out_reference(corpus, min_clips=3, progress=again.append).files == grown.files and not again

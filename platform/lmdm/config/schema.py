@@ -278,11 +278,15 @@ class QuickstartConfig(Section):
 
 
 class EvalConfig(Section):
-    """Long-rollout evaluation."""
+    """Evaluation: long rollouts, and the held-out reference `lmdm score` and the quickstart score against."""
 
     num_streams: int = Field(8, ge=1)
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     seed: int = Field(0, ge=0)
+    reference_clips: int = Field(
+        32, ge=1, le=100_000, description="held-out clips FAD compares against (more are rendered past a small corpus)"
+    )
+    likeness_clips: int = Field(8, ge=1, le=100_000, description="of those, the clips the likeness statistics use (pyin is slow)")
 
 
 class ServeConfig(Section):
