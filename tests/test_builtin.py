@@ -65,7 +65,7 @@ def test_the_shipped_embedder_is_intact_and_resolves() -> None:
 
 
 def test_the_builtin_embedder_ranks_true_captions_of_held_out_clips_well_above_chance() -> None:
-    """builtin:embedder (trained on the training split of corpus seed 0, configs/embedder.yaml) on 12 clips
+    """builtin:embedder (trained on the training split of corpus seed 0, configs/embedder.yaml) on 8 clips
     that split holds out, rendered here: each clip's own caption beats another clip's far above chance."""
     from lmdm.config import load_config
     from lmdm.data.corpus import make_clip
@@ -76,14 +76,14 @@ def test_the_builtin_embedder_ranks_true_captions_of_held_out_clips_well_above_c
 
     cfg = load_config("embedder", ["data.corpus.clip_seconds=6"])  # shorter renders: one 4-s window each
     assert cfg.data.corpus.seed == 0
-    indices = held_out_indices(0, 400)[:12]
+    indices = held_out_indices(0, 400)[:8]
     assert all(is_held_out(0, i) for i in indices)
     clips = [make_clip(i, cfg.data.corpus, cfg.audio, cfg.data.frame_rate) for i in indices]
     held_out = AudioSet("held out", [c.audio for c in clips], [c.metadata["caption"] for c in clips], cfg.audio.sample_rate)
     embedder = load_embedder("builtin:embedder")
     assert isinstance(embedder, BuiltinEmbedder)
     figures = retrieval(embedder, held_out)
-    assert figures["pairwise_accuracy"] > 0.8 and figures["top1"] > 4 * figures["top1_chance"], figures
+    assert figures["pairwise_accuracy"] > 0.8 and figures["top1"] > 3 * figures["top1_chance"], figures
 
 
 def test_every_shipped_model_is_packaged() -> None:

@@ -84,7 +84,8 @@ def test_platform_is_not_a_package_and_stdlib_platform_works() -> None:
 @pytest.mark.slow
 def test_built_wheel_installs_and_imports(tmp_path: Path) -> None:
     """``pip install .``: build the wheel, install it with --no-deps into a fresh venv that sees this
-    environment's dependencies but not its editable install, and import every subpackage."""
+    environment's dependencies but not its editable install, import every subpackage, and find the
+    shipped weights inside it with their recorded hashes."""
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(REPO)],
@@ -112,6 +113,9 @@ def test_built_wheel_installs_and_imports(tmp_path: Path) -> None:
         "assert (default_config_dir() / 'quickstart.yaml').is_file()\n"
         "assert load_config('quickstart').name == 'quickstart'\n"
         "import lmdm.pipelines.cli\n"
+        "from lmdm.checkpoints.builtin import WEIGHTS, builtin_names, verify_builtin\n"
+        f"assert str(WEIGHTS).startswith({str(site)!r}) and 'embedder' in builtin_names(), WEIGHTS\n"
+        "for name in builtin_names(): verify_builtin(name)\n"
         "print('ok')\n"
     )
     out = subprocess.run([python, "-c", code], cwd=tmp_path, capture_output=True, text=True)
