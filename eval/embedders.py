@@ -113,14 +113,9 @@ class ClapEmbedder:
         self.dim = int(model.config.projection_dim)
         self.window = int(window_s * self.sample_rate)
 
-    def windows(self, mono: np.ndarray) -> list[np.ndarray]:
-        """The ``window_s`` windows a mono clip at :attr:`sample_rate` is embedded in."""
-        starts = range(0, max(len(mono) - self.window // 2, 1), self.window)
-        return [mono[s : s + self.window] for s in starts]
-
     @torch.inference_mode()
     def embed_audio(self, audio: np.ndarray, sample_rate: int) -> Tensor:
-        windows = self.windows(_mono(audio, sample_rate, self.sample_rate))
+        windows = _windows(_mono(audio, sample_rate, self.sample_rate), self.window)
         inputs = self.features(windows, sampling_rate=self.sample_rate, return_tensors="pt")
         projected = _features(self.model.get_audio_features(input_features=inputs["input_features"]))
         return torch.nn.functional.normalize(projected.float(), dim=-1)

@@ -69,7 +69,7 @@ def held_out_reference(cfg: Config, min_clips: int = 0, progress: Callable[[str]
     rows = read_corpus_metadata(root)
     held = [(root, r) for i, r in enumerate(rows) if is_held_out(seed, i)]
     if len(held) < min_clips:
-        held += [(extra, r) for extra, r in _rendered_held_out(root, len(rows), min_clips - len(held), progress)]
+        held += _rendered_held_out(root, len(rows), min_clips - len(held), progress)
     if not held:
         raise ValueError(f"{root} holds no held-out clip (split rule {SPLIT_RULE}): build a corpus of more clips (data.corpus.num_clips)")
     clips = [load_audio(folder / r["file_name"], cfg.audio.sample_rate, cfg.audio.channels) for folder, r in held]
@@ -114,19 +114,18 @@ def _rendered_held_out(root: Path, start: int, count: int, progress: Callable[[s
 
 
 def training_clips(cfg: Config, seconds: float) -> AudioSet:
-    """Training-split clips of the corpus, in order, cut to ``seconds`` in all."""
-    root = Path(cfg.data.root)
-    seed = corpus_seed(root)
+    """Training-split clips of the corpus (the inputs every training stage reads), in order, cut to ``seconds`` in all."""
+    from lmdm.data.chunks import list_inputs
+
+    root = Path(cfg.data.root).resolve()
     clips, prompts, files, left = [], [], [], int(seconds * cfg.audio.sample_rate)
-    for i, row in enumerate(read_corpus_metadata(root)):
+    for record in list_inputs("corpus", root, split="train"):
         if left <= 0:
             break
-        if is_held_out(seed, i):
-            continue
-        audio = load_audio(root / row["file_name"], cfg.audio.sample_rate, cfg.audio.channels)[:, :left]
+        audio = load_audio(record.path, cfg.audio.sample_rate, cfg.audio.channels)[:, :left]
         clips.append(audio)
-        prompts.append(row["caption"])
-        files.append(row["file_name"])
+        prompts.append(record.caption)
+        files.append(Path(record.path).relative_to(root).as_posix())
         left -= audio.shape[-1]
     return AudioSet("training split (floor)", clips, prompts, cfg.audio.sample_rate, files)
 
