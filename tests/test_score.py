@@ -141,3 +141,14 @@ def test_a_small_corpus_reference_grows_with_held_out_clips_rendered_past_it(cor
     assert len(said) == 1 and (extra / grown.files[2]).is_file() and grown.prompts[2]
     again: list[str] = []
     assert held_out_reference(corpus, min_clips=3, progress=again.append).files == grown.files and not again
+
+
+def test_score_and_ship_refuse_bad_arguments(tmp_path: Path) -> None:
+    from lmdm.pipelines.cli import app
+
+    neither = CliRunner().invoke(app, ["score"])
+    both = CliRunner().invoke(app, ["score", "--audio", str(tmp_path), "--dit", str(tmp_path)])
+    assert neither.exit_code == both.exit_code == 2 and "give --audio FOLDER or --dit CHECKPOINT" in neither.output
+    (tmp_path / "card.md").write_text("# card\n")
+    ship = CliRunner().invoke(app, ["ship", "x", "--checkpoint", str(tmp_path), "--card", str(tmp_path / "card.md")])
+    assert ship.exit_code == 1 and "not a checkpoint folder (missing model.safetensors, config.json)" in ship.output
