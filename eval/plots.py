@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_clip"]
+__all__ = ["plot_clip", "plot_spectrograms"]
 
 
 def plot_clip(
@@ -59,5 +59,47 @@ def plot_clip(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_spectrograms(panels: list[tuple[str, np.ndarray]], sample_rate: int, title: str, path: Path) -> Path:
+    """Mel spectrograms stacked one above another on a shared colour range (80 dB below the loudest panel's peak).
+
+    Args:
+        panels: ``(label, audio)`` pairs, audio ``(C, N)`` or ``(N,)`` at ``sample_rate`` (lengths may differ;
+            the time axes are in seconds).
+        path: PNG to write (folders are created).
+
+    Returns:
+        ``path``.
+    """
+    import librosa
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hop = 256
+    mels = []
+    for _, audio in panels:
+        y = (audio.mean(axis=0) if audio.ndim == 2 else audio).astype(np.float32)
+        mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=1024, hop_length=hop, n_mels=128, power=2.0)
+        mels.append(10 * np.log10(np.maximum(mel, 1e-20)))
+    top = max(float(m.max()) for m in mels)
+    longest = max(m.shape[1] for m in mels) * hop / sample_rate
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 2.6 * len(panels)), squeeze=False)
+    for ax, (label, _), mel in zip(axes[:, 0], panels, mels, strict=True):
+        seconds = mel.shape[1] * hop / sample_rate
+        ax.imshow(mel, origin="lower", aspect="auto", cmap="magma", vmin=top - 80, vmax=top, extent=(0, seconds, 0, mel.shape[0]))
+        ax.set_xlim(0, longest)
+        ax.set_ylabel("mel band")
+        ax.set_title(label, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -192,6 +192,41 @@ def quickstart(
 
 
 @app.command()
+def pretrain(
+    config: ConfigOption = "corpus-base",
+    force: Annotated[bool, typer.Option(help="Rebuild the corpus even if one with other settings exists.")] = False,
+    overrides: Overrides = None,
+) -> None:
+    """Pretrain the corpus base: corpus → autoencoder → reconstruction figures → precompute → bidirectional base DiT,
+    written with a model card to runs/<name>/pretrained (rerun with more steps to continue; `lmdm ship --pair` ships it)."""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.eval.tracking import ui_command
+    from lmdm.pipelines.pretrain import run_pretrain
+    from lmdm.pipelines.quickstart import held_out_reference_indices
+
+    started = time.perf_counter()
+    cfg = _load(config, overrides)
+    try:
+        held_out_reference_indices(cfg)
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    console.rule(f"[bold]lmdm pretrain[/] · config {cfg.name}")
+
+    def corpus(c: Config) -> CorpusSummary:
+        summary = _build_corpus(c, force)
+        console.print(_corpus_table(summary))
+        return summary
+
+    try:
+        run_pretrain(cfg, console, corpus)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"done in {time.perf_counter() - started:.1f} s · MLflow: {ui_command(cfg)}")
+
+
+@app.command()
 def precompute(
     autoencoder: Annotated[Path, typer.Option("--autoencoder", help="Autoencoder checkpoint folder (our format).")],
     config: ConfigOption = "quickstart",
@@ -470,19 +505,87 @@ def eval_retrieval(
     _write_figures(json_out, figures)
 
 
+@eval_app.command("reconstruction")
+def eval_reconstruction(
+    autoencoder: Annotated[str, typer.Option("--autoencoder", help="An autoencoder checkpoint folder, or builtin:<name>/autoencoder.")],
+    clips: Annotated[int, typer.Option("--clips", min=1, max=1000, help="Held-out clips.")] = 4,
+    seconds: Annotated[float, typer.Option("--seconds", min=0.5, max=600.0, help="Seconds of each clip (from its start).")] = 8.0,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Write a spectrogram PNG (clip over reconstruction) per clip here.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """How well an autoencoder reconstructs held-out corpus clips: mel L1, pitch-class accuracy, voicing, loudness, brightness."""
+    from lmdm.checkpoints.builtin import resolve_checkpoint
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.checkpoints.format import load_checkpoint
+    from lmdm.eval.plots import plot_spectrograms
+    from lmdm.eval.reconstruction import FIGURE_KEYS, run_reconstruction
+
+    cfg = _load(config, overrides)
+    try:
+        vae, _ = load_checkpoint(resolve_checkpoint(autoencoder), "autoencoder")
+        with _progress_bar("reconstructing held-out clips") as bar:
+            task = bar.add_task("reconstructing", total=clips)
+            result = run_reconstruction(
+                cfg,
+                vae,
+                clips,
+                seconds,
+                progress=lambda done, _: bar.update(task, completed=done),
+                say=lambda text: bar.console.print(text),
+            )
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    table = Table(title=f"{autoencoder}: {len(result['clips'])} held-out clips of {cfg.data.root}, {seconds:g} s each")
+    table.add_column("clip")
+    for key in FIGURE_KEYS:
+        table.add_column(key.replace("_", " "), justify="right")
+    for row in [*result["clips"], {"file": "mean", **result["mean"]}]:
+        table.add_row(
+            Path(row["file"]).name, *(f"{row[k]:.3f}" if "db" not in k and "hz" not in k else f"{row[k]:.1f}" for k in FIGURE_KEYS)
+        )
+    console.print(table)
+    if plots:
+        for row, (original, recon) in zip(result["clips"], result["audio"], strict=True):
+            name = Path(row["file"]).stem
+            path = plot_spectrograms(
+                [
+                    (f"held-out clip {name}", original),
+                    (f"reconstruction: mel L1 {row['mel_l1_db']:.1f} dB, pitch-class accuracy {row['pitch_class_accuracy']:.2f}", recon),
+                ],
+                cfg.audio.sample_rate,
+                f"{autoencoder}",
+                plots / f"{name}.png",
+            )
+            console.print(f"spectrograms: {path}")
+    _write_figures(json_out, {k: v for k, v in result.items() if k != "audio"} | {"autoencoder": autoencoder})
+
+
 @app.command()
 def ship(
     name: Annotated[str, typer.Argument(help="The built-in name (builtin:<name>), e.g. embedder.")],
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A checkpoint folder (model.safetensors + config.json).")],
-    card: Annotated[Path, typer.Option("--card", help="Its model card (Markdown).")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A checkpoint folder (model.safetensors + config.json).")] = None,
+    card: Annotated[Path | None, typer.Option("--card", help="Its model card (Markdown).")] = None,
+    pair: Annotated[
+        Path | None, typer.Option("--pair", help="Instead: the pretrained/ folder of `lmdm pretrain` (autoencoder/, base/, MODEL_CARD.md).")
+    ] = None,
 ) -> None:
-    """Copy a trained checkpoint into the package as builtin:<name>, with its model card; record its hashes."""
+    """Copy a trained checkpoint (or a pretrained pair) into the package as builtin:<name>, with its model card; record its hashes."""
     from lmdm.checkpoints.builtin import WEIGHTS
     from lmdm.checkpoints.builtin import ship as ship_weights
     from lmdm.checkpoints.errors import CheckpointError
 
+    if (pair is None) == (checkpoint is None) or (checkpoint is not None and card is None):
+        err_console.print("[bold red]error:[/] give --checkpoint with --card, or --pair (its MODEL_CARD.md is the card)", markup=True)
+        raise typer.Exit(2)
     try:
-        hashes = ship_weights(checkpoint, name, card.read_text())
+        if pair is not None:
+            hashes = ship_weights(pair, name, (pair / "MODEL_CARD.md").read_text(), parts=["autoencoder", "base"])
+        else:
+            assert checkpoint is not None and card is not None
+            hashes = ship_weights(checkpoint, name, card.read_text())
     except (CheckpointError, FileNotFoundError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None

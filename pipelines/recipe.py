@@ -32,6 +32,7 @@ __all__ = [
     "MeasureState",
     "ReportProgress",
     "StageRecipe",
+    "lr_factor",
     "process_group_backend",
     "train_worker",
 ]
@@ -70,6 +71,7 @@ class StageRecipe:
         self.rank = ray.train.get_context().get_world_rank()
         self.callbacks = callbacks
         self.step, self.grad_norm, self.loss = 0, float("nan"), float("nan")
+        self.parts: dict[str, float] = {}  # the loss's parts at the last step (autoencoder stage), logged as train/<part>
         self.pending_metrics: list[Any] = []
         self.reports = 0  # ray.train.report calls by this worker in this attempt (one per checkpoint)
 
@@ -85,13 +87,31 @@ class StageRecipe:
         self.ema = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.rank == 0 else None
         # On the training device: the losses draw every random tensor on the generator's device.
         self.generator = torch.Generator(device=self.accelerator.device).manual_seed(self.cfg.train.seed * 1000 + self.rank)
-        loss = _StageLoss.build(self.cfg, self.stage, self.module, self.generator)
+        t = self.cfg.train
+        self.discriminator, self.disc_optimizer = self._discriminator()
+        loss = _StageLoss.build(self.cfg, self.stage, self.module, self.generator, self.discriminator)
         # Stable Audio's autoencoder recipe uses betas (0.8, 0.99); the DiT stages keep AdamW's defaults.
         betas = (0.8, 0.99) if self.stage == "autoencoder" else (0.9, 0.999)
-        optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=self.cfg.train.lr, betas=betas)
+        optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=t.lr, betas=betas)
         self.model, self.optimizer = self.accelerator.prepare(loss, optimizer)
+        if self.discriminator is not None:
+            self.discriminator, self.disc_optimizer = self.accelerator.prepare(self.discriminator, self.disc_optimizer)
         self.texts = _text_table(self.latents) if self.stage in ("base", "lmdm") else {}
         self._start_tracking()
+
+    def _discriminator(self) -> tuple[Any, Any]:
+        """The autoencoder stage's multi-scale STFT discriminator and its optimizer, where its weights ask for one."""
+        import torch
+
+        t, a = self.cfg.train, self.cfg.train.autoencoder
+        if self.stage != "autoencoder" or not a.adversarial:
+            return None, None
+        from lmdm.training.autoencoder_loss import MultiScaleSTFTDiscriminator
+
+        torch.manual_seed(t.seed + 1)
+        discriminator = MultiScaleSTFTDiscriminator(a.discriminator_ffts, self.cfg.audio.channels, a.discriminator_filters)
+        optimizer = torch.optim.AdamW(discriminator.parameters(), lr=a.discriminator_lr or t.lr, betas=(0.8, 0.99))
+        return discriminator, optimizer
 
     def _accelerator(self) -> Any:
         from accelerate import Accelerator
@@ -210,18 +230,45 @@ class StageRecipe:
 
     def train_step(self, inputs: Any, text: Any) -> None:
         """Forward, backward, clip and step (Accelerate accumulates ``train.grad_accum`` micro-batches)."""
+        adversarial = self.discriminator is not None and self.step >= self.cfg.train.autoencoder.discriminator_start
+        stage_loss = self.accelerator.unwrap_model(self.model)
+        if self.discriminator is not None:
+            stage_loss.adversarial = adversarial
         with self.accelerator.accumulate(self.model):
             loss = self.model(inputs, text)
             self.accelerator.backward(loss)
             sync = self.accelerator.sync_gradients
             if not self.deepspeed and sync:  # DeepSpeed clips itself (gradient_clipping)
                 self.grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
+            self._set_lr()
             self.optimizer.step()
             self.optimizer.zero_grad()
             if self.deepspeed and sync:
                 self.grad_norm = float(self.model.get_global_grad_norm() or float("nan"))  # before clipping
+        self.parts = dict(getattr(stage_loss, "parts", {}))
+        if adversarial:
+            self.parts["discriminator"] = self._discriminator_step(inputs, stage_loss.reconstruction)
         self.step, self.loss = self.step + 1, float(loss.detach())
         self._update_ema()
+
+    def _set_lr(self) -> None:
+        """``train.lr · lr_factor`` for the step being taken, set from the step count (no scheduler object: Accelerate's
+        would advance once per process per step, and the rate needs no state of its own to resume)."""
+        for group in _innermost(self.optimizer).param_groups:
+            group["lr"] = self.cfg.train.lr * lr_factor(self.cfg, self.step)
+
+    def _discriminator_step(self, audio: Any, reconstruction: Any) -> float:
+        """One step of the discriminator on real audio and the generator's (detached) reconstruction."""
+        from lmdm.training.autoencoder_loss import discriminator_loss
+
+        with self.accelerator.accumulate(self.discriminator):
+            loss = discriminator_loss(self.discriminator, audio, reconstruction)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.discriminator.parameters(), self.cfg.train.grad_clip)
+            self.disc_optimizer.step()
+            self.disc_optimizer.zero_grad()
+        return float(loss.detach())
 
     def _update_ema(self) -> None:
         if self.ema is None:
@@ -250,6 +297,7 @@ class StageRecipe:
             "train/lr": float(self.optimizer.param_groups[0]["lr"]),
             "train/grad_norm": self.grad_norm,
             "train/samples_per_s": rows / seconds if seconds > 0 else float("nan"),
+            **{f"train/{part}": value for part, value in self.parts.items()},
         }
         stamp = int(time.time() * 1000)
         self.pending_metrics += [Metric(key, value, stamp, self.step) for key, value in per_step.items()]
@@ -525,7 +573,7 @@ class _StageLoss:
     loss, so DDP / DeepSpeed wrap it and their forward hooks run (the DiT's own methods are not ``forward``)."""
 
     @staticmethod
-    def build(cfg: Config, stage: str, dit: Any, generator: Any) -> Any:
+    def build(cfg: Config, stage: str, dit: Any, generator: Any, discriminator: Any = None) -> Any:
         from torch import Tensor, nn
 
         from lmdm.builders import build_geometry
@@ -536,14 +584,42 @@ class _StageLoss:
         Bf, Ctx, t = geometry.block_frames, geometry.context_blocks, cfg.train
 
         class AutoencoderStageLoss(nn.Module):
+            """The generator's loss; keeps its parts (``parts``) and detached ``reconstruction`` for the
+            discriminator's step. The discriminator and mel filters are held outside the module tree, so
+            DDP neither syncs the discriminator here (it has its own wrapper) nor broadcasts the filters."""
+
             def __init__(self) -> None:
                 super().__init__()
+                from lmdm.training.autoencoder_loss import AutoencoderWeights, MelLoss
+
                 self.dit = dit  # the autoencoder (one attribute name for every stage's model)
+                a = t.autoencoder
+                self.weights = AutoencoderWeights(
+                    a.stft_weight, a.mel_weight, a.waveform_weight, t.kl_weight, a.adversarial_weight, a.feature_matching_weight
+                )
+                self.without_adversarial = AutoencoderWeights(a.stft_weight, a.mel_weight, a.waveform_weight, t.kl_weight)
+                self.outside = {"mel": MelLoss(cfg.audio.sample_rate) if a.mel_weight else None, "discriminator": discriminator}
+                self.adversarial = discriminator is not None
+                self.parts: dict[str, float] = {}
+                self.reconstruction: Tensor | None = None
 
             def forward(self, audio: Tensor, text: Tensor | None) -> Tensor:
                 from lmdm.training.autoencoder_loss import autoencoder_loss
 
-                return autoencoder_loss(self.dit, audio, t.kl_weight, generator).loss
+                if self.outside["mel"] is not None:  # built before Accelerate moved the model to its device
+                    self.outside["mel"] = self.outside["mel"].to(audio.device)
+                loss, recon = autoencoder_loss(
+                    self.dit,
+                    audio,
+                    self.weights if self.adversarial else self.without_adversarial,
+                    generator,
+                    mel=self.outside["mel"],
+                    discriminator=self.outside["discriminator"] if self.adversarial else None,
+                )
+                self.reconstruction = recon.detach()
+                names = ("stft", "mel", "waveform", "kl", "adversarial", "feature_matching")
+                self.parts = {name: float(getattr(loss, name).detach()) for name in names}
+                return loss.loss
 
         if stage == "autoencoder":
             return AutoencoderStageLoss()
@@ -585,6 +661,20 @@ class _StageLoss:
                 ).loss  # fmt: skip
 
         return StageLoss()
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """The learning rate at ``step`` (0-based: the step about to be taken) as a factor of ``train.lr``: linear
+    warm-up over ``train.lr_warmup_steps``, then constant or a cosine decay to ``train.lr_final_ratio`` at ``train.steps``."""
+    import math
+
+    t = cfg.train
+    if step < t.lr_warmup_steps:
+        return (step + 1) / t.lr_warmup_steps
+    if t.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - t.lr_warmup_steps) / max(1, t.steps - t.lr_warmup_steps))
+    return t.lr_final_ratio + (1.0 - t.lr_final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def torch_randint(high: int, generator: Any) -> int:

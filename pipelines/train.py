@@ -186,6 +186,7 @@ _RESUMABLE_CHANGES = {
     "tracking": None,
     "ray": None,
     "quickstart": None,
+    "pretrain": None,
 }
 
 
@@ -330,6 +331,11 @@ def run_train(
     cfg = _absolute(cfg)
     if stage not in ("autoencoder", "base", "lmdm", "embedder"):
         raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm, embedder)")
+    if stage == "autoencoder" and cfg.train.autoencoder.adversarial and cfg.train.strategy == "deepspeed":
+        raise ValueError(
+            "the autoencoder stage with a discriminator has two optimizers, which Accelerate's DeepSpeed path does not "
+            "support: use train.strategy=ddp (or set train.autoencoder.adversarial_weight and feature_matching_weight to 0)"
+        )
     manifest = None
     if stage in ("base", "lmdm"):
         if latents is None or not (Path(latents) / "manifest.json").is_file():

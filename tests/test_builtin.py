@@ -56,11 +56,49 @@ def test_a_tampered_truncated_or_missing_file_is_refused(tmp_path: Path, damage:
         load_builtin("tiny", weights=weights)
 
 
-def test_the_shipped_embedder_is_intact_and_resolves() -> None:
+def _shipped_pair(tmp_path: Path) -> Path:
+    """A pair as `lmdm pretrain` writes it (autoencoder/, base/, MODEL_CARD.md), shipped as builtin:pair."""
+    from lmdm.models.autoencoder import OobleckVAE
+
+    torch.manual_seed(0)
+    pair = tmp_path / "pretrained"
+    save_checkpoint(pair / "autoencoder", OobleckVAE(1, 4, [1, 2], [2, 4], 4), {"step": 5}, TrainedWith(stage="autoencoder"))
+    save_checkpoint(pair / "base", TextAudioEmbedding(EmbedderArgs(width=8, layers=1, dim=8, text_dim=12)), {"step": 7})
+    (pair / "MODEL_CARD.md").write_text("# pair\n")
+    weights = tmp_path / "weights"
+    ship(pair, "pair", (pair / "MODEL_CARD.md").read_text(), weights, parts=["autoencoder", "base"])
+    return weights
+
+
+def test_a_shipped_pair_loads_by_part_and_refuses_a_whole_or_unknown_part(tmp_path: Path) -> None:
+    weights = _shipped_pair(tmp_path)
+    vae, meta = load_builtin("builtin:pair/autoencoder", kind="autoencoder", weights=weights)
+    assert meta["step"] == 5 and load_builtin("pair/base", weights=weights)[1]["step"] == 7
+    index = json.loads((weights / "index.json").read_text())["pair"]
+    assert index["parts"] == {"autoencoder": "autoencoder", "base": "embedder"} and len(index["sha256"]) == 4
+    with pytest.raises(CheckpointError, match="builtin:pair holds several models: name one, builtin:pair/autoencoder or builtin:pair/base"):
+        load_builtin("pair", weights=weights)
+    with pytest.raises(CheckpointError, match="builtin:pair has no part 'dit': its parts are builtin:pair/autoencoder, builtin:pair/base"):
+        load_builtin("pair/dit", weights=weights)
+
+
+def test_a_tampered_part_of_a_pair_is_refused(tmp_path: Path) -> None:
+    """Either part damaged refuses both: the pair is one shipped thing."""
+    weights = _shipped_pair(tmp_path)
+    target = weights / "pair" / "base" / "model.safetensors"
+    target.write_bytes(target.read_bytes()[:-3])
+    with pytest.raises(CheckpointError, match=r"builtin:pair: .*base/model.safetensors has SHA-256"):
+        load_builtin("pair/autoencoder", weights=weights)
+
+
+def test_the_shipped_models_are_intact_and_resolve() -> None:
     """The package's own shipped weights match their recorded hashes (a broken wheel fails here)."""
-    for name in builtin_names():
+    from lmdm.checkpoints.builtin import _index
+
+    for name, entry in _index().items():
         verify_builtin(name)
-        assert resolve_checkpoint(f"builtin:{name}") == WEIGHTS / name
+        for part in entry.get("parts", {"": None}):
+            assert resolve_checkpoint(f"builtin:{name}/{part}".rstrip("/")) == WEIGHTS / name / part
     assert resolve_checkpoint("runs/x") == Path("runs/x")
 
 
@@ -86,13 +124,17 @@ def test_the_builtin_embedder_ranks_true_captions_of_held_out_clips_well_above_c
     assert figures["pairwise_accuracy"] > 0.8 and figures["top1"] > 3 * figures["top1_chance"], figures
 
 
-def test_every_shipped_model_is_packaged() -> None:
-    """A shipped folder that pyproject.toml does not list as a package would be missing from the wheel."""
+def test_every_shipped_file_is_packaged() -> None:
+    """Every file index.json records, and every model card, matches a package-data glob of lmdm.weights
+    (else it would be missing from the wheel; the cluster test checks the built wheel itself)."""
+    import fnmatch
     import tomllib
 
     from conftest import REPO
 
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    for name in builtin_names():
-        assert f"lmdm.weights.{name}" in project["packages"], name
-        assert {"model.safetensors", "config.json", "MODEL_CARD.md"} <= set(project["package-data"][f"lmdm.weights.{name}"])
+    from lmdm.checkpoints.builtin import _index
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lmdm.weights"]
+    for name, entry in _index().items():
+        for file in [*entry["sha256"], "MODEL_CARD.md"]:
+            assert any(fnmatch.fnmatch(f"{name}/{file}", g) and g.count("/") == f"{name}/{file}".count("/") for g in globs), (name, file)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -168,8 +170,13 @@ def test_ray_job_submit_trains_with_the_wheel_in_the_runtime_env(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)], check=True
     )
     (built,) = dist.glob("lmdm-*.whl")
-    with zipfile.ZipFile(built) as wheel:  # every subpackage ships, the runtimes too
+    with zipfile.ZipFile(built) as wheel:  # every subpackage ships, the runtimes too, and every shipped weight file
         assert "lmdm/runtime/packed.py" in wheel.namelist()
+        index = json.loads(wheel.read("lmdm/weights/index.json"))
+        for name, entry in index.items():
+            for file, digest in entry["sha256"].items():
+                assert hashlib.sha256(wheel.read(f"lmdm/weights/{name}/{file}")).hexdigest() == digest, (name, file)
+            assert f"lmdm/weights/{name}/MODEL_CARD.md" in wheel.namelist()
     shared = tmp_path / "shared"
     entrypoint = (
         f"lmdm train --config quickstart --stage base --latents {latents} ray.address=auto name=submitted "

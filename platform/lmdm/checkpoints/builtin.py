@@ -39,13 +39,23 @@ def builtin_names(weights: Path = WEIGHTS) -> list[str]:
 
 
 def builtin_path(name: str, weights: Path = WEIGHTS) -> Path:
-    """The folder of shipped model ``name`` (``builtin:`` prefix optional), its files' hashes verified."""
-    name = name.removeprefix(PREFIX)
+    """The folder of shipped model ``name`` (``builtin:`` prefix optional), its files' hashes verified.
+
+    A shipped set of models (a pair: ``builtin:corpus-base``) is addressed by part:
+    ``builtin:corpus-base/autoencoder``.
+    """
+    name, _, part = name.removeprefix(PREFIX).partition("/")
     index = _index(weights)
     if name not in index:
         raise CheckpointError(f"no built-in model {PREFIX}{name}; shipped: {', '.join(PREFIX + n for n in sorted(index)) or 'none'}")
+    parts = index[name].get("parts", {})
+    if part and part not in parts:
+        have = f"its parts are {', '.join(f'{PREFIX}{name}/{p}' for p in parts)}" if parts else "it is a single model"
+        raise CheckpointError(f"{PREFIX}{name} has no part {part!r}: {have}")
+    if parts and not part:
+        raise CheckpointError(f"{PREFIX}{name} holds several models: name one, {' or '.join(f'{PREFIX}{name}/{p}' for p in parts)}")
     verify_builtin(name, weights)
-    return weights / name
+    return weights / name / part if part else weights / name
 
 
 def verify_builtin(name: str, weights: Path = WEIGHTS) -> None:
@@ -74,25 +84,39 @@ def resolve_checkpoint(spec: str | Path) -> Path:
     return builtin_path(text) if text.startswith(PREFIX) else Path(spec)
 
 
-def ship(checkpoint: Path, name: str, card: str, weights: Path = WEIGHTS) -> dict[str, str]:
+def ship(checkpoint: Path, name: str, card: str, weights: Path = WEIGHTS, parts: list[str] | None = None) -> dict[str, str]:
     """Copy a checkpoint folder into the package as ``builtin:<name>`` with its model card, and record its hashes.
 
+    Args:
+        parts: ship a set of models instead: the checkpoint folders ``checkpoint/<part>``, each loaded as
+            ``builtin:<name>/<part>`` (e.g. ``autoencoder`` and ``base`` of a pair from ``lmdm pretrain``).
+
     Returns:
-        The recorded ``{file: sha256}``.
+        The recorded ``{file: sha256}`` (files relative to the model's folder).
     """
     checkpoint = Path(checkpoint)
-    missing = [f for f in _HASHED if not (checkpoint / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{checkpoint}: not a checkpoint folder (missing {', '.join(missing)})")
+    sources = {part: checkpoint / part for part in parts} if parts else {"": checkpoint}
+    for source in sources.values():
+        missing = [f for f in _HASHED if not (source / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{source}: not a checkpoint folder (missing {', '.join(missing)})")
     target = weights / name
     if target.exists():
         shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for file in _HASHED:
-        shutil.copy2(checkpoint / file, target / file)
+    kinds = {}
+    for part, source in sources.items():
+        (target / part).mkdir(parents=True, exist_ok=True)
+        for file in _HASHED:
+            shutil.copy2(source / file, target / part / file)
+        kinds[part] = json.loads((target / part / "config.json").read_text()).get("kind")
     (target / "MODEL_CARD.md").write_text(card)
     index = _index(weights)
-    info = json.loads((target / "config.json").read_text())
-    index[name] = {"kind": info.get("kind"), "sha256": {f: file_sha256(target / f) for f in _HASHED}}
+    files = [str(Path(part) / f) for part in sources for f in _HASHED]
+    entry: dict[str, Any] = {"sha256": {f: file_sha256(target / f) for f in files}}
+    if parts:
+        entry["kind"], entry["parts"] = "set", kinds
+    else:
+        entry["kind"] = kinds[""]
+    index[name] = entry
     (weights / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return dict(index[name]["sha256"])
+    return dict(entry["sha256"])

@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 __all__ = [
     "AudioConfig",
     "AutoencoderConfig",
+    "AutoencoderTrainConfig",
     "Config",
     "CorpusConfig",
     "DataConfig",
     "DiTConfig",
     "EvalConfig",
     "PrecomputeConfig",
+    "PretrainConfig",
     "RayConfig",
     "ServeConfig",
     "StreamConfig",
@@ -212,6 +214,39 @@ class RayConfig(Section):
     dashboard: bool = Field(False, description="a local Ray also starts its dashboard on 127.0.0.1 (the UI and Ray's state API)")
 
 
+class AutoencoderTrainConfig(Section):
+    """The autoencoder stage's objective: Stable Audio's Oobleck recipe (multi-resolution STFT, a multi-scale
+    STFT discriminator with feature matching, KL at ``train.kl_weight``) and DAC's multi-scale mel loss."""
+
+    stft_weight: float = Field(1.0, ge=0.0, le=1000.0, description="multi-resolution STFT loss")
+    mel_weight: float = Field(0.0, ge=0.0, le=1000.0, description="multi-scale mel loss (DAC uses 15)")
+    waveform_weight: float = Field(1.0, ge=0.0, le=1000.0, description="L1 on samples")
+    adversarial_weight: float = Field(
+        0.0, ge=0.0, le=1000.0, description="hinge generator loss; > 0 (or feature matching) adds the discriminator"
+    )
+    feature_matching_weight: float = Field(
+        0.0, ge=0.0, le=1000.0, description="L1 between the discriminator's features of real and reconstructed audio"
+    )
+    discriminator_ffts: list[int] = Field(
+        default_factory=lambda: [1024, 512, 256, 128], min_length=1, description="one STFT discriminator per FFT size"
+    )
+    discriminator_filters: int = Field(32, ge=1, le=1024)
+    discriminator_lr: float | None = Field(None, gt=0.0, le=1.0, description="None = train.lr")
+    discriminator_start: int = Field(0, ge=0, description="the step the discriminator starts at (reconstruction losses alone before it)")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the stage trains a discriminator."""
+        return self.adversarial_weight > 0 or self.feature_matching_weight > 0
+
+    @model_validator(mode="after")
+    def _ffts_are_powers_of_two(self) -> AutoencoderTrainConfig:
+        bad = [n for n in self.discriminator_ffts if n < 16 or n & (n - 1)]
+        if bad:
+            raise ValueError(f"discriminator_ffts must be powers of two >= 16, got {bad}")
+        return self
+
+
 class TrainConfig(Section):
     """Training loop settings shared by every stage."""
 
@@ -219,6 +254,9 @@ class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1, le=65536)
     lr: float = Field(3e-4, gt=0.0, le=1.0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="cosine: decays to lr · lr_final_ratio at train.steps")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 over these steps")
+    lr_final_ratio: float = Field(0.1, ge=0.0, le=1.0)
     grad_accum: int = Field(1, ge=1, le=1024)
     workers: int = Field(2, ge=1, le=4096)
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256.0)
@@ -252,6 +290,7 @@ class TrainConfig(Section):
     )
     audio_chunk_frames: int = Field(16, ge=1, le=100_000, description="autoencoder stage: latent frames of audio per example")
     kl_weight: float = Field(1e-4, ge=0.0, le=1.0, description="autoencoder stage: KL weight")
+    autoencoder: AutoencoderTrainConfig = Field(default_factory=AutoencoderTrainConfig, description="autoencoder stage: its losses")
     fail_once_at_step: int | None = Field(None, ge=1, description="fault-tolerance drill: rank 1 raises once at this step")
 
     @model_validator(mode="after")
@@ -275,6 +314,19 @@ class QuickstartConfig(Section):
     lmdm_steps: int = Field(100, ge=1)
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     likeness_clips: int = Field(24, ge=1, description="corpus clips the likeness figures compare against")
+
+
+class PretrainConfig(Section):
+    """`lmdm pretrain`: the corpus base (an autoencoder, then a bidirectional base DiT on its latents)."""
+
+    autoencoder_steps: int = Field(2000, ge=1)
+    autoencoder_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    autoencoder_batch_size: int = Field(4, ge=1, le=4096, description="audio chunks per worker and step")
+    base_steps: int = Field(2000, ge=1)
+    base_lr: float = Field(1e-3, gt=0.0, le=1.0)
+    checkpoint_every: int = Field(500, ge=1, description="both stages: a rerun with more steps resumes from the latest")
+    reconstruction_clips: int = Field(4, ge=1, le=1000, description="held-out clips the model card's reconstruction figures use (8 s each)")
+    half_precision: bool = Field(True, description="store the pair's weights as float16")
 
 
 class EvalConfig(Section):
@@ -320,6 +372,7 @@ class Config(BaseModel):
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     quickstart: QuickstartConfig = Field(default_factory=QuickstartConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
