@@ -219,7 +219,7 @@ def pretrain(
         return summary
 
     try:
-        run_pretrain(cfg, console, corpus)
+        run_pretrain(cfg, console, corpus, " ".join(["lmdm pretrain --config", config, *(overrides or [])]))
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None

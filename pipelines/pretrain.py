@@ -51,15 +51,18 @@ def _train_stage(cfg: Config, stage: str, latents: Path | None, console: Console
     from lmdm.pipelines.train import run_train
 
     stage_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
-    with mlflow_run(stage_cfg, stage, nested=True, params=False) as run:
-        with training_progress(stage, console) as progress:
-            result = run_train(stage_cfg, stage, latents, mlflow_run_id=run.info.run_id, progress=progress)
+    with mlflow_run(stage_cfg, stage, nested=True, params=False) as run, training_progress(stage, console) as progress:
+        result = run_train(stage_cfg, stage, latents, mlflow_run_id=run.info.run_id, progress=progress)
     assert result.checkpoint is not None
     return result.checkpoint / "ema"
 
 
-def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config], Any]) -> dict[str, Any]:
-    """Every stage of the corpus base; returns its figures (also in ``runs/<name>/pretrained/figures.json``)."""
+def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config], Any], command: str = "") -> dict[str, Any]:
+    """Every stage of the corpus base; returns its figures (also in ``runs/<name>/pretrained/figures.json``).
+
+    Args:
+        command: the command line that ran it, for the model card (default: ``lmdm pretrain --config <name>``).
+    """
     import mlflow
 
     from lmdm.checkpoints.format import load_checkpoint
@@ -71,6 +74,7 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
     p = cfg.pretrain
     out = Path("runs") / cfg.name
     pretrained = out / "pretrained"
+    pretrained.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
     def stage(name: str) -> float:
@@ -89,20 +93,31 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
             "autoencoder",
             None,
             console,
-            {"steps": p.autoencoder_steps, "lr": p.autoencoder_lr, "batch_size": p.autoencoder_batch_size, "checkpoint_every": p.checkpoint_every},
+            {
+                "steps": p.autoencoder_steps,
+                "lr": p.autoencoder_lr,
+                "batch_size": p.autoencoder_batch_size,
+                "checkpoint_every": p.checkpoint_every,
+            },
         )
         times["autoencoder"] = time.perf_counter() - start
 
+        # The shipped autoencoder (half precision where asked) is the one the figures measure and the base's
+        # latents come from: its file hash is what the base records and what a fine-tune's precompute checks.
+        copy = half_precision_copy if p.half_precision else _plain_copy
+        autoencoder = copy(ae_ema, pretrained / "autoencoder")
         start = stage("reconstruction of held-out clips")
-        vae, ae_meta = load_checkpoint(ae_ema, "autoencoder")
+        vae, ae_meta = load_checkpoint(autoencoder, "autoencoder")
         recon = run_reconstruction(cfg, vae, p.reconstruction_clips, 8.0, say=lambda text: console.print(text, style="dim"))
-        pretrained.mkdir(parents=True, exist_ok=True)
         original, reconstruction = recon["audio"][0]
         row = recon["clips"][0]
         png = plot_spectrograms(
             [
                 (f"held-out clip {Path(row['file']).stem}", original),
-                (f"reconstruction (mel L1 {row['mel_l1_db']:.1f} dB, pitch-class accuracy {row['pitch_class_accuracy']:.2f})", reconstruction),
+                (
+                    f"reconstruction (mel L1 {row['mel_l1_db']:.1f} dB, pitch-class accuracy {row['pitch_class_accuracy']:.2f})",
+                    reconstruction,
+                ),
             ],
             cfg.audio.sample_rate,
             f"{cfg.name} autoencoder, step {ae_meta.get('step')}",
@@ -113,7 +128,7 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
         with mlflow_run(pre_cfg, "precompute", nested=True):
-            _precompute_into_own_folder(pre_cfg, ae_ema, console)
+            _precompute_into_own_folder(pre_cfg, autoencoder, console)
         times["precompute"] = time.perf_counter() - start
 
         start = stage("base DiT (Ray Train)")
@@ -123,11 +138,10 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
         base_meta = load_checkpoint(base_ema, "dit")[1]
         times["base"] = time.perf_counter() - start
 
-        copy = half_precision_copy if p.half_precision else _plain_copy
-        copy(ae_ema, pretrained / "autoencoder")
         copy(base_ema, pretrained / "base")
         figures = {
             "name": cfg.name,
+            "command": command or f"lmdm pretrain --config {cfg.name}",
             "reconstruction": {"mean": recon["mean"], "clips": recon["clips"], "clip_seconds": recon["clip_seconds"]},
             "steps": {"autoencoder": ae_meta.get("step"), "base": base_meta.get("step")},
             "times_s": times,
@@ -171,7 +185,7 @@ def model_card(cfg: Config, figures: dict[str, Any]) -> str:
 The platform's pretrained corpus base: an Oobleck autoencoder and a bidirectional base DiT (the
 outpainting model LMDMs are fine-tuned from), trained by `lmdm` on the built-in corpus alone.
 
-Reproduce: `lmdm pretrain --config {cfg.name}` (its config is `config.yaml` beside this card), then
+Reproduce: `{figures["command"]}` (the resolved config is `config.yaml` beside this card), then
 `lmdm ship {cfg.name} --pair runs/{cfg.name}/pretrained`.
 
 ## Data
@@ -190,7 +204,7 @@ Reproduce: `lmdm pretrain --config {cfg.name}` (its config is `config.yaml` besi
 - Stored as {"float16" if p.half_precision else "float32"} safetensors; loaders upcast to the model's dtype.
 
 ## Reconstruction of held-out clips
-{len(figures["reconstruction"]["clips"])} held-out clips, their first {figures["reconstruction"]["clip_seconds"]:g} s
+Held-out clips: {len(figures["reconstruction"]["clips"])}, their first {figures["reconstruction"]["clip_seconds"]:g} s
 (`lmdm eval reconstruction --autoencoder builtin:{cfg.name}/autoencoder --config {cfg.name}`):
 
 | figure | mean |
