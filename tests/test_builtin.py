@@ -72,7 +72,7 @@ def _shipped_pair(tmp_path: Path) -> Path:
 
 def test_a_shipped_pair_loads_by_part_and_refuses_a_whole_or_unknown_part(tmp_path: Path) -> None:
     weights = _shipped_pair(tmp_path)
-    vae, meta = load_builtin("builtin:pair/autoencoder", kind="autoencoder", weights=weights)
+    _vae, meta = load_builtin("builtin:pair/autoencoder", kind="autoencoder", weights=weights)
     assert meta["step"] == 5 and load_builtin("pair/base", weights=weights)[1]["step"] == 7
     index = json.loads((weights / "index.json").read_text())["pair"]
     assert index["parts"] == {"autoencoder": "autoencoder", "base": "embedder"} and len(index["sha256"]) == 4
@@ -131,7 +131,6 @@ def test_every_shipped_file_is_packaged() -> None:
     import tomllib
 
     from conftest import REPO
-
     from lmdm.checkpoints.builtin import _index
 
     globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lmdm.weights"]

@@ -47,7 +47,7 @@ def test_pretrain_makes_a_loadable_pair_with_a_model_card(tmp_path: Path, monkey
     assert result.exit_code == 0, result.output
     pair = tmp_path / "runs" / "tiny-base" / "pretrained"
     vae, ae_meta = load_checkpoint(pair / "autoencoder", "autoencoder")
-    dit, base_meta = load_checkpoint(pair / "base", "dit")
+    _dit, base_meta = load_checkpoint(pair / "base", "dit")
     assert ae_meta["step"] == 4 and base_meta["step"] == 3 and ae_meta["stored_dtype"] == "float16"
     assert next(vae.parameters()).dtype == torch.float32  # stored in half precision, loaded as the model's dtype
     # The base records the autoencoder it was trained on: the shipped (half-precision) file itself.
