@@ -166,17 +166,25 @@ def quickstart(
     config: ConfigOption = "quickstart",
     quick: Annotated[bool, typer.Option("--quick", help="The few-minute profile (configs/quick.yaml); CI runs it.")] = False,
     force: Annotated[bool, typer.Option(help="Rebuild the corpus even if one with other settings exists.")] = False,
+    from_scratch: Annotated[
+        bool, typer.Option("--from-scratch", help="Train every model in the run (autoencoder and base too) instead of quickstart.base.")
+    ] = False,
     overrides: Overrides = None,
 ) -> None:
-    """Run the whole chain on the embedded default: corpus → autoencoder → precompute → base → LMDM →
-    a 30-s stream (WAV + spectrogram) scored (FAD, likeness) against the held-out reference, beside an untrained model."""
+    """Run the whole chain on the embedded default: corpus → precompute with the pretrained autoencoder → LMDM fine-tune
+    of the pretrained base → a 30-s stream (WAV + spectrogram) scored (FAD, likeness) against the held-out reference,
+    beside an untrained model. --from-scratch trains the autoencoder and base DiT in the run too."""
     from lmdm.eval.tracking import ui_command
-    from lmdm.pipelines.quickstart import held_out_reference_indices, run_quickstart
+    from lmdm.pipelines.quickstart import check_pair_fits, held_out_reference_indices, pretrained_pair, run_quickstart
 
     started = time.perf_counter()
     cfg = _load("quick" if quick else config, overrides)
+    if from_scratch:
+        cfg.quickstart.base = None
     try:
         held_out_reference_indices(cfg)
+        if cfg.quickstart.base is not None:
+            check_pair_fits(cfg, *pretrained_pair(cfg.quickstart.base))
     except ValueError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(2) from None

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from lmdm.config import Config
 
-__all__ = ["run_quickstart"]
+__all__ = ["check_pair_fits", "pretrained_pair", "run_quickstart"]
 
 
 def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: int) -> Any:
@@ -87,6 +87,64 @@ def _score_streams(
     return scores
 
 
+def pretrained_pair(spec: str) -> tuple[Path, Path]:
+    """``(autoencoder, base)`` checkpoint folders of a pretrained pair: ``builtin:<name>`` (hashes verified) or
+    the ``pretrained/`` folder ``lmdm pretrain`` writes.
+
+    Raises:
+        CheckpointError: an unknown built-in name, a damaged shipped file, or a folder without both parts.
+    """
+    from lmdm.checkpoints.builtin import PREFIX, builtin_path
+    from lmdm.checkpoints.errors import CheckpointError
+
+    if spec.startswith(PREFIX):
+        return builtin_path(f"{spec}/autoencoder"), builtin_path(f"{spec}/base")
+    folder = Path(spec)
+    missing = [part for part in ("autoencoder", "base") if not (folder / part / "config.json").is_file()]
+    if missing:
+        raise CheckpointError(
+            f"quickstart.base={spec}: not a pretrained pair (no {' or '.join(f'{folder / m}/config.json' for m in missing)}); "
+            "give builtin:<name> or the pretrained/ folder of `lmdm pretrain`, or run --from-scratch"
+        )
+    return folder / "autoencoder", folder / "base"
+
+
+def check_pair_fits(cfg: Config, autoencoder: Path, base: Path) -> None:
+    """Before any work: the pair's base DiT is the model this config fine-tunes, and was trained on this autoencoder's
+    latents (else a :class:`CheckpointError` saying which settings differ)."""
+    from lmdm.builders import dit_args
+    from lmdm.checkpoints.compat import check_init
+    from lmdm.checkpoints.format import file_sha256, read_checkpoint_info
+
+    check_init(
+        read_checkpoint_info(base, "dit"),
+        stage="lmdm",
+        args=dit_args(cfg),
+        objective=cfg.dit.objective,
+        autoencoder=file_sha256(read_checkpoint_info(autoencoder, "autoencoder").folder / "model.safetensors"),
+        text_encoder=None,
+    )
+
+
+def _listening_material(cfg: Config, reference: Any, vae: Any, stream: Any, path: Path) -> Path:
+    """Spectrograms of the first held-out clip, of its reconstruction through the autoencoder, and of the LMDM
+    stream made under that clip's caption, one above another (the README's listening material)."""
+    from lmdm.eval.plots import plot_spectrograms
+    from lmdm.eval.reconstruction import reconstruct
+
+    clip, caption = reference.clips[0], str(reference.prompts[0])
+    return plot_spectrograms(
+        [
+            (f"held-out clip {Path(reference.files[0]).stem}: {caption}", clip),
+            ("its reconstruction through the autoencoder", reconstruct(vae, clip)),
+            (f"LMDM stream ({stream.shape[-1] / cfg.audio.sample_rate:g} s) under that caption", stream),
+        ],
+        cfg.audio.sample_rate,
+        f"lmdm quickstart ({cfg.name}{', from ' + cfg.quickstart.base if cfg.quickstart.base else ', from scratch'})",
+        path,
+    )
+
+
 def _precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console) -> Any:
     """``run_precompute`` into the quickstart's own latents folder; latents there from another request (an
     older format, another autoencoder) are the quickstart's own too, so they are re-encoded, not an error."""
@@ -134,20 +192,24 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         held_out_reference_indices(cfg)  # before any training: the chain ends by scoring against them
         times["corpus"] = time.perf_counter() - start
 
-        start = stage("autoencoder (Ray Train)")
-        with mlflow_run(cfg, "autoencoder", nested=True, params=False) as run:
-            ae_cfg = cfg.model_copy(
-                update={
-                    "train": cfg.train.model_copy(
-                        update={"steps": q.autoencoder_steps, "checkpoint_every": q.autoencoder_steps, "lr": q.autoencoder_lr}
-                    )
-                }
-            )
-            with training_progress("autoencoder", console) as progress:
-                ae = run_train(ae_cfg, "autoencoder", None, mlflow_run_id=run.info.run_id, progress=progress)
-        assert ae.checkpoint is not None
-        autoencoder = copy_checkpoint(ae.checkpoint / "model", out / "autoencoder")
-        times["autoencoder"] = time.perf_counter() - start
+        if q.base is not None:  # the pretrained pair: its autoencoder encodes, its base DiT is fine-tuned
+            autoencoder, pair_base = pretrained_pair(q.base)
+            console.print(f"fine-tuning the pretrained pair {q.base}: autoencoder {autoencoder}, base DiT {pair_base}", style="dim")
+        else:
+            start = stage("autoencoder (Ray Train)")
+            with mlflow_run(cfg, "autoencoder", nested=True, params=False) as run:
+                ae_cfg = cfg.model_copy(
+                    update={
+                        "train": cfg.train.model_copy(
+                            update={"steps": q.autoencoder_steps, "checkpoint_every": q.autoencoder_steps, "lr": q.autoencoder_lr}
+                        )
+                    }
+                )
+                with training_progress("autoencoder", console) as progress:
+                    ae = run_train(ae_cfg, "autoencoder", None, mlflow_run_id=run.info.run_id, progress=progress)
+            assert ae.checkpoint is not None
+            autoencoder = copy_checkpoint(ae.checkpoint / "model", out / "autoencoder")
+            times["autoencoder"] = time.perf_counter() - start
 
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
@@ -156,16 +218,19 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             mlflow.log_metrics({"precompute/chunks": pre.chunks, "precompute/skipped": len(pre.skipped)})
         times["precompute"] = time.perf_counter() - start
 
-        start = stage("base DiT (Ray Train)")
-        with mlflow_run(cfg, "base", nested=True, params=False) as run:
-            base_cfg = cfg.model_copy(
-                update={"train": cfg.train.model_copy(update={"steps": q.base_steps, "checkpoint_every": q.base_steps})}
-            )
-            with training_progress("base DiT", console) as progress:
-                base = run_train(base_cfg, "base", out / "latents", mlflow_run_id=run.info.run_id, progress=progress)
-        assert base.checkpoint is not None
-        base_dir = copy_checkpoint(base.checkpoint / "model", out / "base")
-        times["base"] = time.perf_counter() - start
+        if q.base is not None:
+            base_dir = pair_base
+        else:
+            start = stage("base DiT (Ray Train)")
+            with mlflow_run(cfg, "base", nested=True, params=False) as run:
+                base_cfg = cfg.model_copy(
+                    update={"train": cfg.train.model_copy(update={"steps": q.base_steps, "checkpoint_every": q.base_steps})}
+                )
+                with training_progress("base DiT", console) as progress:
+                    base = run_train(base_cfg, "base", out / "latents", mlflow_run_id=run.info.run_id, progress=progress)
+            assert base.checkpoint is not None
+            base_dir = copy_checkpoint(base.checkpoint / "model", out / "base")
+            times["base"] = time.perf_counter() - start
 
         start = stage("LMDM fine-tune (Ray Train)")
         with mlflow_run(cfg, "lmdm", nested=True, params=False) as run:
@@ -206,9 +271,11 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         png = plot_clip(
             trained, cfg.audio.sample_rate, fr, curves, f"LMDM stream ({q.stream_seconds:g} s), prompt: {caption}", out / "stream.png"
         )
+        listening = _listening_material(cfg, reference, vae, trained, out / "listening.png")
         scores = _score_streams(cfg, trained, untrained, caption, reference, reference_stats, load_checkpoint(autoencoder)[0])
         times["stream"] = time.perf_counter() - start
         result = {
+            "base": q.base,
             "times_s": times,
             "likeness": figures,
             "fad": {
@@ -231,6 +298,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             "caption": caption,
             "wav": str(wav),
             "png": str(png),
+            "listening_png": str(listening),
         }
         (out / "quickstart.json").write_text(json.dumps(result, indent=2))
         mlflow.log_artifact(str(wav), "stream")

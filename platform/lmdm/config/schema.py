@@ -308,6 +308,12 @@ class TrainConfig(Section):
 class QuickstartConfig(Section):
     """The `lmdm quickstart` chain: how long each stage trains, and the final stream."""
 
+    base: str | None = Field(
+        None,
+        description="a pretrained pair to fine-tune (builtin:<name>, or the pretrained/ folder of `lmdm pretrain`): the chain "
+        "precomputes with its autoencoder and fine-tunes its base DiT; null trains every model in the run (--from-scratch)",
+    )
+
     autoencoder_steps: int = Field(150, ge=1)
     autoencoder_lr: float = Field(3e-4, gt=0.0, le=1.0, description="the autoencoder stage's learning rate (the DiT stages use train.lr)")
     base_steps: int = Field(150, ge=1)
