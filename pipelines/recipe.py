@@ -615,6 +615,7 @@ class _StageLoss:
                     generator,
                     mel=self.outside["mel"],
                     discriminator=self.outside["discriminator"] if self.adversarial else None,
+                    stft_ffts=t.autoencoder.stft_ffts,
                 )
                 self.reconstruction = recon.detach()
                 names = ("stft", "mel", "waveform", "kl", "adversarial", "feature_matching")

@@ -188,16 +188,25 @@ _RESUMABLE_CHANGES = {
     "quickstart": None,
     "pretrain": None,
 }
+# Sections a stage never reads: a change there neither starts a new run of that stage nor stops a resume (a
+# long autoencoder run continues while the DiT settings that come after it are still being chosen).
+_UNREAD_SECTIONS = {
+    "autoencoder": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve"),
+    "embedder": ("autoencoder", "dit", "stream", "precompute", "eval", "serve"),
+}
 
 
 def run_name(cfg: Config, stage: str, latents: Path | None) -> str:
     """The Ray Train run folder under ``train.storage_path``: ``<config name>-<stage>-<fingerprint>``.
 
     Ray Train resumes a run whose folder already exists. The fingerprint (model, data, optimizer and
-    every other setting outside :data:`_RESUMABLE_CHANGES`, plus the latents folder) keeps a rerun with
-    other settings from silently continuing an old run's checkpoint.
+    every other setting outside :data:`_RESUMABLE_CHANGES` and the sections the stage never reads,
+    :data:`_UNREAD_SECTIONS`, plus the latents folder) keeps a rerun with other settings from silently
+    continuing an old run's checkpoint.
     """
     settings = cfg.model_dump(mode="json")
+    for section in _UNREAD_SECTIONS.get(stage, ()):
+        settings.pop(section, None)
     for section, keys in _RESUMABLE_CHANGES.items():
         if keys is None:
             settings.pop(section, None)

@@ -36,6 +36,7 @@ def test_pretrain_makes_a_loadable_pair_with_a_model_card(tmp_path: Path, monkey
         "train.lr_schedule=cosine",
         "dit.depth=1",
         "train.batch_size=2",
+        "stream.block_frames=16",
         "precompute.chunk_frames=96",
         "pretrain.autoencoder_steps=4",
         "pretrain.autoencoder_batch_size=2",

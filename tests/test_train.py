@@ -361,6 +361,10 @@ def test_run_name_resumes_only_the_same_training(tmp_path: Path) -> None:
         run_name(cfg, "lmdm", tmp_path / "latents"),
     ):
         assert changed != name
+    # The autoencoder stage reads no DiT setting: choosing those later does not restart (or orphan) its run.
+    autoencoder = run_name(cfg, "autoencoder", None)
+    assert run_name(train_cfg(tmp_path, "dit.depth=3", "stream.block_frames=4"), "autoencoder", None) == autoencoder
+    assert run_name(train_cfg(tmp_path, "autoencoder.channels=8"), "autoencoder", None) != autoencoder
 
 
 def test_workers_read_shuffled_batches(local_ray: object) -> None:

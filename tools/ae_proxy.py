@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--lr-final", type=float, default=0.0, help="cosine-decay to this rate by the end (0: constant)")
     p.add_argument("--disc-lr", type=float, default=0.0, help="0: the generator's")
     p.add_argument("--stft", type=float, default=1.0)
+    p.add_argument("--stft-ffts", default="256,512,1024")
     p.add_argument("--mel", type=float, default=0.0)
     p.add_argument("--waveform", type=float, default=1.0)
     p.add_argument("--kl", type=float, default=1e-4)
@@ -84,6 +85,7 @@ def main() -> None:
             opt_d.load_state_dict(state["opt_d"])
         step = state["step"]
     seg = a.frames * vae.downsampling_ratio
+    ffts = [int(n) for n in a.stft_ffts.split(",")]
     rng = np.random.default_rng(step)
     budget = a.minutes * 60
     start = time.perf_counter()
@@ -105,7 +107,7 @@ def main() -> None:
         audio = torch.from_numpy(np.stack(batch).astype(np.float32))
         adv_on = disc is not None and step >= a.adv_start
         w = weights if adv_on else AutoencoderWeights(a.stft, a.mel, a.waveform, a.kl)
-        loss, recon = autoencoder_loss(vae, audio, w, mel=mel, discriminator=disc if adv_on else None)
+        loss, recon = autoencoder_loss(vae, audio, w, mel=mel, discriminator=disc if adv_on else None, stft_ffts=ffts)
         opt.zero_grad()
         loss.loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)

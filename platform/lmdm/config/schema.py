@@ -219,6 +219,9 @@ class AutoencoderTrainConfig(Section):
     STFT discriminator with feature matching, KL at ``train.kl_weight``) and DAC's multi-scale mel loss."""
 
     stft_weight: float = Field(1.0, ge=0.0, le=1000.0, description="multi-resolution STFT loss")
+    stft_ffts: list[int] = Field(
+        default_factory=lambda: [256, 512, 1024], min_length=1, description="its FFT sizes (Stable Audio: 32 … 2048)"
+    )
     mel_weight: float = Field(0.0, ge=0.0, le=1000.0, description="multi-scale mel loss (DAC uses 15)")
     waveform_weight: float = Field(1.0, ge=0.0, le=1000.0, description="L1 on samples")
     adversarial_weight: float = Field(
@@ -241,9 +244,10 @@ class AutoencoderTrainConfig(Section):
 
     @model_validator(mode="after")
     def _ffts_are_powers_of_two(self) -> AutoencoderTrainConfig:
-        bad = [n for n in self.discriminator_ffts if n < 16 or n & (n - 1)]
-        if bad:
-            raise ValueError(f"discriminator_ffts must be powers of two >= 16, got {bad}")
+        for key in ("stft_ffts", "discriminator_ffts"):
+            bad = [n for n in getattr(self, key) if n < 16 or n & (n - 1)]
+            if bad:
+                raise ValueError(f"{key} must be powers of two >= 16, got {bad}")
         return self
 
 

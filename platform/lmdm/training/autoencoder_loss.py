@@ -199,12 +199,14 @@ def autoencoder_loss(
     generator: torch.Generator | None = None,
     mel: MelLoss | None = None,
     discriminator: nn.Module | None = None,
+    stft_ffts: Sequence[int] = (256, 512, 1024),
 ) -> tuple[AutoencoderLoss, Tensor]:
     """Encode, sample the posterior, decode, and score the reconstruction (the generator's side).
 
     Args:
         audio: ``(B, C, N)``, ``N`` a multiple of the downsampling ratio.
         mel: needed where ``weights.mel`` > 0.
+        stft_ffts: the multi-resolution STFT loss's FFT sizes.
         discriminator: needed where ``weights.adversarial`` or ``weights.feature_matching`` > 0 (its
             parameters get no gradient here).
 
@@ -215,7 +217,7 @@ def autoencoder_loss(
     posterior = vae.encode(audio)
     recon = vae.decode(posterior.sample(generator))
     zero = audio.new_zeros(())
-    stft = multi_resolution_stft_loss(recon, audio) if w.stft else zero
+    stft = multi_resolution_stft_loss(recon, audio, stft_ffts) if w.stft else zero
     if w.mel and mel is None:
         raise ValueError("autoencoder_loss: weights.mel > 0 needs a MelLoss")
     mel_term = mel(recon, audio) if w.mel and mel is not None else zero
