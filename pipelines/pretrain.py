@@ -135,7 +135,7 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
         base_ema = _train_stage(
             cfg, "base", out / "latents", console, {"steps": p.base_steps, "lr": p.base_lr, "checkpoint_every": p.checkpoint_every}
         )
-        base_meta = load_checkpoint(base_ema, "dit")[1]
+        dit, base_meta = load_checkpoint(base_ema, "dit")
         times["base"] = time.perf_counter() - start
 
         copy(base_ema, pretrained / "base")
@@ -144,6 +144,7 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
             "command": command or f"lmdm pretrain --config {cfg.name}",
             "reconstruction": {"mean": recon["mean"], "clips": recon["clips"], "clip_seconds": recon["clip_seconds"]},
             "steps": {"autoencoder": ae_meta.get("step"), "base": base_meta.get("step")},
+            "parameters": {"autoencoder": _parameters(vae), "base": _parameters(dit)},
             "times_s": times,
             "corpus": {"root": str(corpus.root), "clips": corpus.num_clips, "seconds": corpus.seconds},
             "machine": f"{platform.machine()}, {_cpu_count()} CPU cores, torch threads per worker {cfg.train.torch_threads}",
@@ -163,6 +164,10 @@ def _plain_copy(source: Path, folder: Path) -> Path:
     from lmdm.checkpoints.format import copy_checkpoint
 
     return copy_checkpoint(source, folder)
+
+
+def _parameters(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def _cpu_count() -> int:
@@ -195,11 +200,11 @@ Reproduce: `{figures["command"]}` (the resolved config is `config.yaml` beside t
   below and `lmdm score` measure against.
 
 ## Models
-- `autoencoder/`: Oobleck VAE, channels {a.channels}, multipliers {a.channel_mults}, strides {a.strides}
+- `autoencoder/` ({figures["parameters"]["autoencoder"] / 1e6:.2f}M parameters): Oobleck VAE, channels {a.channels}, multipliers {a.channel_mults}, strides {a.strides}
   ({a.downsampling_ratio} samples per latent frame), {a.latent_channels} latent channels;
   {figures["steps"]["autoencoder"]} steps (EMA weights), batch {p.autoencoder_batch_size} of {cfg.train.audio_chunk_frames} latent frames
   per worker, {cfg.train.workers} workers; losses: {cfg.train.autoencoder.model_dump()}, KL {cfg.train.kl_weight}.
-- `base/`: bidirectional DiT (random inpainting masks), width {d.width}, depth {d.depth}, {d.objective};
+- `base/` ({figures["parameters"]["base"] / 1e6:.2f}M parameters): bidirectional DiT (random inpainting masks), width {d.width}, depth {d.depth}, {d.objective};
   {figures["steps"]["base"]} steps (EMA weights) at lr {p.base_lr}, on the autoencoder's latents.
 - Stored as {"float16" if p.half_precision else "float32"} safetensors; loaders upcast to the model's dtype.
 
