@@ -69,7 +69,7 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
     from lmdm.eval.plots import plot_spectrograms
     from lmdm.eval.reconstruction import run_reconstruction
     from lmdm.eval.tracking import mlflow_run
-    from lmdm.pipelines.quickstart import _precompute_into_own_folder, held_out_reference_indices
+    from lmdm.pipelines.quickstart import held_out_reference_indices, precompute_into_own_folder
 
     p = cfg.pretrain
     out = Path("runs") / cfg.name
@@ -128,7 +128,7 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
         with mlflow_run(pre_cfg, "precompute", nested=True):
-            _precompute_into_own_folder(pre_cfg, autoencoder, console)
+            precompute_into_own_folder(pre_cfg, autoencoder, console)
         times["precompute"] = time.perf_counter() - start
 
         start = stage("base DiT (Ray Train)")
@@ -144,6 +144,8 @@ def run_pretrain(cfg: Config, console: Console, build_corpus: Callable[[Config],
             "command": command or f"lmdm pretrain --config {cfg.name}",
             "reconstruction": {"mean": recon["mean"], "clips": recon["clips"], "clip_seconds": recon["clip_seconds"]},
             "steps": {"autoencoder": ae_meta.get("step"), "base": base_meta.get("step")},
+            # Every session a resumed stage ran in (the times_s below are this invocation's only).
+            "train_seconds": {"autoencoder": ae_meta.get("train_seconds"), "base": base_meta.get("train_seconds")},
             "parameters": {"autoencoder": _parameters(vae), "base": _parameters(dit)},
             "times_s": times,
             "corpus": {"root": str(corpus.root), "clips": corpus.num_clips, "seconds": corpus.seconds},
@@ -164,6 +166,10 @@ def _plain_copy(source: Path, folder: Path) -> Path:
     from lmdm.checkpoints.format import copy_checkpoint
 
     return copy_checkpoint(source, folder)
+
+
+def _minutes(seconds: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {v / 60:.1f} min" if v is not None else f"{k} not recorded" for k, v in seconds.items())
 
 
 def _parameters(module: Any) -> int:
@@ -217,7 +223,8 @@ Held-out clips: {len(figures["reconstruction"]["clips"])}, their first {figures[
 {rows}
 
 ## Training cost
-{", ".join(f"{k} {v:.1f} min" for k, v in minutes.items())}; {figures["machine"]}.
+Training steps, summed over every session the stages ran in: {_minutes(figures["train_seconds"])}. This
+invocation: {", ".join(f"{k} {v:.1f} min" for k, v in minutes.items())}; {figures["machine"]}.
 
 ## Limits
 The models know only this corpus: synthesised Renaissance and Baroque polyphony, mono, 16 kHz. Training

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from lmdm.config import Config
 
-__all__ = ["check_pair_fits", "pretrained_pair", "run_quickstart"]
+__all__ = ["check_pair_fits", "precompute_into_own_folder", "pretrained_pair", "run_quickstart"]
 
 
 def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: int) -> Any:
@@ -145,7 +145,7 @@ def _listening_material(cfg: Config, reference: Any, vae: Any, stream: Any, path
     )
 
 
-def _precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console) -> Any:
+def precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console) -> Any:
     """``run_precompute`` into the quickstart's own latents folder; latents there from another request (an
     older format, another autoencoder) are the quickstart's own too, so they are re-encoded, not an error."""
     import shutil
@@ -214,7 +214,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         start = stage("precompute (Ray Data)")
         pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update={"out": out / "latents"})})
         with mlflow_run(pre_cfg, "precompute", nested=True):  # the training stages log theirs in run_train
-            pre = _precompute_into_own_folder(pre_cfg, autoencoder, console)
+            pre = precompute_into_own_folder(pre_cfg, autoencoder, console)
             mlflow.log_metrics({"precompute/chunks": pre.chunks, "precompute/skipped": len(pre.skipped)})
         times["precompute"] = time.perf_counter() - start
 

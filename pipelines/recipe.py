@@ -71,6 +71,7 @@ class StageRecipe:
         self.rank = ray.train.get_context().get_world_rank()
         self.callbacks = callbacks
         self.step, self.grad_norm, self.loss = 0, float("nan"), float("nan")
+        self.train_seconds = 0.0  # wall time of the training steps, summed over every attempt and rerun (restored on resume)
         self.parts: dict[str, float] = {}  # the loss's parts at the last step (autoencoder stage), logged as train/<part>
         self.pending_metrics: list[Any] = []
         self.reports = 0  # ray.train.report calls by this worker in this attempt (one per checkpoint)
@@ -184,7 +185,8 @@ class StageRecipe:
             return
         with checkpoint.as_directory() as folder:
             self.accelerator.load_state(str(Path(folder) / "state"))
-            self.step = json.loads((Path(folder) / "step.json").read_text())["step"]
+            progress = json.loads((Path(folder) / "step.json").read_text())
+            self.step, self.train_seconds = progress["step"], float(progress.get("train_seconds", 0.0))
             if self.ema is not None and (Path(folder) / "ema").is_dir():
                 self.ema = dict(load_checkpoint(Path(folder) / "ema")[0].state_dict())
 
@@ -323,11 +325,11 @@ class StageRecipe:
     def _save_models(self, folder: Path) -> None:
         from lmdm.checkpoints.format import TrainedWith, save_checkpoint
 
-        trained, meta = TrainedWith(**self.trained), {"step": self.step}
+        trained, meta = TrainedWith(**self.trained), {"step": self.step, "train_seconds": round(self.train_seconds, 1)}
         if self.stage == "embedder":  # how to rebuild the sentences it reads (checked against trained.text_encoder)
             meta["text_encoder"] = {"kind": self.cfg.text.encoder, "max_tokens": self.cfg.text.max_tokens}
             meta["window_s"] = self.cfg.embedder.chunk_seconds
-        (folder / "step.json").write_text(json.dumps({"step": self.step}))
+        (folder / "step.json").write_text(json.dumps({"step": self.step, "train_seconds": self.train_seconds}))
         module = self.accelerator.unwrap_model(self.model).dit
         save_checkpoint(folder / "model", module, meta, trained)
         save_checkpoint(folder / "ema", module, {**meta, "ema_decay": self.cfg.train.ema_decay}, trained, state=self.ema)
@@ -343,6 +345,7 @@ class StageRecipe:
                 callback.before_step(self)
             self.train_step(*next(batches))
             now = time.perf_counter()
+            self.train_seconds += now - last
             self.track(now - last)
             last = now
             metrics = {"step": self.step, "train/loss": self.loss, "engine": type(self.model).__name__}

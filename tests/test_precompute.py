@@ -173,7 +173,7 @@ def test_the_quickstart_re_encodes_its_own_latents_from_an_older_request(
     held-out split) are encoded again there; `lmdm precompute` into a user's folder refuses them instead."""
     from rich.console import Console
 
-    from lmdm.pipelines.quickstart import _precompute_into_own_folder
+    from lmdm.pipelines.quickstart import precompute_into_own_folder
 
     _, summary = tiny_corpus
     cfg = corpus_cfg(summary, tmp_path / "latents")
@@ -183,6 +183,6 @@ def test_the_quickstart_re_encodes_its_own_latents_from_an_older_request(
     with pytest.raises(PrecomputeMismatchError, match="differs in: "):
         run_precompute(cfg, vae_dir)
     console = Console(record=True, width=200)
-    result = _precompute_into_own_folder(cfg, vae_dir, console)
+    result = precompute_into_own_folder(cfg, vae_dir, console)
     assert "holds latents from an earlier request: encoding them again" in console.export_text()
     assert result.inputs == 6 and result.chunks == 18 and result.shards_reused == 0

@@ -58,6 +58,7 @@ def test_pretrain_makes_a_loadable_pair_with_a_model_card(tmp_path: Path, monkey
     figures = json.loads((pair / "figures.json").read_text())
     assert figures["steps"] == {"autoencoder": 4, "base": 3} and figures["reconstruction"]["mean"]["mel_l1_db"] > 0
     assert figures["parameters"]["autoencoder"] == sum(p.numel() for p in vae.parameters())
+    assert 0 < figures["train_seconds"]["autoencoder"] and 0 < figures["train_seconds"]["base"]
     assert (pair / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
