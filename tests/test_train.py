@@ -279,6 +279,11 @@ def test_a_worker_killed_with_sigkill_resumes_from_the_last_checkpoint(tmp_path:
     # At most one interval lost: at the kill, at most one checkpoint past the committed one had been written.
     assert max(killed["written"]) - killed["committed"] <= 4, killed
     assert killed["pid"] not in alive_actor_pids("RayTrainWorker")
+    # The training time carries over the restarts: the last checkpoint's exceeds the first one's.
+    assert result.checkpoint is not None
+    first = json.loads(sorted(storage.glob("quickstart-base-*/checkpoint_*/step.json"))[0].read_text())
+    last = load_checkpoint(result.checkpoint / "model")[1]
+    assert 0 < first["train_seconds"] < last["train_seconds"]
 
 
 def test_autoencoder_stage_on_audio_chunks_and_the_loss_decreases(
