@@ -53,7 +53,9 @@ def prepare_tracking(cfg: Config) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = cfg.tracking.tracking_uri
+    # Absolute: MLflow caches one store per URI string, and a relative SQLite path stays bound to the directory
+    # it was first opened in; a process that moves on (tests, notebooks) would log into the old folder's store.
+    uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)

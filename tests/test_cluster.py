@@ -205,7 +205,7 @@ def test_ray_job_submit_trains_with_the_wheel_in_the_runtime_env(
     checkpoints = sorted((shared / "ray_results").glob("submitted-base-*/checkpoint_*/model"))
     assert checkpoints, logs[-3000:]
     model, meta = load_checkpoint(checkpoints[-1])
-    assert isinstance(model, DiT) and meta == {"step": 3}
+    assert isinstance(model, DiT) and meta["step"] == 3 and meta["train_seconds"] > 0
     # The job imported lmdm from the shipped wheel, not from this checkout.
     imported = re.search(r"lmdm \S+ imported from (\S+)", logs)
     assert imported is not None and "runtime_resources" in imported[1] and not imported[1].startswith(str(REPO)), imported

@@ -38,3 +38,19 @@ def test_runs_nested_runs_params_metrics_artifacts(tmp_path: Path, monkeypatch: 
     assert [a.path for a in client.list_artifacts(child.info.run_id, "samples")] == ["samples/note.txt"]
     assert (tmp_path / "runs" / "mlflow.db").is_file()
     assert uri in ui_command(cfg) and "127.0.0.1" in ui_command(cfg)
+
+
+def test_a_relative_store_follows_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default `sqlite:///runs/mlflow.db` in one process, from two folders (two tests, a notebook that moves
+    on): each run lands in its own folder's store. MLflow caches a store per URI string; a relative one kept
+    writing into the first folder's file while the training stages (absolute URIs) wrote into the second."""
+    runs = {}
+    for folder in ("first", "second"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        cfg = load_config("quickstart", ["tracking.tracking_uri=sqlite:///runs/mlflow.db", f"name=exp-{folder}"])
+        with mlflow_run(cfg, folder) as run:
+            runs[folder] = run.info.run_id
+    for folder, run_id in runs.items():
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / folder / 'runs' / 'mlflow.db'}")
+        assert client.get_run(run_id).info.run_name == folder

@@ -133,7 +133,7 @@ def test_base_then_lmdm_with_two_workers_and_the_loss_decreases(tmp_path: Path, 
     # Reports only with the 2 checkpoints: each `ray.train.report` waits for the controller's 2-s poll.
     assert base.metrics["reports"] == 2
     model, meta = load_checkpoint(base.checkpoint / "model")
-    assert isinstance(model, DiT) and meta == {"step": 8}
+    assert isinstance(model, DiT) and meta["step"] == 8 and meta["train_seconds"] > 0
     trained = read_checkpoint_info(base.checkpoint / "model").trained
     assert (trained.stage, trained.objective, trained.variant, trained.block_frames, trained.context_blocks) == (
         "base",
