@@ -74,18 +74,15 @@ def plot_spectrograms(panels: list[tuple[str, np.ndarray]], sample_rate: int, ti
     Returns:
         ``path``.
     """
-    import librosa
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    hop = 256
-    mels = []
-    for _, audio in panels:
-        y = (audio.mean(axis=0) if audio.ndim == 2 else audio).astype(np.float32)
-        mel = librosa.feature.melspectrogram(y=y, sr=sample_rate, n_fft=1024, hop_length=hop, n_mels=128, power=2.0)
-        mels.append(10 * np.log10(np.maximum(mel, 1e-20)))
+    from lmdm.eval.reconstruction import MEL_HOP, mel_db
+
+    hop = MEL_HOP
+    mels = [mel_db(audio, sample_rate) for _, audio in panels]  # the spectrogram mel L1 is measured on
     top = max(float(m.max()) for m in mels)
     longest = max(m.shape[1] for m in mels) * hop / sample_rate
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 2.6 * len(panels)), squeeze=False)
