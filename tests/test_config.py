@@ -159,6 +159,14 @@ def test_shuffle_buffer_out_of_range_names_the_key(value: str) -> None:
 
 
 @pytest.mark.timeout(30, method="thread")  # the expansion runs in C, which a signal cannot interrupt
+@pytest.mark.parametrize("key", ["stft_ffts", "discriminator_ffts"])
+@pytest.mark.parametrize("value", ["[1000]", "[8]", "[32768]"])
+def test_autoencoder_fft_sizes_must_be_powers_of_two(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=rf"train.autoencoder.*{key} must be powers of two from 16 to 16384, got \[{value[1:-1]}\]"):
+        load_config("corpus-base", [f"train.autoencoder.{key}={value}"])
+    assert load_config("corpus-base", [f"train.autoencoder.{key}=[16, 16384]"])
+
+
 def test_a_billion_laughs_config_is_refused_before_it_is_expanded(tmp_path: Path) -> None:
     """Nine anchors, each a list of nine aliases of the previous: refused at the first alias, not expanded
     (before, ``lmdm config show`` ran for over 100 s)."""

@@ -245,9 +245,9 @@ class AutoencoderTrainConfig(Section):
     @model_validator(mode="after")
     def _ffts_are_powers_of_two(self) -> AutoencoderTrainConfig:
         for key in ("stft_ffts", "discriminator_ffts"):
-            bad = [n for n in getattr(self, key) if n < 16 or n & (n - 1)]
+            bad = [n for n in getattr(self, key) if n < 16 or n > 16384 or n & (n - 1)]
             if bad:
-                raise ValueError(f"{key} must be powers of two >= 16, got {bad}")
+                raise ValueError(f"{key} must be powers of two from 16 to 16384, got {bad}")
         return self
 
 
