@@ -334,7 +334,10 @@ def generate(
     ] = None,
     autoencoder_path: Annotated[
         Path | None,
-        typer.Option("--autoencoder", help="Autoencoder checkpoint folder; default: the quickstart's if trained, else random init."),
+        typer.Option(
+            "--autoencoder",
+            help="Autoencoder checkpoint folder (or builtin:NAME/autoencoder); default: the one the quickstart's LMDM was trained on, else random init.",
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
     config: ConfigOption = "quickstart",
@@ -365,8 +368,8 @@ def generate(
                 out,
                 seconds,
                 prompts,
-                dit_path,
-                autoencoder_path,
+                _resolve(dit_path),
+                _resolve(autoencoder_path),
                 seed,
                 on_block=lambda done, total: bar.update(task, completed=done, total=total),
             )
@@ -409,7 +412,11 @@ def score(
         Path | None, typer.Option("--dit", help="Score this DiT's streams instead (eval.num_streams × eval.stream_seconds).")
     ] = None,
     autoencoder_path: Annotated[
-        Path | None, typer.Option("--autoencoder", help="Autoencoder: decodes --dit's streams, and gives the reconstructed floor.")
+        Path | None,
+        typer.Option(
+            "--autoencoder",
+            help="Autoencoder (a folder or builtin:NAME/autoencoder): decodes --dit's streams, and gives the reconstructed floor.",
+        ),
     ] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="One prompt for every clip (CLAP score).")] = None,
     fad_embedder: Annotated[str, typer.Option("--fad-embedder", help="crepe | crepe-full | a CLAP folder or LAION .pt.")] = "crepe",
@@ -433,6 +440,7 @@ def score(
         err_console.print("[bold red]error:[/] give --audio FOLDER or --dit CHECKPOINT (one of them)")
         raise typer.Exit(2)
     try:
+        dit_path, autoencoder_path = _resolve(dit_path), _resolve(autoencoder_path)
         vae = load_checkpoint(autoencoder_path, kind="autoencoder")[0] if autoencoder_path else None
         evaluated = audio_folder(audio, cfg, prompt) if audio is not None else _dit_streams(cfg, dit_path, autoencoder_path, prompt)
         with console.status("scoring") as status:
@@ -445,6 +453,13 @@ def score(
         raise typer.Exit(1) from None
     console.print(score_table(result))
     _write_figures(json_out, result)
+
+
+def _resolve(spec: Path | None) -> Path | None:
+    """A checkpoint option's folder: ``builtin:<name>[/<part>]`` resolved (hashes verified), a path as given."""
+    from lmdm.checkpoints.builtin import resolve_checkpoint
+
+    return None if spec is None else resolve_checkpoint(spec)
 
 
 def _dit_streams(cfg: Config, dit_path: Path | None, autoencoder_path: Path | None, prompt: str | None) -> Any:

@@ -30,12 +30,28 @@ class GenerateResult:
 
 
 def default_checkpoints(cfg: Config) -> tuple[Path | None, Path | None]:
-    """The quickstart's trained DiT (its LMDM) and autoencoder for ``cfg``, where they exist."""
+    """The quickstart's trained DiT (its LMDM) and the autoencoder it was trained on, where they exist.
+
+    The autoencoder is the quickstart's own (``runs/<name>/autoencoder``, from a ``--from-scratch`` run) or,
+    where the LMDM learned the pretrained pair's latents (the SHA-256 its checkpoint records), the pair's
+    (``quickstart.base``)."""
+    from lmdm.checkpoints.format import file_sha256, read_checkpoint_info
+
     root = Path("runs") / cfg.name
-    found = [
-        p if (p / "model.safetensors").is_file() and (p / "config.json").is_file() else None for p in (root / "lmdm", root / "autoencoder")
-    ]
-    return found[0], found[1]
+
+    def trained(p: Path) -> Path | None:
+        return p if (p / "model.safetensors").is_file() and (p / "config.json").is_file() else None
+
+    dit, own = trained(root / "lmdm"), trained(root / "autoencoder")
+    if dit is None or cfg.quickstart.base is None:
+        return dit, own
+    wanted = read_checkpoint_info(dit).trained.autoencoder
+    if wanted is None or (own is not None and file_sha256(own / "model.safetensors") == wanted):
+        return dit, own
+    from lmdm.pipelines.quickstart import pretrained_pair
+
+    pair = pretrained_pair(cfg.quickstart.base)[0]
+    return dit, pair if file_sha256(pair / "model.safetensors") == wanted else own
 
 
 def run_generate(
@@ -69,8 +85,9 @@ def run_generate(
     from lmdm.streaming.prompts import prompt_at
     from lmdm.streaming.stream import Stream
 
-    default_dit, default_ae = default_checkpoints(cfg)
-    dit_path, autoencoder_path = dit_path or default_dit, autoencoder_path or default_ae
+    if dit_path is None or autoencoder_path is None:
+        default_dit, default_ae = default_checkpoints(cfg)
+        dit_path, autoencoder_path = dit_path or default_dit, autoencoder_path or default_ae
     torch.manual_seed(seed)
     encoder = None
     if prompts:

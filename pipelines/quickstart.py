@@ -234,7 +234,14 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
 
         start = stage("LMDM fine-tune (Ray Train)")
         with mlflow_run(cfg, "lmdm", nested=True, params=False) as run:
-            lm_train = cfg.train.model_copy(update={"steps": q.lmdm_steps, "checkpoint_every": q.lmdm_steps, "init": base_dir.resolve()})
+            lm_train = cfg.train.model_copy(
+                update={
+                    "steps": q.lmdm_steps,
+                    "checkpoint_every": q.lmdm_steps,
+                    "init": base_dir.resolve(),
+                    "lr": q.lmdm_lr or cfg.train.lr,
+                }
+            )
             with training_progress("LMDM", console) as progress:
                 lm = run_train(
                     cfg.model_copy(update={"train": lm_train}), "lmdm", out / "latents", mlflow_run_id=run.info.run_id, progress=progress

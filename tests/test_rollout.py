@@ -119,6 +119,30 @@ def test_generate_uses_the_quickstart_models_where_trained(tmp_path: Path, monke
     assert f"DiT: runs/{cfg.name}/lmdm" in said and f"autoencoder: runs/{cfg.name}/autoencoder" in said and "random init" not in said
 
 
+def test_generate_decodes_with_the_autoencoder_the_lmdm_learned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the default quickstart (no autoencoder of its own) the LMDM's latents are the pretrained pair's, and
+    after a --from-scratch run beside it the own autoencoder is the LMDM's only when the hashes say so."""
+    from lmdm.builders import build_autoencoder_from, build_dit
+    from lmdm.checkpoints.format import TrainedWith, file_sha256, save_checkpoint
+    from lmdm.config import load_config
+    from lmdm.pipelines.generate import default_checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    pair = Path("pair")
+    cfg = load_config("quickstart", [*TINY, f"quickstart.base={pair}"])
+    pair_ae = save_checkpoint(pair / "autoencoder", build_autoencoder_from(cfg))
+    save_checkpoint(pair / "base", build_dit(cfg))
+    runs = Path("runs") / cfg.name  # relative, as the CLI reports it
+    lmdm = save_checkpoint(runs / "lmdm", build_dit(cfg), trained=TrainedWith(autoencoder=file_sha256(pair_ae / "model.safetensors")))
+    assert default_checkpoints(cfg) == (lmdm, pair_ae)
+    torch.manual_seed(1)
+    own = save_checkpoint(runs / "autoencoder", build_autoencoder_from(cfg))  # an older from-scratch run's
+    assert default_checkpoints(cfg) == (lmdm, pair_ae)
+    save_checkpoint(runs / "lmdm", build_dit(cfg), trained=TrainedWith(autoencoder=file_sha256(own / "model.safetensors")))
+    assert default_checkpoints(cfg) == (lmdm, own)
+    assert default_checkpoints(cfg.model_copy(update={"quickstart": cfg.quickstart.model_copy(update={"base": None})})) == (lmdm, own)
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [

@@ -322,6 +322,7 @@ class QuickstartConfig(Section):
     autoencoder_lr: float = Field(3e-4, gt=0.0, le=1.0, description="the autoencoder stage's learning rate (the DiT stages use train.lr)")
     base_steps: int = Field(150, ge=1)
     lmdm_steps: int = Field(100, ge=1)
+    lmdm_lr: float | None = Field(None, gt=0.0, le=1.0, description="the LMDM fine-tune's learning rate (None = train.lr)")
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     likeness_clips: int = Field(24, ge=1, description="corpus clips the likeness figures compare against")
 
