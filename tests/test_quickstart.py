@@ -20,7 +20,6 @@ _TINY = [
     "data.corpus.num_clips=8",
     "data.corpus.seed=5",  # holds out clips 2 and 4 of 8: the reference
     "train.batch_size=3",  # 6 training clips, 3 chunks per worker: one batch each
-    "dit.depth=1",  # the chain, not the sizes
     "quickstart.autoencoder_steps=4",
     "quickstart.base_steps=4",
     "quickstart.lmdm_steps=4",
@@ -30,47 +29,32 @@ _TINY = [
 ]
 
 
-def _pair(folder: Path) -> Path:
-    """A pretrained pair as `lmdm pretrain` writes it, for the quick profile with dit.depth=1 (random weights:
-    the chain is under test, not the pair): the base records the autoencoder file it was trained on."""
-    import torch
-
-    from lmdm.builders import build_autoencoder_from, build_dit
-    from lmdm.checkpoints.format import TrainedWith, file_sha256, save_checkpoint
+def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: object) -> None:
+    """The default chain: precompute with builtin:corpus-base's autoencoder, fine-tune its base DiT (the real
+    shipped weights, hash-checked) into an LMDM, stream, score; no autoencoder or base stage runs."""
+    from lmdm.checkpoints.builtin import builtin_path
     from lmdm.config import load_config
 
-    cfg = load_config("quick", ["dit.depth=1"])
-    torch.manual_seed(0)
-    save_checkpoint(folder / "autoencoder", build_autoencoder_from(cfg), {"step": 1}, TrainedWith(stage="autoencoder"))
-    trained = TrainedWith(stage="base", objective=cfg.dit.objective, autoencoder=file_sha256(folder / "autoencoder" / "model.safetensors"))
-    save_checkpoint(folder / "base", build_dit(cfg), {"step": 1}, trained)
-    return folder
-
-
-def test_quickstart_fine_tunes_a_pretrained_pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: object) -> None:
-    """The default chain: precompute with the pair's autoencoder, fine-tune its base into an LMDM, stream, score;
-    no autoencoder or base stage runs."""
     monkeypatch.chdir(tmp_path)
-    pair = _pair(tmp_path / "pretrained")
-    result = CliRunner().invoke(app, ["quickstart", "--quick", *_TINY, f"quickstart.base={pair}"])
+    result = CliRunner().invoke(app, ["quickstart", "--quick", *_TINY])
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "quick"
     assert (out / "lmdm" / "model.safetensors").is_file() and not (out / "autoencoder").exists() and not (out / "base").exists()
     figures = json.loads((out / "quickstart.json").read_text())
-    assert figures["base"] == str(pair) and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "stream"}
+    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "stream"}
     assert figures["fad"]["stream"] > 0 and figures["likeness"]["trained"]["voiced_diff"] >= 0
     assert Path(figures["listening_png"]).read_bytes()[:4] == b"\x89PNG"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("quick").experiment_id])}
-    assert runs["lmdm"].data.params["train.init"] == str((pair / "base").resolve())
+    assert runs["lmdm"].data.params["train.init"] == str(builtin_path("corpus-base/base").resolve())
+    assert float(runs["lmdm"].data.params["train.lr"]) == load_config("quick").quickstart.lmdm_lr  # the fine-tune's own rate
     assert "autoencoder" not in runs and "base" not in runs
 
 
 def test_quickstart_refuses_a_pair_that_does_not_fit_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    pair = _pair(tmp_path / "pretrained")
-    result = CliRunner().invoke(app, ["quickstart", "--quick", *_TINY, "dit.depth=2", f"quickstart.base={pair}"])
-    assert result.exit_code == 2 and "dit.depth: config 2, checkpoint 1" in result.output, result.output
+    result = CliRunner().invoke(app, ["quickstart", "--quick", *_TINY, "dit.depth=2"])
+    assert result.exit_code == 2 and "dit.depth: config 2, checkpoint 4" in result.output, result.output
     missing = CliRunner().invoke(app, ["quickstart", "--quick", f"quickstart.base={tmp_path}"])
     assert missing.exit_code == 2 and "not a pretrained pair" in missing.output and "--from-scratch" in missing.output
     assert not (tmp_path / "runs").exists()
@@ -78,7 +62,7 @@ def test_quickstart_refuses_a_pair_that_does_not_fit_before_any_work(tmp_path: P
 
 def test_quickstart_from_scratch_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: object) -> None:
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["quickstart", "--quick", "--from-scratch", *_TINY])
+    result = CliRunner().invoke(app, ["quickstart", "--quick", "--from-scratch", *_TINY, "dit.depth=1"])  # the chain, not the sizes
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "quick"
     for folder in ("autoencoder", "base", "lmdm"):
