@@ -236,7 +236,9 @@ def pretrain(
 
 @app.command()
 def precompute(
-    autoencoder: Annotated[Path, typer.Option("--autoencoder", help="Autoencoder checkpoint folder (our format).")],
+    autoencoder: Annotated[
+        Path, typer.Option("--autoencoder", help="Autoencoder checkpoint folder (our format), or builtin:NAME/autoencoder.")
+    ],
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,
 ) -> None:
@@ -253,7 +255,7 @@ def precompute(
             console.print(f"precompute: {total - done} of {total} inputs to encode ({done} in shards already written)", style="dim")
 
     try:  # Ray Data draws its own progress bars (one per operator) on a terminal
-        summary = run_precompute(cfg, autoencoder, progress=say_inputs_to_encode)
+        summary = run_precompute(cfg, _resolve(autoencoder) or autoencoder, progress=say_inputs_to_encode)
     except (PrecomputeMismatchError, CheckpointError, FileNotFoundError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None

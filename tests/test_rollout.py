@@ -223,6 +223,17 @@ def test_generate_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "config.json: missing" in result.output
 
 
+@pytest.mark.parametrize("command", ["generate", "score", "precompute"])
+def test_checkpoint_options_take_builtin_names(tmp_path: Path, command: str) -> None:
+    """--autoencoder builtin:NAME/PART resolves through the shipped index (hash-checked), and a wrong name says
+    what is shipped."""
+    args = [command, "--autoencoder", "builtin:no-such-pair/autoencoder"]
+    args += ["--audio", str(tmp_path)] if command == "score" else ["--out", str(tmp_path / "x.wav")] if command == "generate" else []
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "no built-in model builtin:no-such-pair; shipped:" in " ".join(result.output.split()), result.output
+    assert "builtin:corpus-base" in result.output
+
+
 def test_import_sao_cli(tmp_path: Path) -> None:
     fixture = Path(__file__).resolve().parent / "fixtures" / "sao_dit_tiny"
     result = runner.invoke(app, ["import-sao", str(fixture), str(tmp_path / "out")])

@@ -1,0 +1,17 @@
+#!/bin/bash
+# Times both quickstart chains on this machine (README: "Both chains"); appends to runs/timing.txt.
+# Both quickstart chains from the same state (no corpus, no reference, no quickstart folder), then the stream bench.
+cd "$(dirname "$0")/.."
+run() {  # name, args...
+  local name=$1; shift
+  rm -rf runs/quickstart runs/data/corpus runs/data/corpus-reference
+  local start=$(date +%s)
+  .venv/bin/lmdm quickstart "$@" > runs/qs-$name.log 2>&1
+  local rc=$?
+  echo "$name rc=$rc seconds=$(( $(date +%s) - start )) $(date)" >> runs/timing.txt
+  mkdir -p runs/qs-$name && cp runs/quickstart/quickstart.json runs/quickstart/*.png runs/quickstart/*.wav runs/qs-$name/ 2>/dev/null
+}
+run base
+run scratch --from-scratch
+.venv/bin/lmdm bench stream --quick --json runs/bench-stream-quick.json > runs/bench-stream-quick.log 2>&1
+echo "bench rc=$? $(date)" >> runs/timing.txt
