@@ -21,6 +21,15 @@ from lmdm.streaming.sequences import BlockGeometry
 from lmdm.streaming.stream import Stream
 
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lmdm generate` defaults to the quickstart's models under ./runs: a checkout where `make quickstart` ran
+    must not change what these tests stream."""
+    monkeypatch.chdir(tmp_path)
+
+
 GEO = BlockGeometry(block_frames=4, context_blocks=2)
 
 
