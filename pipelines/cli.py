@@ -243,6 +243,7 @@ def precompute(
     overrides: Overrides = None,
 ) -> None:
     """Encode the configured data into latent shards with Ray Data (resumable; see precompute.out)."""
+    from lmdm.checkpoints.builtin import resolve_checkpoint
     from lmdm.checkpoints.errors import CheckpointError
     from lmdm.pipelines.precompute import PrecomputeMismatchError, run_precompute
 
@@ -255,7 +256,7 @@ def precompute(
             console.print(f"precompute: {total - done} of {total} inputs to encode ({done} in shards already written)", style="dim")
 
     try:  # Ray Data draws its own progress bars (one per operator) on a terminal
-        summary = run_precompute(cfg, _resolve(autoencoder) or autoencoder, progress=say_inputs_to_encode)
+        summary = run_precompute(cfg, resolve_checkpoint(autoencoder), progress=say_inputs_to_encode)
     except (PrecomputeMismatchError, CheckpointError, FileNotFoundError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
