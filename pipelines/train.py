@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmdm.checkpoints.format import file_sha256
 from lmdm.config import Config
 from lmdm.pipelines.recipe import MIXED_PRECISION, epoch_batches, process_group_backend, train_worker, training_state_bytes
 
@@ -201,8 +202,8 @@ def run_name(cfg: Config, stage: str, latents: Path | None) -> str:
 
     Ray Train resumes a run whose folder already exists. The fingerprint (model, data, optimizer and
     every other setting outside :data:`_RESUMABLE_CHANGES` and the sections the stage never reads,
-    :data:`_UNREAD_SECTIONS`, plus the latents folder) keeps a rerun with other settings from silently
-    continuing an old run's checkpoint.
+    :data:`_UNREAD_SECTIONS`, plus the latents folder and the SHA-256 of ``train.init``'s weights) keeps a
+    rerun with other settings, or from other weights, from silently continuing an old run's checkpoint.
     """
     settings = cfg.model_dump(mode="json")
     for section in _UNREAD_SECTIONS.get(stage, ()):
@@ -214,6 +215,11 @@ def run_name(cfg: Config, stage: str, latents: Path | None) -> str:
             for key in keys:
                 settings[section].pop(key, None)
     settings["stage"], settings["latents"] = stage, str(Path(latents).resolve()) if latents else None
+    if cfg.train.init is not None:
+        # A run starts from the init's weights, not its folder's name: a base reshipped at the same path (a
+        # new `builtin:corpus-base`, a retrained `runs/<name>/base`) must not resume the old base's fine-tune.
+        weights = Path(cfg.train.init) / "model.safetensors"
+        settings["train"]["init"] = file_sha256(weights) if weights.is_file() else str(Path(cfg.train.init).resolve())
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.name}-{stage}-{digest}"
 

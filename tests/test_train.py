@@ -366,6 +366,16 @@ def test_run_name_resumes_only_the_same_training(tmp_path: Path) -> None:
         run_name(cfg, "lmdm", tmp_path / "latents"),
     ):
         assert changed != name
+    # What an LMDM fine-tune starts from is the init's weights: a base reshipped at the same path starts a new
+    # run (the quickstart resumed the old base's finished fine-tune before); the same weights moved do not.
+    base, moved = tmp_path / "base", tmp_path / "moved"
+    for folder in (base, moved):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights of the first base")
+    first = run_name(train_cfg(tmp_path, f"train.init={base}"), "lmdm", tmp_path / "latents")
+    assert run_name(train_cfg(tmp_path, f"train.init={moved}"), "lmdm", tmp_path / "latents") == first
+    (base / "model.safetensors").write_bytes(b"weights of the reshipped base")
+    assert run_name(train_cfg(tmp_path, f"train.init={base}"), "lmdm", tmp_path / "latents") != first
     # The autoencoder stage reads no DiT setting: choosing those later does not restart (or orphan) its run.
     autoencoder = run_name(cfg, "autoencoder", None)
     assert run_name(train_cfg(tmp_path, "dit.depth=3", "stream.block_frames=4"), "autoencoder", None) == autoencoder

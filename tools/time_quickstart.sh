@@ -1,10 +1,11 @@
 #!/bin/bash
 # Times both quickstart chains on this machine (README: "Both chains"); appends to runs/timing.txt.
-# Both quickstart chains from the same state (no corpus, no reference, no quickstart folder), then the stream bench.
+# Both quickstart chains from the same state (no corpus, no reference, no quickstart folder, no Ray Train run
+# to resume), then the stream bench.
 cd "$(dirname "$0")/.."
 run() {  # name, args...
   local name=$1; shift
-  rm -rf runs/quickstart runs/data/corpus runs/data/corpus-reference
+  rm -rf runs/quickstart runs/data/corpus runs/data/corpus-reference runs/ray_results/quickstart-*  # nothing to resume
   local start=$(date +%s)
   .venv/bin/lmdm quickstart "$@" > runs/qs-$name.log 2>&1
   local rc=$?
