@@ -158,13 +158,13 @@ def test_shuffle_buffer_out_of_range_names_the_key(value: str) -> None:
         load_config("quickstart", [f"train.shuffle_buffer={value}"])
 
 
-@pytest.mark.timeout(30, method="thread")  # the expansion runs in C, which a signal cannot interrupt
 @pytest.mark.parametrize("value", ["0", "-1e-4", "2"])
 def test_lmdm_fine_tune_lr_out_of_range_names_the_key(value: str) -> None:
     with pytest.raises(ConfigError, match=rf"quickstart.lmdm_lr: got '?{re.escape(value)}'?: Input should be"):
         load_config("quickstart", [f"quickstart.lmdm_lr={value}"])
 
 
+@pytest.mark.timeout(30, method="thread")  # the expansion runs in C, which a signal cannot interrupt
 @pytest.mark.parametrize("key", ["stft_ffts", "discriminator_ffts"])
 @pytest.mark.parametrize("value", ["[1000]", "[8]", "[32768]"])
 def test_autoencoder_fft_sizes_must_be_powers_of_two(key: str, value: str) -> None:

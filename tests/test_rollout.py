@@ -236,9 +236,8 @@ def test_generate_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 def test_checkpoint_options_take_builtin_names(tmp_path: Path, command: str) -> None:
     """--autoencoder builtin:NAME/PART resolves through the shipped index (hash-checked), and a wrong name says
     what is shipped."""
-    args = [command, "--autoencoder", "builtin:no-such-pair/autoencoder"]
-    args += ["--audio", str(tmp_path)] if command == "score" else ["--out", str(tmp_path / "x.wav")] if command == "generate" else []
-    result = runner.invoke(app, args)
+    required = {"score": ["--audio", str(tmp_path)], "generate": ["--out", str(tmp_path / "x.wav")]}.get(command, [])
+    result = runner.invoke(app, [command, "--autoencoder", "builtin:no-such-pair/autoencoder", *required])
     assert result.exit_code == 1 and "no built-in model builtin:no-such-pair; shipped:" in " ".join(result.output.split()), result.output
     assert "builtin:corpus-base" in result.output
 
