@@ -29,7 +29,7 @@ from lmdm.streaming.engines import Condition, LMDMEngine, OutpaintingEngine, Sam
 from lmdm.streaming.rollout import rollout
 from lmdm.streaming.sequences import BlockGeometry
 
-__all__ = ["BenchShape", "commit_flops", "matmul_peak_flops", "pass_flops", "run_stream_bench", "stream_report"]
+__all__ = ["BenchShape", "commit_flops", "matmul_peak_flops", "pass_flops", "quantiles", "run_stream_bench", "stream_report"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,7 +106,8 @@ def commit_flops(args: DiTArgs, block: int, keys: int, text_tokens: int) -> floa
     return pass_flops(args, block, keys, text_tokens, outputs=0)
 
 
-def _quantiles(samples: list[float]) -> dict[str, float]:
+def quantiles(samples: list[float]) -> dict[str, float]:
+    """Median and p90 (nearest rank) of timings in seconds: ``median_s``, ``p90_s``."""
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return {"median_s": statistics.median(ordered), "p90_s": p90}
@@ -173,7 +174,7 @@ def _bench_runtime(name: str, dit: DiT, shape: BenchShape, condition: Condition,
         # Round-robin: one block of each method per round, so machine-speed drift hits every method alike.
         times = _time_round_robin(steps, shape.repeats, device)
     for method, engine in engines.items():
-        q = _quantiles(times[method])
+        q = quantiles(times[method])
         block_flops = branches * shape.batch * flops[method]
         figures: dict[str, Any] = {
             **q,
@@ -315,7 +316,7 @@ def _quickstart_rtf(cfg: Config, repeats: int, warmup: int, seed: int, runtime: 
                 parts["dit_s"].append(middle - start)
                 parts["decode_s"].append(end - middle)
                 parts["block_s"].append(end - start)
-    q = _quantiles(parts["block_s"])
+    q = quantiles(parts["block_s"])
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
     return {
         **q,

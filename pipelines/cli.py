@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 import lmdm
 from lmdm.config import Config, ConfigError, dump_config, load_config
@@ -33,7 +35,21 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configs.", no_args_is_help=True)
 data_app = typer.Typer(help="Build the built-in corpus, inspect user audio.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: print figures and ratios measured in one run.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluate models and embedders on the held-out reference.", no_args_is_help=True)
+
+
+class _DefaultRunGroup(TyperGroup):
+    """A command group whose ``run`` command is the default: ``lmdm eval --engine ...`` is ``lmdm eval run --engine ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_DefaultRunGroup,
+    help="Long-stream evaluation (`lmdm eval`, the same as `lmdm eval run`), and evaluations of embedders and autoencoders.",
+)
 app.add_typer(config_app, name="config")
 app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
@@ -468,15 +484,15 @@ def _resolve(spec: Path | None) -> Path | None:
 def _dit_streams(cfg: Config, dit_path: Path | None, autoencoder_path: Path | None, prompt: str | None) -> Any:
     """``eval.num_streams`` streams of ``eval.stream_seconds`` from a DiT (checked as `lmdm generate` checks it),
     each under a held-out caption in turn (or ``prompt``)."""
+    from lmdm.builders import load_stream_models
     from lmdm.eval.score import AudioSet, held_out_reference
-    from lmdm.pipelines.generate import _load_models
     from lmdm.pipelines.quickstart import stream_audio
     from lmdm.text.encoders import build_text_encoder
 
     if autoencoder_path is None:
         raise ValueError("--dit needs --autoencoder (the one its latents came from) to decode the streams")
     encoder = build_text_encoder(cfg) if cfg.dit.cond_token_dim else None
-    dit, vae = _load_models(cfg, dit_path, autoencoder_path, encoder)
+    dit, vae = load_stream_models(cfg, dit_path, autoencoder_path, encoder)
     captions = held_out_reference(cfg).prompts
     prompts = [prompt or captions[i % len(captions)] for i in range(cfg.eval.num_streams)]
     clips = []
@@ -493,6 +509,78 @@ def _dit_streams(cfg: Config, dit_path: Path | None, autoencoder_path: Path | No
         cfg.audio.sample_rate,
         [f"stream-{i}" for i in range(len(clips))],
     )
+
+
+def _engine_option(spec: str) -> dict[str, str]:
+    """``NAME=VARIANT:CHECKPOINT`` → an ``eval.engines`` entry (the checkpoint may itself hold a colon: builtin:...)."""
+    name, sep, rest = spec.partition("=")
+    variant, sep2, dit = rest.partition(":")
+    if not sep or not sep2 or not name or not dit:
+        raise typer.BadParameter(f"{spec!r}: expected NAME=VARIANT:CHECKPOINT, e.g. lmdm=block_causal:runs/quickstart/lmdm")
+    return {"name": name, "variant": variant, "dit": dit}
+
+
+@eval_app.command("run")
+def eval_run(
+    engine: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--engine",
+            help="NAME=VARIANT:CHECKPOINT, repeatable (variant outpainting for a base DiT, block_causal or encdec for an LMDM); "
+            "default: the quickstart's base (outpainting) and LMDM.",
+        ),
+    ] = None,
+    autoencoder: Annotated[
+        str | None, typer.Option("--autoencoder", help="The autoencoder the DiTs' latents came from (default: the quickstart's).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="The eval's folder (default runs/<config name>/eval); reruns resume.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here too.")] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Long rollouts of every engine on a Ray actor pool: FAD, CLAP score and likeness per stream position, drift with
+    bootstrap intervals, speed; MLflow runs (a child per engine) and report.html / report.md. Resumable."""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.eval.embedders import EmbedderError
+    from lmdm.eval.tracking import ui_command
+    from lmdm.pipelines.evaluate import run_eval
+
+    extra = [f"eval.out={out}"] if out is not None else []
+    if autoencoder is not None:
+        extra.append(f"eval.autoencoder={autoencoder}")
+    if engine:
+        extra.append("eval.engines=" + json.dumps([_engine_option(e) for e in engine]))
+    cfg = _load(config, [*(overrides or []), *extra])
+    try:
+        result = run_eval(cfg, console)
+    except (CheckpointError, EmbedderError, ValueError, FileNotFoundError) as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(eval_table(result))
+    console.print(f"report: {result['report']['html']} (and report.md) · MLflow: {ui_command(cfg)}, then open {result['mlflow_link']}")
+    _write_figures(json_out, result)
+
+
+def eval_table(result: dict[str, Any]) -> Table:
+    """Per engine: each metric's first and last window, last/first ratio with its interval, and the verdict; speed."""
+    table = Table(title=f"lmdm eval: {result['eval']['rollouts']} rollouts × {result['eval']['rollout_seconds']:g} s per engine")
+    for column in ("engine", "metric", "first", "last", "last − first [95% CI]", "verdict"):
+        table.add_column(column, justify="left" if column in ("engine", "metric", "verdict") else "right")
+    for name, figures in result["engines"].items():
+        for metric in ("fad", "clap", "pitch_class_l1", "onset_rate_log_ratio"):
+            d = figures["drift"].get(metric)
+            if d is None:
+                continue
+            low, high = d["last_minus_first_ci"]
+            colour = {"drifts": "red", "improves": "green"}.get(d["verdict"], "default")
+            table.add_row(
+                name, metric, f"{d['curve'][0]:.3f}", f"{d['curve'][-1]:.3f}", f"{d['last_minus_first']:+.3f} [{low:+.3f}, {high:+.3f}]",
+                f"[{colour}]{d['verdict']}[/]",
+            )  # fmt: skip
+        s = figures["speed"]
+        table.add_row(name, "speed", "", "", f"{s['ms_per_block']:.0f} ms/block", f"{s['rtf']:.1f}x real time", end_section=True)
+    table.caption = "every metric, the curves and the likeness figures: report.html"
+    return table
 
 
 @eval_app.command("retrieval")

@@ -80,7 +80,7 @@ def run_generate(
     import torch
 
     from lmdm.audio.io import write_audio
-    from lmdm.builders import build_engine, build_runtime
+    from lmdm.builders import build_engine, build_runtime, load_stream_models
     from lmdm.streaming.engines import Condition
     from lmdm.streaming.prompts import prompt_at
     from lmdm.streaming.stream import Stream
@@ -94,7 +94,7 @@ def run_generate(
         from lmdm.text.encoders import load_text_encoder
 
         encoder = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_tokens)
-    dit, vae = _load_models(cfg, dit_path, autoencoder_path, encoder)
+    dit, vae = load_stream_models(cfg, dit_path, autoencoder_path, encoder)
     dit.eval()
     vae.eval()
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
@@ -139,37 +139,3 @@ def run_generate(
         autoencoder=str(autoencoder_path) if autoencoder_path else "random init",
         runtime=runtime.name,
     )
-
-
-def _load_models(cfg: Config, dit_path: Path | None, autoencoder_path: Path | None, encoder: Any) -> tuple[Any, Any]:
-    """The DiT and autoencoder (random init where no folder is given), checked against each other and
-    against the stream about to run (:func:`lmdm.checkpoints.compat.check_streaming`).
-
-    Raises:
-        CheckpointError: a folder that cannot be loaded, of the wrong kind, or trained for another
-            variant, geometry, objective, autoencoder or text encoder.
-        ValueError: latent channels that differ between the DiT and the autoencoder.
-    """
-    from lmdm.builders import build_autoencoder_from, build_dit
-    from lmdm.checkpoints.compat import check_streaming
-    from lmdm.checkpoints.format import file_sha256, load_checkpoint, read_checkpoint_info
-
-    dit: Any = load_checkpoint(dit_path, kind="dit")[0] if dit_path else build_dit(cfg)
-    vae: Any = load_checkpoint(autoencoder_path, kind="autoencoder")[0] if autoencoder_path else build_autoencoder_from(cfg)
-    if dit.args.io_channels != vae.latent_dim:
-        raise ValueError(
-            f"the DiT ({dit_path or 'random init'}) makes {dit.args.io_channels}-channel latents but the autoencoder "
-            f"({autoencoder_path or 'random init'}) decodes {vae.latent_dim}: pass a matching --dit and --autoencoder"
-        )
-    if dit_path:
-        s = cfg.stream
-        check_streaming(
-            read_checkpoint_info(dit_path),
-            variant=s.variant,
-            block_frames=s.block_frames,
-            context_blocks=s.context_blocks,
-            objective=cfg.dit.objective,
-            autoencoder=file_sha256(Path(autoencoder_path) / "model.safetensors") if autoencoder_path else None,
-            text_encoder=encoder.fingerprint() if encoder is not None else None,
-        )
-    return dit, vae

@@ -56,21 +56,20 @@ def held_out_reference_indices(cfg: Config) -> list[int]:
 
 
 def _score_streams(
-    cfg: Config, trained: Any, untrained: Any, caption: str, reference: Any, reference_stats: Any, vae: Any
+    cfg: Config, trained: Any, untrained: Any, caption: str, reference: Any, reference_stats: Any, vae: Any, reference_frames: Any
 ) -> dict[str, Any]:
     """`lmdm score` of the trained stream (CREPE FAD with both floors; the built-in embedder's CLAP score where
     it is shipped), and the untrained stream's FAD at the same N."""
     from lmdm.checkpoints.builtin import builtin_names
     from lmdm.eval.crepe import CrepeEmbedder
     from lmdm.eval.embedders import TextAudioEmbedder, load_embedder
-    from lmdm.eval.score import AudioSet, embed_frames, reconstructed, score_sets, training_clips
+    from lmdm.eval.score import AudioSet, reconstructed, score_sets, training_clips
 
     stream = AudioSet("LMDM stream", [trained], [caption], cfg.audio.sample_rate, ["stream.wav"])
     floor = training_clips(cfg, stream.seconds)
     crepe = CrepeEmbedder()
     text = load_embedder("builtin:embedder") if "embedder" in builtin_names() else None
     assert text is None or isinstance(text, TextAudioEmbedder)
-    reference_frames = embed_frames(crepe, reference)
     scores = score_sets(
         stream,
         reference,
@@ -168,11 +167,14 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
     from lmdm.audio.io import write_audio
     from lmdm.builders import build_dit
     from lmdm.checkpoints.format import copy_checkpoint, load_checkpoint
+    from lmdm.config import EvalEngine
+    from lmdm.eval.crepe import CrepeEmbedder
     from lmdm.eval.likeness import FIGURES, TIE, audio_stats, compare, likeness
     from lmdm.eval.plots import plot_clip
-    from lmdm.eval.score import held_out_reference
+    from lmdm.eval.score import embed_frames, held_out_reference
     from lmdm.eval.tracking import mlflow_run
-    from lmdm.pipelines.cli import score_table
+    from lmdm.pipelines.cli import eval_table, score_table
+    from lmdm.pipelines.evaluate import run_eval
     from lmdm.pipelines.progress import training_progress
     from lmdm.pipelines.train import run_train
     from lmdm.text.encoders import build_text_encoder
@@ -279,8 +281,25 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             trained, cfg.audio.sample_rate, fr, curves, f"LMDM stream ({q.stream_seconds:g} s), prompt: {caption}", out / "stream.png"
         )
         listening = _listening_material(cfg, reference, vae, trained, out / "listening.png")
-        scores = _score_streams(cfg, trained, untrained, caption, reference, reference_stats, load_checkpoint(autoencoder)[0])
+        reference_frames = embed_frames(CrepeEmbedder(), reference)  # the stream's score and the eval's FAD share them
+        scores = _score_streams(
+            cfg, trained, untrained, caption, reference, reference_stats, load_checkpoint(autoencoder)[0], reference_frames
+        )
         times["stream"] = time.perf_counter() - start
+
+        e = cfg.eval
+        start = stage(f"eval: outpainting vs LMDM, {e.rollouts} rollouts of {e.rollout_seconds:g} s each (Ray actors)")
+        engines = [
+            EvalEngine(name="outpainting", variant="outpainting", dit=str(base_dir.resolve())),
+            EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir.resolve())),
+        ]
+        eval_cfg = cfg.model_copy(update={"eval": e.model_copy(update={"engines": engines, "autoencoder": str(autoencoder.resolve())})})
+        crepe_frames = reference_frames if e.fad_embedder in ("crepe", "crepe-tiny") else None
+        shared_stats = (
+            reference_stats if q.likeness_clips == e.likeness_clips and cfg.data.frame_rate == 50 else None
+        )  # audio_stats at 50 Hz
+        evaluation = run_eval(eval_cfg, console, nested=True, reference=(reference, crepe_frames, shared_stats))
+        times["eval"] = time.perf_counter() - start
         result = {
             "base": q.base,
             "times_s": times,
@@ -306,6 +325,30 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             "wav": str(wav),
             "png": str(png),
             "listening_png": str(listening),
+            "eval": {
+                "report": evaluation["report"],
+                "mlflow_link": evaluation["mlflow_link"],
+                "engines": {
+                    name: {
+                        "speed": f["speed"],
+                        "drift": {
+                            m: {
+                                k: d[k]
+                                for k in (
+                                    "curve",
+                                    "last_over_first",
+                                    "last_over_first_ci",
+                                    "last_minus_first",
+                                    "last_minus_first_ci",
+                                    "verdict",
+                                )
+                            }
+                            for m, d in f["drift"].items()
+                        },
+                    }
+                    for name, f in evaluation["engines"].items()
+                },
+            },
         }
         (out / "quickstart.json").write_text(json.dumps(result, indent=2))
         mlflow.log_artifact(str(wav), "stream")
@@ -339,5 +382,9 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         timing.add_row(key, f"{value:.1f}")
     timing.add_row("total", f"{sum(times.values()):.1f}")
     console.print(timing)
+    console.print(eval_table(evaluation))
     console.print(f"stream: {wav} · spectrogram: {png}")
+    console.print(
+        f"eval report: {evaluation['report']['html']} · MLflow charts of the eval (after `mlflow ui`): {evaluation['mlflow_link']}"
+    )
     return result

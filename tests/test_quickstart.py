@@ -26,6 +26,11 @@ _TINY = [
     "quickstart.stream_seconds=8",
     "quickstart.likeness_clips=2",
     "eval.reference_clips=2",
+    "eval.rollouts=2",  # the eval stage: 2 rollouts of 4 s per engine, 2-s windows
+    "eval.rollout_seconds=4",
+    "eval.window_seconds=2",
+    "eval.likeness_clips=2",
+    "eval.bootstrap=50",
 ]
 
 
@@ -41,7 +46,11 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "runs" / "quick"
     assert (out / "lmdm" / "model.safetensors").is_file() and not (out / "autoencoder").exists() and not (out / "base").exists()
     figures = json.loads((out / "quickstart.json").read_text())
-    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "stream"}
+    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "stream", "eval"}
+    report = Path(figures["eval"]["report"]["html"])  # the chain ends with `lmdm eval` of the base (outpainting) and the LMDM
+    assert report.is_file() and str(report) in result.output.replace("\n", "") and "workflowType=machine_learning" in result.output
+    assert set(figures["eval"]["engines"]) == {"outpainting", "lmdm"}
+    assert figures["eval"]["engines"]["lmdm"]["drift"]["fad"]["verdict"] in ("drifts", "improves", "holds")
     assert figures["fad"]["stream"] > 0 and figures["likeness"]["trained"]["voiced_diff"] >= 0
     assert Path(figures["listening_png"]).read_bytes()[:4] == b"\x89PNG"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -78,6 +87,7 @@ def test_quickstart_from_scratch_chain(tmp_path: Path, monkeypatch: pytest.Monke
         "base",
         "lmdm",
         "stream",
+        "eval",
     }
     trained = figures["likeness"]["trained"]
     assert trained["onset_rate_ratio"] >= 0 and trained["pitch_change_rate_ratio"] >= 0
@@ -87,7 +97,8 @@ def test_quickstart_from_scratch_chain(tmp_path: Path, monkeypatch: pytest.Monke
     experiment = client.get_experiment_by_name("quick")
     assert experiment is not None
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
-    assert {"quickstart", "autoencoder", "precompute", "base", "lmdm"} <= set(runs)
+    assert {"quickstart", "autoencoder", "precompute", "base", "lmdm", "eval", "eval/outpainting", "eval/lmdm"} <= set(runs)
+    assert runs["eval"].data.tags["mlflow.parentRunId"] == runs["quickstart"].info.run_id
     for stage in ("autoencoder", "precompute", "base", "lmdm"):  # every stage run carries its resolved config
         assert "train.steps" in runs[stage].data.params, stage
     assert runs["lmdm"].data.params["train.init"].endswith("base") and "checkpoint" in runs["lmdm"].data.tags

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from lmdm.config import Config
 from lmdm.models.autoencoder import OobleckVAE, build_autoencoder
@@ -21,6 +22,7 @@ __all__ = [
     "build_runtime",
     "build_sampling",
     "dit_args",
+    "load_stream_models",
 ]
 
 EngineKind = Literal["outpainting", "encdec", "block_causal"]
@@ -82,3 +84,39 @@ def build_engine(
     if kind == "outpainting":
         return OutpaintingEngine(dit, build_geometry(cfg), build_sampling(cfg), runtime)
     return LMDMEngine(dit, kind, build_geometry(cfg), build_sampling(cfg), rotary=cfg.stream.rotary, runtime=runtime)
+
+
+def load_stream_models(
+    cfg: Config, dit_path: Path | None, autoencoder_path: Path | None, encoder: Any, variant: EngineKind | None = None
+) -> tuple[DiT, OobleckVAE]:
+    """The DiT and autoencoder (random init where no folder is given), checked against each other and
+    against the stream about to run (:func:`lmdm.checkpoints.compat.check_streaming`) with ``variant``
+    (default ``stream.variant``) and the text ``encoder`` (a :class:`~lmdm.text.encoders.TextEncoder` or ``None``).
+
+    Raises:
+        CheckpointError: a folder that cannot be loaded, of the wrong kind, or trained for another
+            variant, geometry, objective, autoencoder or text encoder.
+        ValueError: latent channels that differ between the DiT and the autoencoder.
+    """
+    from lmdm.checkpoints.compat import check_streaming
+    from lmdm.checkpoints.format import file_sha256, load_checkpoint, read_checkpoint_info
+
+    dit: Any = load_checkpoint(dit_path, kind="dit")[0] if dit_path else build_dit(cfg)
+    vae: Any = load_checkpoint(autoencoder_path, kind="autoencoder")[0] if autoencoder_path else build_autoencoder_from(cfg)
+    if dit.args.io_channels != vae.latent_dim:
+        raise ValueError(
+            f"the DiT ({dit_path or 'random init'}) makes {dit.args.io_channels}-channel latents but the autoencoder "
+            f"({autoencoder_path or 'random init'}) decodes {vae.latent_dim}: pass a matching --dit and --autoencoder"
+        )
+    if dit_path:
+        s = cfg.stream
+        check_streaming(
+            read_checkpoint_info(dit_path),
+            variant=variant or s.variant,
+            block_frames=s.block_frames,
+            context_blocks=s.context_blocks,
+            objective=cfg.dit.objective,
+            autoencoder=file_sha256(Path(autoencoder_path) / "model.safetensors") if autoencoder_path else None,
+            text_encoder=encoder.fingerprint() if encoder is not None else None,
+        )
+    return dit, vae

@@ -22,6 +22,7 @@ __all__ = [
     "DataConfig",
     "DiTConfig",
     "EvalConfig",
+    "EvalEngine",
     "PrecomputeConfig",
     "PretrainConfig",
     "RayConfig",
@@ -340,16 +341,50 @@ class PretrainConfig(Section):
     half_precision: bool = Field(True, description="store the pair's weights as float16")
 
 
-class EvalConfig(Section):
-    """Evaluation: long rollouts, and the held-out reference `lmdm score` and the quickstart score against."""
+class EvalEngine(Section):
+    """One engine ``lmdm eval`` rolls out: a DiT checkpoint streamed with a variant."""
 
-    num_streams: int = Field(8, ge=1)
-    stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="its label in MLflow and the report")
+    variant: Literal["outpainting", "encdec", "block_causal"] = Field(description="outpainting for a bidirectional base, else the LMDM's")
+    dit: str = Field(min_length=1, description="a DiT checkpoint folder, or builtin:<name>/base")
+
+
+class EvalConfig(Section):
+    """Evaluation: long rollouts (``lmdm eval``), and the held-out reference `lmdm score` and the quickstart score against."""
+
+    num_streams: int = Field(8, ge=1, description="`lmdm score --dit`: streams to score")
+    stream_seconds: float = Field(30.0, gt=0.0, le=3600.0, description="`lmdm score --dit`: seconds of each")
     seed: int = Field(0, ge=0)
     reference_clips: int = Field(
         32, ge=1, le=100_000, description="held-out clips FAD compares against (more are rendered past a small corpus)"
     )
     likeness_clips: int = Field(8, ge=1, le=100_000, description="of those, the clips the likeness statistics use (pyin is slow)")
+    engines: list[EvalEngine] = Field(
+        default_factory=list, description="engines `lmdm eval` rolls out; empty = the quickstart's base (outpainting) and LMDM"
+    )
+    autoencoder: str | None = Field(None, description="the autoencoder every engine's latents decode with; null = the quickstart's")
+    rollouts: int = Field(4, ge=1, le=10_000, description="rollouts per engine (rollout r: held-out caption r, seed eval.seed + r)")
+    rollout_seconds: float = Field(60.0, gt=0.0, le=7200.0, description="seconds of each rollout")
+    window_seconds: float = Field(10.0, gt=0.0, le=600.0, description="stream positions: every metric is taken per window")
+    bootstrap: int = Field(500, ge=50, le=100_000, description="bootstrap resamples (of rollouts) behind every confidence interval")
+    actors: int = Field(2, ge=1, le=1024, description="rollout actors (one model copy each)")
+    cpus_per_actor: float = Field(1.0, gt=0.0, le=256.0)
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per actor")
+    fad_embedder: str = Field("crepe", min_length=1, description="FAD's embedder (crepe, crepe-full, builtin:<name>, a CLAP folder)")
+    text_embedder: str | None = Field("builtin:embedder", description="the CLAP score's text–audio embedder; null skips the CLAP score")
+    out: Path | None = Field(None, description="the eval's folder (resumable); null = runs/<config name>/eval")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> EvalConfig:
+        if self.window_seconds > self.rollout_seconds:
+            raise ValueError(
+                f"eval.window_seconds ({self.window_seconds:g}) is longer than eval.rollout_seconds ({self.rollout_seconds:g}): "
+                "a rollout must hold at least one window"
+            )
+        names = [e.name for e in self.engines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval.engines: names must differ, got {names}")
+        return self
 
 
 class ServeConfig(Section):

@@ -1,0 +1,160 @@
+"""`lmdm eval` end to end on tiny models: Ray actor pool, resume after a killed actor and after a stopped driver,
+MLflow runs (a child per engine, metrics stepped by window), the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from rich.console import Console
+from typer.testing import CliRunner
+
+from lmdm.builders import build_autoencoder_from, build_dit
+from lmdm.checkpoints.format import TrainedWith, save_checkpoint
+from lmdm.config import Config
+from lmdm.data.corpus import CorpusSummary
+
+TINY = [
+    "autoencoder.latent_channels=4",
+    "autoencoder.channels=4",
+    "dit.width=64",
+    "dit.project_cond_tokens=true",
+    "dit.depth=1",
+    "dit.head_dim=32",
+    "stream.block_frames=8",
+    "stream.context_blocks=1",
+    "stream.steps=2",
+    "eval.rollouts=2",
+    "eval.rollout_seconds=4",
+    "eval.window_seconds=2",
+    "eval.bootstrap=50",
+    "eval.reference_clips=2",
+    "eval.likeness_clips=1",
+    "eval.actors=2",
+]
+
+
+@pytest.fixture
+def models(tiny_corpus: tuple[Config, CorpusSummary], tmp_path: Path) -> tuple[Config, dict[str, Path]]:
+    """Tiny checkpoints: an autoencoder, a base DiT (outpainting) and an LMDM (block-causal) on its latents."""
+    from lmdm.config import load_config
+
+    cfg = load_config("quickstart", [f"data.root={tiny_corpus[1].root}", *TINY, f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"])
+    cfg.eval.out = tmp_path / "eval"
+    import torch
+
+    torch.manual_seed(0)
+    paths = {
+        "autoencoder": save_checkpoint(tmp_path / "autoencoder", build_autoencoder_from(cfg), trained=TrainedWith(stage="autoencoder"))
+    }
+    paths["base"] = save_checkpoint(tmp_path / "base", build_dit(cfg), trained=TrainedWith(stage="base"))
+    paths["lmdm"] = save_checkpoint(tmp_path / "lmdm", build_dit(cfg), trained=TrainedWith(stage="lmdm", variant="block_causal"))
+    return cfg, paths
+
+
+def _cli_args(paths: dict[str, Path], tmp_path: Path) -> list[str]:
+    return [
+        "eval",
+        "--engine",
+        f"outpainting=outpainting:{paths['base']}",
+        "--engine",
+        f"lmdm=block_causal:{paths['lmdm']}",
+        "--autoencoder",
+        str(paths["autoencoder"]),
+        "--out",
+        str(tmp_path / "eval"),
+    ]
+
+
+@pytest.mark.slow
+def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_reports(
+    models: tuple[Config, dict[str, Path]], tmp_path: Path, local_ray: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    from lmdm.config import EvalEngine
+    from lmdm.pipelines.cli import app
+    from lmdm.pipelines.evaluate import EVAL_ACTOR_PREFIX, run_eval
+
+    cfg, paths = models
+    cfg.eval.engines = [
+        EvalEngine(name="outpainting", variant="outpainting", dit=str(paths["base"])),
+        EvalEngine(name="lmdm", variant="block_causal", dit=str(paths["lmdm"])),
+    ]
+    cfg.eval.autoencoder = str(paths["autoencoder"])
+    rollouts = tmp_path / "eval" / "rollouts"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_one(record: dict[str, Any]) -> None:
+        raise Stop  # the driver goes away after the first finished rollout
+
+    console = Console(quiet=True)
+    with pytest.raises(Stop):
+        run_eval(cfg, console, on_rollout=stop_after_one)
+    finished = {p.parent: p.stat().st_mtime_ns for p in rollouts.glob("*/*/rollout.json")}
+    assert len(finished) >= 1
+
+    killed: list[str] = []
+
+    def kill_an_actor(record: dict[str, Any]) -> None:
+        if not killed:  # from outside the actor: Ray restarts it and retries the rollout it was running
+            name = f"{EVAL_ACTOR_PREFIX}-1"
+            ray.kill(ray.get_actor(name), no_restart=False)
+            killed.append(name)
+
+    result = run_eval(cfg, console, on_rollout=kill_an_actor)
+    assert killed and result["rollouts_run"] == 4 - len(finished) and result["rollouts_reused"] == len(finished)
+    for folder, mtime in finished.items():  # finished rollouts were not redone
+        assert (folder / "rollout.json").stat().st_mtime_ns == mtime
+
+    # the figures: every metric per window, drift summaries, speed
+    for name in ("outpainting", "lmdm"):
+        figures = result["engines"][name]
+        assert figures["rollouts"] == 2 and figures["windows"] == 2
+        assert set(figures["drift"]) >= {"fad", "clap", "pitch_class_l1", "onset_rate_log_ratio"}
+        assert figures["drift"]["fad"]["curve"][0] > 0 and figures["speed"]["ms_per_block"] > 0
+
+    # MLflow: a parent run, a child per engine with the same metric keys, per-window metrics stepped by window
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"eval/outpainting", "eval/lmdm"}
+    keys = [set(r.data.metrics) for r in children.values()]
+    assert keys[0] == keys[1] and {"fad", "clap", "speed/rtf", "speed/ms_per_block", "drift/fad/last_over_first"} <= keys[0]
+    history = client.get_metric_history(children["eval/lmdm"].info.run_id, "fad")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert children["eval/lmdm"].data.params["engine.variant"] == "block_causal"
+    artifacts = {a.path for a in client.list_artifacts(children["eval/lmdm"].info.run_id, "audio")}
+    assert artifacts == {"audio/lmdm-first.wav", "audio/lmdm-last.wav"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html", "report/report.md"}
+    assert "workflowType=machine_learning" in result["mlflow_link"] and "compareRunsMode=CHART" in result["mlflow_link"]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["mlflow_run_id"] == parent.info.run_id
+    assert "| lmdm | fad |" in (tmp_path / "eval" / "report.md").read_text()
+
+    # the command line, rerun: everything is finished, nothing runs again
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in rollouts.glob("*/*/rollout.json")}
+    args = [*_cli_args(paths, tmp_path), f"data.root={cfg.data.root}", *TINY, f"tracking.tracking_uri={cfg.tracking.tracking_uri}"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    assert "4 finished earlier, 0 to run" in out.output and "report.html" in out.output
+    assert {p: p.stat().st_mtime_ns for p in rollouts.glob("*/*/rollout.json")} == before and len(before) == 4
+
+
+def test_eval_refuses_a_base_as_an_lmdm_before_any_rollout(models: tuple[Config, dict[str, Path]], tmp_path: Path) -> None:
+    from lmdm.pipelines.cli import app
+
+    cfg, paths = models
+    args = ["eval", "--engine", f"x=block_causal:{paths['base']}", "--autoencoder", str(paths["autoencoder"]), "--out", str(tmp_path / "e")]
+    out = CliRunner().invoke(app, [*args, f"data.root={cfg.data.root}", *TINY])
+    assert out.exit_code == 1 and "bidirectional base model" in out.output
+    bad = CliRunner().invoke(app, ["eval", "--engine", "lmdm:block_causal"])
+    assert bad.exit_code == 2 and "NAME=VARIANT:CHECKPOINT" in bad.output
+    assert not (tmp_path / "e" / "rollouts").exists()
