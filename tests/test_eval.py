@@ -1,4 +1,4 @@
-"""`lmdm eval` end to end on tiny models: Ray actor pool, resume after a killed actor and after a stopped driver,
+"""`lmdm eval` end to end on tiny models (outpainting, block-causal and encdec engines): Ray actor pool, resume after a killed actor and after a stopped driver,
 MLflow runs (a child per engine, metrics stepped by window), the report."""
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def models(tiny_corpus: tuple[Config, CorpusSummary], tmp_path: Path) -> tuple[C
     }
     paths["base"] = save_checkpoint(tmp_path / "base", build_dit(cfg), trained=TrainedWith(stage="base"))
     paths["lmdm"] = save_checkpoint(tmp_path / "lmdm", build_dit(cfg), trained=TrainedWith(stage="lmdm", variant="block_causal"))
+    paths["encdec"] = save_checkpoint(tmp_path / "encdec", build_dit(cfg), trained=TrainedWith(stage="lmdm", variant="encdec"))
     return cfg, paths
 
 
@@ -62,6 +63,8 @@ def _cli_args(paths: dict[str, Path], tmp_path: Path) -> list[str]:
         f"outpainting=outpainting:{paths['base']}",
         "--engine",
         f"lmdm=block_causal:{paths['lmdm']}",
+        "--engine",
+        f"encdec=encdec:{paths['encdec']}",
         "--autoencoder",
         str(paths["autoencoder"]),
         "--out",
@@ -83,6 +86,7 @@ def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_re
     cfg.eval.engines = [
         EvalEngine(name="outpainting", variant="outpainting", dit=str(paths["base"])),
         EvalEngine(name="lmdm", variant="block_causal", dit=str(paths["lmdm"])),
+        EvalEngine(name="encdec", variant="encdec", dit=str(paths["encdec"])),
     ]
     cfg.eval.autoencoder = str(paths["autoencoder"])
     rollouts = tmp_path / "eval" / "rollouts"
@@ -108,12 +112,12 @@ def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_re
             killed.append(name)
 
     result = run_eval(cfg, console, on_rollout=kill_an_actor)
-    assert killed and result["rollouts_run"] == 4 - len(finished) and result["rollouts_reused"] == len(finished)
+    assert killed and result["rollouts_run"] == 6 - len(finished) and result["rollouts_reused"] == len(finished)
     for folder, mtime in finished.items():  # finished rollouts were not redone
         assert (folder / "rollout.json").stat().st_mtime_ns == mtime
 
     # the figures: every metric per window, drift summaries, speed
-    for name in ("outpainting", "lmdm"):
+    for name in ("outpainting", "lmdm", "encdec"):
         figures = result["engines"][name]
         assert figures["rollouts"] == 2 and figures["windows"] == 2
         assert set(figures["drift"]) >= {"fad", "clap", "pitch_class_l1", "onset_rate_log_ratio"}
@@ -125,9 +129,9 @@ def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_re
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.info.run_id == result["mlflow_run_id"])
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"eval/outpainting", "eval/lmdm"}
+    assert set(children) == {"eval/outpainting", "eval/lmdm", "eval/encdec"}
     keys = [set(r.data.metrics) for r in children.values()]
-    assert keys[0] == keys[1] and {"fad", "clap", "speed/rtf", "speed/ms_per_block", "drift/fad/last_over_first"} <= keys[0]
+    assert keys[0] == keys[1] == keys[2] and {"fad", "clap", "speed/rtf", "speed/ms_per_block", "drift/fad/last_over_first"} <= keys[0]
     history = client.get_metric_history(children["eval/lmdm"].info.run_id, "fad")
     assert sorted(m.step for m in history) == [0, 1]
     assert children["eval/lmdm"].data.params["engine.variant"] == "block_causal"
@@ -144,8 +148,8 @@ def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_re
     args = [*_cli_args(paths, tmp_path), f"data.root={cfg.data.root}", *TINY, f"tracking.tracking_uri={cfg.tracking.tracking_uri}"]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert "4 finished earlier, 0 to run" in out.output and "report.html" in out.output
-    assert {p: p.stat().st_mtime_ns for p in rollouts.glob("*/*/rollout.json")} == before and len(before) == 4
+    assert "6 finished earlier, 0 to run" in out.output and "report.html" in out.output
+    assert {p: p.stat().st_mtime_ns for p in rollouts.glob("*/*/rollout.json")} == before and len(before) == 6
 
 
 def test_eval_refuses_a_base_as_an_lmdm_before_any_rollout(models: tuple[Config, dict[str, Path]], tmp_path: Path) -> None:
