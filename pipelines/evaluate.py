@@ -9,7 +9,8 @@ copy each; an actor that dies is restarted and its rollout retried); each finish
 Then, per engine and window: FAD against the held-out reference (window w's frames pooled over the
 rollouts), CLAP score, likeness distances; drift summaries with bootstrap intervals over rollouts
 (:mod:`lmdm.eval.drift`); speed from the rollouts' own block timings. MLflow gets a parent run ``eval``
-and a child run per engine with the same metric keys, per-position metrics stepped by window index;
+and a child run per engine with the same metric keys: ``by_window/<metric>`` stepped by window index (the
+UI's first chart section), ``drift/<metric>.<summary>``, ``speed/<figure>``;
 ``<eval.out>/report.html`` and ``report.md`` show it on one page (:mod:`lmdm.eval.report`).
 """
 
@@ -291,8 +292,12 @@ def _engine_figures(cfg: Config, records: list[dict[str, Any]], out: Path, ref_f
 
 
 def experiment_link(cfg: Config, parent_run_id: str) -> str:
-    """The MLflow UI page of this eval's engine runs as charts (``mlflow ui`` on its default port): the pinned
-    MLflow opens its empty GenAI view otherwise; ``workflowType`` picks the model-training one."""
+    """The MLflow UI page of this eval's engine runs as charts (``mlflow ui`` on its default port).
+
+    The pinned MLflow opens its empty GenAI view otherwise: ``workflowType`` picks the model-training one and
+    ``compareRunsMode`` its charts; the filter keeps this eval's engine runs; sorting by name (not by date) makes
+    the UI list them flat, where nested under their collapsed parent they would draw no chart.
+    """
     import urllib.parse
 
     import mlflow
@@ -304,6 +309,8 @@ def experiment_link(cfg: Config, parent_run_id: str) -> str:
             "workflowType": "machine_learning",
             "compareRunsMode": "CHART",
             "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            "orderByKey": "tags.`mlflow.runName`",
+            "orderByAsc": "true",
         },
         quote_via=urllib.parse.quote,
     )
@@ -312,20 +319,28 @@ def experiment_link(cfg: Config, parent_run_id: str) -> str:
 
 def _log_mlflow(cfg: Config, result: dict[str, Any], out: Path, nested: bool) -> str:
     import mlflow
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
     from lmdm.eval.tracking import flatten, mlflow_run
 
     with mlflow_run(cfg, "eval", nested=nested) as parent:
         mlflow.set_tag("lmdm.kind", "eval")
         for name, figures in result["engines"].items():
-            with mlflow.start_run(run_name=f"eval/{name}", nested=True):
+            with mlflow.start_run(run_name=f"eval/{name}", nested=True) as child:
                 mlflow.set_tag("lmdm.kind", "eval-engine")
                 engine = result["engine_specs"][name]
                 mlflow.log_params(flatten({"engine": engine, **cfg.model_dump(mode="json")}))
+                now = int(time.time() * 1000)
+                curves = [
+                    Metric(f"by_window/{metric}", value, now, w)
+                    for metric, d in figures["drift"].items()
+                    for w, value in enumerate(d["curve"])
+                    if np.isfinite(value)
+                ]
+                for start in range(0, len(curves), 1000):  # MLflow's cap per batch
+                    MlflowClient().log_batch(child.info.run_id, metrics=curves[start : start + 1000])
                 for metric, d in figures["drift"].items():
-                    for w, value in enumerate(d["curve"]):
-                        if np.isfinite(value):
-                            mlflow.log_metric(metric, value, step=w)
                     summary = {
                         "slope_per_minute": d["slope_per_minute"],
                         "last_over_first": d["last_over_first"],
@@ -337,7 +352,7 @@ def _log_mlflow(cfg: Config, result: dict[str, Any], out: Path, nested: bool) ->
                         "first_window_outside": -1 if d["first_window_outside"] is None else d["first_window_outside"],
                         "drifts": float(d["verdict"] == "drifts"),
                     }
-                    mlflow.log_metrics({f"drift/{metric}/{k}": v for k, v in summary.items() if np.isfinite(v)})
+                    mlflow.log_metrics({f"drift/{metric}.{k}": v for k, v in summary.items() if np.isfinite(v)})
                 speed = figures["speed"]
                 mlflow.log_metrics({f"speed/{k}": v for k, v in speed.items() if isinstance(v, float)})
                 for label in ("first", "last"):

@@ -131,8 +131,11 @@ def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_re
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"eval/outpainting", "eval/lmdm", "eval/encdec"}
     keys = [set(r.data.metrics) for r in children.values()]
-    assert keys[0] == keys[1] == keys[2] and {"fad", "clap", "speed/rtf", "speed/ms_per_block", "drift/fad/last_over_first"} <= keys[0]
-    history = client.get_metric_history(children["eval/lmdm"].info.run_id, "fad")
+    assert (
+        keys[0] == keys[1] == keys[2]
+        and {"by_window/fad", "by_window/clap", "speed/rtf", "speed/ms_per_block", "drift/fad.last_over_first"} <= keys[0]
+    )
+    history = client.get_metric_history(children["eval/lmdm"].info.run_id, "by_window/fad")
     assert sorted(m.step for m in history) == [0, 1]
     assert children["eval/lmdm"].data.params["engine.variant"] == "block_causal"
     artifacts = {a.path for a in client.list_artifacts(children["eval/lmdm"].info.run_id, "audio")}
