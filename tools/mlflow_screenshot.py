@@ -20,7 +20,18 @@ from pathlib import Path
 
 from lmdm.eval.browser import open_page
 
-_PAGE_TEXT = "(async () => { await new Promise(r => setTimeout(r, 8000)); return document.body.innerText; })()"
+# Wait for the charts to draw (their lines are SVG paths once the metric histories arrive), close the assistant side
+# panel where this MLflow opens one, give the charts a moment to take the room, and return the page's text.
+_SETTLE = """(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  for (let i = 0; i < 60 && document.querySelectorAll('.js-plotly-plot .scatterlayer path, .js-plotly-plot .trace path').length < 2; i++) await sleep(500);
+  const panel = [...document.querySelectorAll('*')].find(e => e.children.length === 0 && e.textContent.trim() === 'MLflow Assistant');
+  const close = panel && [...panel.closest('div').parentElement.querySelectorAll('button')].pop();
+  const labelled = [...document.querySelectorAll('button')].find(b => /close/i.test(b.getAttribute('aria-label') || ''));
+  (labelled || close)?.click();
+  await sleep(4000);
+  return document.body.innerText;
+})()"""
 
 
 def _free_port() -> int:
@@ -33,7 +44,7 @@ async def _shoot(url: str, out: Path) -> str:
     async with open_page() as page:
         await page.send("Emulation.setDeviceMetricsOverride", width=1600, height=1100, deviceScaleFactor=1, mobile=False)
         await page.goto(url)
-        text: str = await page.evaluate(_PAGE_TEXT)
+        text: str = await page.evaluate(_SETTLE, timeout=90)
         await page.screenshot(out, 1600, 1100)
         return text
 
@@ -56,7 +67,7 @@ def main(eval_json: Path, out: Path, store: str = "sqlite:///runs/mlflow.db") ->
                 time.sleep(0.5)
         url = link.replace("http://127.0.0.1:5000", base)
         text = asyncio.run(_shoot(url, out))
-        for expected in ("fad", "eval/lmdm", "eval/outpainting"):
+        for expected in ("by_window", "eval/lmdm", "eval/outpainting"):
             if expected not in text:
                 raise SystemExit(f"the page at {url} does not show {expected!r}: not the eval's charts?\n{text[:2000]}")
         print(f"{out}: {url}")
