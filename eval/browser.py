@@ -57,13 +57,19 @@ class Page:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BrowserError(f"{method}: no answer within {timeout:g} s")
-            message = json.loads(await asyncio.wait_for(self._socket.recv(), left))
+            message = json.loads(await self._recv(left, method))
             if message.get("id") == ident:
                 if "error" in message:
                     raise BrowserError(f"{method}: {message['error']}")
                 result: dict[str, Any] = message.get("result", {})
                 return result
             self.events.append(message)
+
+    async def _recv(self, timeout: float, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(self._socket.recv(), max(timeout, 0.0))
+        except TimeoutError:
+            raise BrowserError(f"{what}: no answer from the browser within the time allowed") from None
 
     async def goto(self, url: str, timeout: float = 60.0) -> None:
         """Navigate and wait for the load event."""
@@ -74,7 +80,7 @@ class Page:
         while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
             if time.monotonic() > deadline:
                 raise BrowserError(f"{url} did not finish loading within {timeout:g} s")
-            self.events.append(json.loads(await asyncio.wait_for(self._socket.recv(), deadline - time.monotonic())))
+            self.events.append(json.loads(await self._recv(deadline - time.monotonic(), f"loading {url}")))
 
     async def evaluate(self, expression: str, timeout: float = 60.0) -> Any:
         """The value of a JavaScript expression (a promise is awaited), as JSON."""
@@ -105,6 +111,7 @@ async def open_page(browser: str | None = None, start_timeout: float = 30.0) -> 
     if binary is None:
         raise BrowserError(f"no Chromium found (looked for {', '.join(_NAMES)} on PATH and $LMDM_CHROMIUM)")
     profile = Path(tempfile.mkdtemp(prefix="lmdm-chromium-"))
+    log = (profile / "chromium.log").open("wb")  # a file, not a pipe nobody reads: a full pipe would stall the browser
     process = subprocess.Popen(
         [
             binary,
@@ -121,7 +128,7 @@ async def open_page(browser: str | None = None, start_timeout: float = 30.0) -> 
             "about:blank",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
         port_file = profile / "DevToolsActivePort"
@@ -139,7 +146,8 @@ async def open_page(browser: str | None = None, start_timeout: float = 30.0) -> 
             browser_page = Page(root)
             target = await browser_page.send("Target.createTarget", url="about:blank")
             targets = await browser_page.send("Target.getTargets")
-            assert any(t["targetId"] == target["targetId"] for t in targets["targetInfos"])
+            if not any(t["targetId"] == target["targetId"] for t in targets["targetInfos"]):
+                raise BrowserError(f"{binary} did not list the page it opened")
         async with websockets.connect(f"ws://127.0.0.1:{port}/devtools/page/{target['targetId']}", max_size=None) as socket:
             yield Page(socket)
     finally:
@@ -148,4 +156,5 @@ async def open_page(browser: str | None = None, start_timeout: float = 30.0) -> 
             process.wait(10)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
         shutil.rmtree(profile, ignore_errors=True)

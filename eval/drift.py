@@ -12,7 +12,10 @@ Summaries of the curve (one value per window over every rollout):
 - ``last_over_first``: the last window's value over the first's, with a 95% bootstrap interval (the same
   resampled rollouts in both windows);
 - ``first_window_outside``: the first window whose value leaves the first window's band (window 0's 95%
-  bootstrap interval). With many windows some leave a 95% band by chance, so this is information;
+  bootstrap interval). A window's value here is its bootstrap median, taken from the same resamples as the
+  band: a pooled FAD of resampled rollouts (repeats, so a less varied pool) sits above the FAD of every
+  rollout, and the plain curve would leave its own band at once. With many windows some leave a 95% band
+  by chance, so this is information;
 - ``last_minus_first``: the same as a difference, with its 95% bootstrap interval;
 - ``verdict``: ``drifts`` where the difference's interval lies wholly on the worse side of 0 (above for
   distances, below for the CLAP score), ``improves`` where it lies wholly on the better side, else ``holds``.
@@ -24,6 +27,7 @@ Legend: R rollouts, W windows, B bootstrap resamples, D embedding width.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -47,7 +51,7 @@ class Drift:
     curve: list[float]  # (W,) every rollout
     band_low: list[float]  # (W,) 95% bootstrap interval of each window
     band_high: list[float]
-    slope_per_minute: float
+    slope_per_minute: float  # NaN with fewer than 2 windows that have a value
     last_over_first: float
     last_over_first_ci: tuple[float, float]
     last_minus_first: float
@@ -66,11 +70,14 @@ class mean_metric:
         self.values = np.asarray(values, dtype=np.float64)
 
     def __call__(self, rollouts: np.ndarray, w: int) -> float:
-        return float(np.nanmean(self.values[rollouts, w]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return float(np.nanmean(self.values[rollouts, w]))
 
     def table(self, draws: np.ndarray) -> np.ndarray:
         """Every resample ``(B, R)`` at every window at once: ``(B, W)``."""
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             return np.asarray(np.nanmean(self.values[draws], axis=1))
 
 
@@ -93,24 +100,27 @@ def drift(
         resamples: bootstrap resamples (B).
 
     Raises:
-        ValueError: no rollout or no window.
+        ValueError: fewer than 2 rollouts (nothing to resample) or no window.
     """
-    if rollouts < 1 or windows < 1:
-        raise ValueError(f"drift needs at least one rollout and one window, got {rollouts} and {windows}")
+    if rollouts < 2 or windows < 1:
+        raise ValueError(f"drift's bootstrap resamples rollouts: it needs at least 2 rollouts and 1 window, got {rollouts} and {windows}")
     every = np.arange(rollouts)
     curve = np.array([metric(every, w) for w in range(windows)])
     draws = np.random.default_rng(seed).integers(0, rollouts, size=(resamples, rollouts))  # (B, R)
-    fast = isinstance(metric, mean_metric)
-    boot = metric.table(draws) if fast else np.array([[metric(d, w) for w in range(windows)] for d in draws])  # (B, W)
-    low, high = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+    boot = _resampled(metric, draws, windows)  # (B, W)
+    with warnings.catch_warnings():  # a window without any value (no prompt for a CLAP score) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+        centre = np.nanmedian(boot, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = boot[:, -1] / boot[:, 0]
+        ratios = boot[:, -1] / boot[:, 0]  # (B,)
         ratio = float(curve[-1] / curve[0]) if curve[0] != 0 else float("nan")
     r_low, r_high = _interval(ratios)
     d_low, d_high = _interval(boot[:, -1] - boot[:, 0])
-    outside = next((w for w in range(1, windows) if not low[0] <= curve[w] <= high[0]), None)
+    outside = next((w for w in range(1, windows) if not low[0] <= centre[w] <= high[0]), None)
     positions = (np.arange(windows) + 0.5) * window_seconds
-    slope = float(np.polyfit(positions / 60.0, curve, 1)[0]) if windows > 1 and np.all(np.isfinite(curve)) else 0.0
+    finite = np.isfinite(curve)  # a window without a value (no prompt for a CLAP score) is left out of the fit
+    slope = float(np.polyfit(positions[finite] / 60.0, curve[finite], 1)[0]) if finite.sum() >= 2 else float("nan")
     if windows < 2 or not np.isfinite(d_low):
         verdict: Literal["drifts", "improves", "holds"] = "holds"
     elif (d_low > 0) if worse == "higher" else (d_high < 0):
@@ -136,6 +146,14 @@ def drift(
     )
 
 
+def _resampled(metric: Metric, draws: np.ndarray, windows: int) -> np.ndarray:
+    """The metric of every resample ``(B, R)`` at every window: ``(B, W)``; window by window, so a pooled metric
+    keeps one window's sums at a time."""
+    if isinstance(metric, mean_metric):
+        return metric.table(draws)
+    return np.array([[metric(d, w) for d in draws] for w in range(windows)]).T
+
+
 def _interval(samples: np.ndarray) -> tuple[float, float]:
     """The 95% percentile interval of the finite ``samples`` (NaNs where none is finite)."""
     finite = samples[np.isfinite(samples)]
@@ -148,10 +166,11 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
 class PooledFad:
     """FAD of window ``w`` pooled over a multiset of rollouts, from per-(rollout, window) sums.
 
-    Each (rollout, window) keeps its frame count, frame sum ``(D,)`` and sum of outer products ``(D, D)``,
+    Each (rollout, window) contributes its frame count, frame sum ``(D,)`` and sum of outer products ``(D, D)``,
     so the Gaussian of any resample is a weighted sum, and the reference's covariance square root is taken
     once: ``tr √(Σ Σref) = tr √(√Σref Σ √Σref)``, one symmetric eigenvalue problem per figure. Equal to
-    :func:`lmdm.eval.fad.frechet_distance` of the pooled frames (``tests/test_drift.py``).
+    :func:`lmdm.eval.fad.frechet_distance` of the pooled frames (``tests/test_drift.py``). The sums are kept
+    for one window at a time (``R·D²`` floats): call it window by window, as :func:`drift` does.
 
     Args:
         frames: ``frames[r][w]``, the ``(N, D)`` embedding frames of rollout r's window w.
@@ -159,30 +178,37 @@ class PooledFad:
     """
 
     def __init__(self, frames: list[list[torch.Tensor]], reference: torch.Tensor) -> None:
-        R, W = len(frames), len(frames[0])
-        D = reference.shape[1]
-        self.count = torch.zeros(R, W, dtype=torch.float64)
-        self.sum = torch.zeros(R, W, D, dtype=torch.float64)
-        self.outer = torch.zeros(R, W, D, D, dtype=torch.float64)
+        W = len(frames[0])
         for r, row in enumerate(frames):
             if len(row) != W:
                 raise ValueError(f"rollout {r} has {len(row)} windows, rollout 0 has {W}")
-            for w, x in enumerate(row):
-                x = x.double()
-                self.count[r, w], self.sum[r, w], self.outer[r, w] = x.shape[0], x.sum(0), x.T @ x
+        self.frames = frames
         ref = reference.double()
+        D = ref.shape[1]
         self.mu_ref, sigma_ref = ref.mean(0), torch.cov(ref.T).reshape(D, D)
         e, v = torch.linalg.eigh(sigma_ref)
         self.root_ref = (v * e.clamp(min=0).sqrt()) @ v.T
         self.trace_ref = float(sigma_ref.trace())
+        self._window: int | None = None
+
+    def _sums(self, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window ``w``'s counts ``(R,)``, sums ``(R, D)`` and outer-product sums ``(R, D, D)`` (cached for one window)."""
+        if self._window != w:
+            xs = [row[w].double() for row in self.frames]
+            self._count = torch.tensor([float(x.shape[0]) for x in xs], dtype=torch.float64)
+            self._sum = torch.stack([x.sum(0) for x in xs])
+            self._outer = torch.stack([x.T @ x for x in xs])
+            self._window = w
+        return self._count, self._sum, self._outer
 
     def __call__(self, rollouts: np.ndarray, w: int) -> float:
-        weights = torch.from_numpy(np.bincount(rollouts, minlength=self.count.shape[0])).double()  # (R,)
-        n = float(weights @ self.count[:, w])
+        count, total, outer = self._sums(w)
+        weights = torch.from_numpy(np.bincount(rollouts, minlength=count.shape[0])).double()  # (R,)
+        n = float(weights @ count)
         if n < 2:
             return float("nan")
-        mu = (weights @ self.sum[:, w]) / n
-        sigma = (torch.einsum("r,rij->ij", weights, self.outer[:, w]) - n * torch.outer(mu, mu)) / (n - 1)
+        mu = (weights @ total) / n
+        sigma = (torch.einsum("r,rij->ij", weights, outer) - n * torch.outer(mu, mu)) / (n - 1)
         inner = self.root_ref @ sigma @ self.root_ref
         eigenvalues = torch.linalg.eigvalsh((inner + inner.T) / 2)
         diff = mu - self.mu_ref

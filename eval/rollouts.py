@@ -3,9 +3,11 @@
 A :class:`RolloutRunner` holds one engine's models at a time (and the embedders); :meth:`RolloutRunner.run`
 streams ``seconds`` of audio block by block (timing the DiT and the autoencoder's streaming decode of each
 block apart), then measures every window: its embedding frames (for FAD), its CLAP score against the
-prompt, and its likeness statistics (pitch, loudness, brightness, onsets). The rollout's folder gets
-``audio.wav``, ``windows.npz`` (the frames) and, written last and atomically, ``rollout.json``: a folder
-with a ``rollout.json`` of the same fingerprint is a finished rollout, never redone.
+prompt, and its likeness statistics (pitch, loudness, brightness, onsets). It returns all of it
+(:class:`RolloutOutput`), and :func:`write_rollout` writes the rollout's folder where the caller is (on a
+cluster, the driver, not the node that ran it): ``audio.wav``, ``windows.npz`` (the frames) and, last and
+atomically, ``rollout.json``, after removing any earlier one. A folder with a ``rollout.json`` of the same
+fingerprint is a finished rollout, never redone.
 
 No Ray here: ``lmdm.pipelines.evaluate`` runs runners in a Ray actor pool.
 """
@@ -25,7 +27,16 @@ import torch
 
 from lmdm.config import Config
 
-__all__ = ["ROLLOUT_FILE", "RolloutRunner", "RolloutTask", "finished_rollout", "load_window_frames", "window_count"]
+__all__ = [
+    "ROLLOUT_FILE",
+    "RolloutOutput",
+    "RolloutRunner",
+    "RolloutTask",
+    "finished_rollout",
+    "load_window_frames",
+    "window_count",
+    "write_rollout",
+]
 
 ROLLOUT_FILE = "rollout.json"
 
@@ -46,9 +57,39 @@ class RolloutTask:
     fingerprint: str  # what makes a finished rollout reusable (engine weights, stream settings, prompt, seed, ...)
 
 
+@dataclass
+class RolloutOutput:
+    """What a rollout made: its record (``rollout.json``), audio ``(A, S)`` and each window's frames ``(N_w, D)``."""
+
+    record: dict[str, Any]
+    audio: np.ndarray
+    frames: list[np.ndarray]
+
+
 def window_count(seconds: float, window_seconds: float) -> int:
-    """Whole windows in a rollout (a partial last window is not measured)."""
-    return max(1, math.floor(seconds / window_seconds + 1e-9))
+    """Whole windows in a rollout (a partial last window is not measured; the config holds a rollout to at least one)."""
+    return math.floor(seconds / window_seconds + 1e-9)
+
+
+def write_rollout(output: RolloutOutput, sample_rate: int) -> dict[str, Any]:
+    """Write ``output`` into its folder (``record["folder"]``): the old ``rollout.json`` goes first, the new one last.
+
+    Returns:
+        The record.
+    """
+    from lmdm.audio.io import write_audio
+
+    folder = Path(output.record["folder"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ROLLOUT_FILE).unlink(missing_ok=True)  # a rollout half rewritten is not a finished one
+    write_audio(folder / "audio.wav", output.audio, sample_rate)
+    offsets = np.cumsum([0, *(f.shape[0] for f in output.frames)])
+    np.savez(folder / "windows.tmp.npz", frames=np.concatenate(output.frames).astype(np.float32), offsets=offsets)
+    os.replace(folder / "windows.tmp.npz", folder / "windows.npz")
+    tmp = folder / (ROLLOUT_FILE + ".tmp")
+    tmp.write_text(json.dumps(output.record))
+    os.replace(tmp, folder / ROLLOUT_FILE)  # last: the rollout is finished
+    return output.record
 
 
 def finished_rollout(folder: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -112,9 +153,8 @@ class RolloutRunner:
         return self._models
 
     @torch.inference_mode()
-    def run(self, task: RolloutTask) -> dict[str, Any]:
-        """Stream, measure and write the rollout (see the module docstring); returns its record."""
-        from lmdm.audio.io import write_audio
+    def run(self, task: RolloutTask, actor: str = "") -> RolloutOutput:
+        """Stream and measure the rollout (see the module docstring); ``actor`` names who ran it (in its record)."""
         from lmdm.models.autoencoder import StreamingDecoder
         from lmdm.streaming.common import Condition
 
@@ -141,14 +181,8 @@ class RolloutRunner:
         chunks.append(decoder.flush())
         audio = torch.cat(chunks, dim=-1)[0, :, : int(task.seconds * sr)].float().numpy()  # (A, S)
         audio = audio / max(float(np.abs(audio).max()), 1e-6) * 0.9
-        folder = Path(task.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_audio(folder / "audio.wav", audio, sr)
         windows = self.measure(audio, task.prompt)
         frames = windows.pop("frames")
-        offsets = np.cumsum([0, *(f.shape[0] for f in frames)])
-        np.savez(folder / "windows.tmp.npz", frames=np.concatenate(frames).astype(np.float32), offsets=offsets)
-        os.replace(folder / "windows.tmp.npz", folder / "windows.npz")
         record = {
             **asdict(task),
             "blocks": blocks,
@@ -157,12 +191,10 @@ class RolloutRunner:
             "torch_threads": torch.get_num_threads(),
             "dit_s": dit_s,
             "decode_s": decode_s,
+            "actor": actor,
             **windows,
         }
-        tmp = folder / (ROLLOUT_FILE + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, folder / ROLLOUT_FILE)  # last: the rollout is finished
-        return record
+        return RolloutOutput(record, audio, frames)
 
     def measure(self, audio: np.ndarray, prompt: str | None) -> dict[str, Any]:
         """Per window of ``eval.window_seconds``: embedding frames ``(N, D)``, CLAP score (NaN without a prompt or

@@ -41,7 +41,8 @@ class _DefaultRunGroup(TyperGroup):
     """A command group whose ``run`` command is the default: ``lmdm eval --engine ...`` is ``lmdm eval run --engine ...``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+        # only options and overrides go to `run`: a misspelt command name stays a "no such command" error
+        if not args or (args[0] not in ("--help", "-h") and (args[0].startswith("-") or "=" in args[0])):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -553,7 +554,7 @@ def eval_run(
     cfg = _load(config, [*(overrides or []), *extra])
     try:
         result = run_eval(cfg, console)
-    except (CheckpointError, EmbedderError, ValueError, FileNotFoundError) as exc:
+    except (CheckpointError, EmbedderError, ValueError, FileNotFoundError, RuntimeError) as exc:
         err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(1) from None
     console.print(eval_table(result))

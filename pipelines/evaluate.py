@@ -34,7 +34,6 @@ from lmdm.config import Config, EvalEngine
 __all__ = ["EVAL_ACTOR_PREFIX", "default_engines", "eval_folder", "experiment_link", "run_eval"]
 
 EVAL_ACTOR_PREFIX = "lmdm-eval-rollout"
-SPEED_WARMUP_BLOCKS = 2  # a rollout's first blocks pack weights and fill caches: not in its speed figures
 
 
 def eval_folder(cfg: Config) -> Path:
@@ -114,8 +113,13 @@ def _check_engines(cfg: Config, engines: list[EvalEngine], autoencoder: Path) ->
             )
 
 
-@functools.lru_cache(maxsize=64)
 def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:  # a file rewritten in place is hashed again
     from lmdm.checkpoints.format import file_sha256
 
     return file_sha256(path)
@@ -165,13 +169,13 @@ def _tasks(cfg: Config, engines: list[EvalEngine], autoencoder: Path, captions: 
 class _RolloutActor:
     """A Ray actor around :class:`~lmdm.eval.rollouts.RolloutRunner` (one engine's models at a time)."""
 
-    def __init__(self, cfg_json: str, threads: int) -> None:
+    def __init__(self, cfg_json: str, threads: int, name: str) -> None:
         from lmdm.eval.rollouts import RolloutRunner
 
-        self.runner = RolloutRunner(Config.model_validate_json(cfg_json), threads)
+        self.runner, self.name = RolloutRunner(Config.model_validate_json(cfg_json), threads), name
 
-    def run(self, task: Any) -> dict[str, Any]:
-        return self.runner.run(task)
+    def run(self, task: Any) -> Any:
+        return self.runner.run(task, self.name)  # the driver writes it: on a cluster this node's disk is not the driver's
 
 
 def _reference(cfg: Config, out: Path, console: Console, given: tuple[Any, Any, Any] | None) -> tuple[Any, torch.Tensor, Any]:
@@ -196,7 +200,7 @@ def _reference(cfg: Config, out: Path, console: Console, given: tuple[Any, Any, 
     if (folder / "key.json").is_file() and json.loads((folder / "key.json").read_text()) == key:
         from safetensors.torch import load_file
 
-        frames = load_file(str(folder / "frames.safetensors"))["frames"]
+        frames = load_file(str(folder / "frames.safetensors"))["frames"].double()
         stats = AudioStats(**json.loads((folder / "stats.json").read_text()))
         return reference, frames, stats
     frames, stats = (given[1], given[2]) if given is not None else (None, None)
@@ -211,17 +215,23 @@ def _reference(cfg: Config, out: Path, console: Console, given: tuple[Any, Any, 
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({"frames": frames.contiguous()}, str(folder / "frames.safetensors"))
+    (folder / "key.json").unlink(missing_ok=True)  # written last: a cache half rewritten is no cache
+    save_file({"frames": frames.float().contiguous()}, str(folder / "frames.safetensors"))
     (folder / "stats.json").write_text(json.dumps(asdict(stats)))
     (folder / "key.json").write_text(json.dumps(key))
     return reference, frames, stats
 
 
 def _run_rollouts(cfg: Config, pending: list[Any], console: Console, on_rollout: Callable[[dict[str, Any]], None] | None) -> int:
-    """Run ``pending`` tasks on the actor pool; returns how many rollouts ran."""
+    """Run ``pending`` tasks on the actor pool, writing each rollout as it arrives; returns how many ran.
+
+    Actors are named ``lmdm-eval-rollout-<run token>-<i>`` (a record says which ran it)."""
+    import uuid
+
     import ray
     from ray.util import ActorPool
 
+    from lmdm.eval.rollouts import write_rollout
     from lmdm.pipelines.ray_session import ensure_ray
 
     if not pending:
@@ -229,9 +239,11 @@ def _run_rollouts(cfg: Config, pending: list[Any], console: Console, on_rollout:
     ensure_ray(cfg)
     actor_cls = ray.remote(num_cpus=cfg.eval.cpus_per_actor, max_restarts=2, max_task_retries=2)(_RolloutActor)
     count = min(cfg.eval.actors, len(pending))
+    token = uuid.uuid4().hex[:8]
+    names = [f"{EVAL_ACTOR_PREFIX}-{token}-{i}" for i in range(count)]
     actors = [
-        actor_cls.options(name=f"{EVAL_ACTOR_PREFIX}-{i}", lifetime=None).remote(cfg.model_dump_json(), cfg.eval.torch_threads)  # type: ignore[attr-defined]
-        for i in range(count)
+        actor_cls.options(name=name).remote(cfg.model_dump_json(), cfg.eval.torch_threads, name)  # type: ignore[attr-defined]
+        for name in names
     ]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -239,7 +251,8 @@ def _run_rollouts(cfg: Config, pending: list[Any], console: Console, on_rollout:
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task(f"rollouts on {count} actor(s)", total=len(pending))
-            for record in ActorPool(actors).map_unordered(lambda actor, t: actor.run.remote(t), pending):
+            for output in ActorPool(actors).map_unordered(lambda actor, t: actor.run.remote(t), pending):
+                record = write_rollout(output, cfg.audio.sample_rate)
                 done += 1
                 bar.update(task, completed=done, description=f"rollouts ({record['engine']} #{record['index']} done)")
                 if on_rollout is not None:
@@ -252,12 +265,14 @@ def _run_rollouts(cfg: Config, pending: list[Any], console: Console, on_rollout:
 
 def _speed(records: list[dict[str, Any]]) -> dict[str, Any]:
     from lmdm.eval.bench_stream import quantiles
+    from lmdm.eval.report import SPEED_WARMUP_BLOCKS
 
     dit = [s for r in records for s in r["dit_s"][SPEED_WARMUP_BLOCKS:]] or [s for r in records for s in r["dit_s"]]
     decode = [s for r in records for s in r["decode_s"][SPEED_WARMUP_BLOCKS:]] or [s for r in records for s in r["decode_s"]]
     block = [a + b for a, b in zip(dit, decode, strict=True)]
     q = quantiles(block)
     block_seconds = records[0]["block_seconds"]
+    runtimes = sorted({f"{r['runtime']} · {r['torch_threads']}" for r in records})
     return {
         "ms_per_block": 1000 * q["median_s"],
         "ms_per_block_p90": 1000 * q["p90_s"],
@@ -266,12 +281,11 @@ def _speed(records: list[dict[str, Any]]) -> dict[str, Any]:
         "rtf": block_seconds / q["median_s"],
         "block_seconds": block_seconds,
         "blocks_timed": len(block),
-        "runtime": records[0]["runtime"],
-        "torch_threads": records[0]["torch_threads"],
+        "runtime": ", ".join(runtimes),  # "<runtime> · <torch threads>" of every run that made these rollouts
     }
 
 
-def _engine_figures(cfg: Config, records: list[dict[str, Any]], out: Path, ref_frames: torch.Tensor, ref_stats: Any) -> dict[str, Any]:
+def _engine_figures(cfg: Config, records: list[dict[str, Any]], ref_frames: torch.Tensor, ref_stats: Any) -> dict[str, Any]:
     """Drift of every metric, and speed, for one engine's rollouts (sorted by index)."""
     from lmdm.eval.drift import PooledFad, drift, mean_metric
     from lmdm.eval.likeness import FIGURES, AudioStats, likeness
@@ -354,7 +368,7 @@ def _log_mlflow(cfg: Config, result: dict[str, Any], out: Path, nested: bool) ->
                     }
                     mlflow.log_metrics({f"drift/{metric}.{k}": v for k, v in summary.items() if np.isfinite(v)})
                 speed = figures["speed"]
-                mlflow.log_metrics({f"speed/{k}": v for k, v in speed.items() if isinstance(v, float)})
+                mlflow.log_metrics({f"speed/{k}": v for k, v in speed.items() if isinstance(v, float | int)})
                 for label in ("first", "last"):
                     wav = out / "samples" / f"{name}-{label}.wav"
                     if wav.is_file():
@@ -416,7 +430,7 @@ def run_eval(
         "engine_specs": {e.name: e.model_dump(mode="json") for e in engines},
         "reference": {"clips": len(ref_set.clips), "seconds": round(ref_set.seconds, 2), "frames": int(ref_frames.shape[0])},
         "eval": cfg.eval.model_dump(mode="json", exclude={"engines"}),
-        "engines": {name: _engine_figures(cfg, rs, out, ref_frames, ref_stats) for name, rs in records.items()},
+        "engines": {name: _engine_figures(cfg, rs, ref_frames, ref_stats) for name, rs in records.items()},
         "rollouts_run": ran,
         "rollouts_reused": len(tasks) - ran,
     }

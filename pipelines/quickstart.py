@@ -263,10 +263,12 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         wav = out / "stream.wav"
         write_audio(wav, trained, cfg.audio.sample_rate)
         write_audio(out / "stream-untrained.wav", untrained, cfg.audio.sample_rate)
-        reference_stats = audio_stats(reference.clips[: q.likeness_clips], cfg.audio.sample_rate)  # pyin: the slow part
+        reference_stats = audio_stats(
+            reference.clips[: q.likeness_clips], cfg.audio.sample_rate, cfg.data.frame_rate
+        )  # pyin: the slow part
         figures = {
-            "trained": likeness(audio_stats([trained], cfg.audio.sample_rate), reference_stats),
-            "untrained": likeness(audio_stats([untrained], cfg.audio.sample_rate), reference_stats),
+            "trained": likeness(audio_stats([trained], cfg.audio.sample_rate, cfg.data.frame_rate), reference_stats),
+            "untrained": likeness(audio_stats([untrained], cfg.audio.sample_rate, cfg.data.frame_rate), reference_stats),
         }
         figures["verdict"] = compare(figures["trained"], figures["untrained"])
         from lmdm.audio.features import f0_pyin, loudness_db, spectral_centroid
@@ -287,19 +289,21 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         )
         times["stream"] = time.perf_counter() - start
 
-        e = cfg.eval
-        start = stage(f"eval: outpainting vs LMDM, {e.rollouts} rollouts of {e.rollout_seconds:g} s each (Ray actors)")
-        engines = [
-            EvalEngine(name="outpainting", variant="outpainting", dit=str(base_dir.resolve())),
-            EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir.resolve())),
-        ]
-        eval_cfg = cfg.model_copy(update={"eval": e.model_copy(update={"engines": engines, "autoencoder": str(autoencoder.resolve())})})
-        crepe_frames = reference_frames if e.fad_embedder in ("crepe", "crepe-tiny") else None
-        shared_stats = (
-            reference_stats if q.likeness_clips == e.likeness_clips and cfg.data.frame_rate == 50 else None
-        )  # audio_stats at 50 Hz
-        evaluation = run_eval(eval_cfg, console, nested=True, reference=(reference, crepe_frames, shared_stats))
-        times["eval"] = time.perf_counter() - start
+        evaluation: dict[str, Any] | None = None
+        if q.eval:
+            e = cfg.eval
+            start = stage(f"eval: outpainting vs LMDM, {e.rollouts} rollouts of {e.rollout_seconds:g} s each (Ray actors)")
+            engines = [
+                EvalEngine(name="outpainting", variant="outpainting", dit=str(base_dir.resolve())),
+                EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir.resolve())),
+            ]
+            eval_cfg = cfg.model_copy(update={"eval": e.model_copy(update={"engines": engines, "autoencoder": str(autoencoder.resolve())})})
+            crepe_frames = reference_frames if e.fad_embedder in ("crepe", "crepe-tiny") else None
+            shared_stats = (
+                reference_stats if q.likeness_clips == e.likeness_clips and cfg.data.frame_rate == 50 else None
+            )  # audio_stats at 50 Hz
+            evaluation = run_eval(eval_cfg, console, nested=True, reference=(reference, crepe_frames, shared_stats))
+            times["eval"] = time.perf_counter() - start
         result = {
             "base": q.base,
             "times_s": times,
@@ -325,7 +329,9 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             "wav": str(wav),
             "png": str(png),
             "listening_png": str(listening),
-            "eval": {
+            "eval": None
+            if evaluation is None
+            else {
                 "report": evaluation["report"],
                 "mlflow_link": evaluation["mlflow_link"],
                 "engines": {

@@ -65,5 +65,19 @@ def test_an_improving_metric_is_not_called_drift() -> None:
     summary = drift("likeness", mean_metric(values), R, W, 5.0, "higher", 200)
     assert summary.verdict == "improves"
     assert summary.positions_s[:2] == [2.5, 7.5] and len(summary.band_low) == W
-    with pytest.raises(ValueError, match="at least one rollout"):
-        drift("x", mean_metric(values), 0, W, 5.0)
+    with pytest.raises(ValueError, match="at least 2 rollouts"):
+        drift("x", mean_metric(values[:1]), 1, W, 5.0)
+
+
+def test_a_flat_fad_does_not_leave_its_own_band_and_a_missing_window_is_not_a_flat_slope() -> None:
+    """The pooled FAD of a resample (repeated rollouts) sits above the FAD of every rollout; each window's value is
+    compared with window 0's band on the same footing (its bootstrap median). Over these 10 flat fake engines the
+    plain curve leaves window 0's band in 8 (7 windows, each a chance to), the medians in 4; a degrading one always."""
+    reference = _reference()
+    flat = [drift("fad", PooledFad(_fake_engine_frames(s, 0.0), reference), R, W, 10.0, "higher", 100, s) for s in range(10)]
+    assert sum(d.first_window_outside is not None for d in flat) <= 4
+    worse = drift("fad", PooledFad(_fake_engine_frames(0, 0.12), reference), R, W, 10.0, "higher", 100)
+    assert worse.first_window_outside is not None and worse.first_window_outside <= 3
+    values = np.full((R, W), np.nan)
+    values[:, 0] = 0.3
+    assert np.isnan(drift("clap", mean_metric(values), R, W, 10.0, "lower", 100).slope_per_minute)

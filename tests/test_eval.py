@@ -106,8 +106,10 @@ def test_eval_resumes_after_a_killed_actor_and_a_stopped_driver_then_logs_and_re
     killed: list[str] = []
 
     def kill_an_actor(record: dict[str, Any]) -> None:
-        if not killed:  # from outside the actor: Ray restarts it and retries the rollout it was running
-            name = f"{EVAL_ACTOR_PREFIX}-1"
+        if not killed:  # from outside: the other actor, mid-rollout; Ray restarts it and retries that rollout
+            run, index = record["actor"].rsplit("-", 1)
+            assert run.startswith(EVAL_ACTOR_PREFIX)
+            name = f"{run}-{1 - int(index)}"
             ray.kill(ray.get_actor(name), no_restart=False)
             killed.append(name)
 
@@ -164,4 +166,31 @@ def test_eval_refuses_a_base_as_an_lmdm_before_any_rollout(models: tuple[Config,
     assert out.exit_code == 1 and "bidirectional base model" in out.output
     bad = CliRunner().invoke(app, ["eval", "--engine", "lmdm:block_causal"])
     assert bad.exit_code == 2 and "NAME=VARIANT:CHECKPOINT" in bad.output
+    misspelt = CliRunner().invoke(app, ["eval", "retreival"])
+    assert misspelt.exit_code == 2 and "No such command" in misspelt.output
     assert not (tmp_path / "e" / "rollouts").exists()
+
+
+def test_a_rollout_rewritten_halfway_is_not_taken_for_the_finished_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old rollout.json goes before any new file is written: a rewrite killed halfway leaves no finished rollout
+    whose record would vouch for the new audio and frames."""
+    import numpy as np
+
+    from lmdm.eval import rollouts
+    from lmdm.eval.rollouts import RolloutOutput, finished_rollout, load_window_frames, write_rollout
+
+    def output(fingerprint: str, value: float) -> RolloutOutput:
+        record = {"folder": str(tmp_path / "r"), "fingerprint": fingerprint, "windows": 2}
+        return RolloutOutput(record, np.full((1, 1600), value, np.float32), [np.full((3, 4), value, np.float32)] * 2)
+
+    write_rollout(output("A", 0.1), 16000)
+    assert finished_rollout(tmp_path / "r", "A") is not None
+    assert float(load_window_frames(tmp_path / "r")[1][0, 0]) == pytest.approx(0.1)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # the driver stops between the audio and the frames
+
+    monkeypatch.setattr(rollouts.np, "savez", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_rollout(output("B", 0.5), 16000)
+    assert finished_rollout(tmp_path / "r", "A") is None and finished_rollout(tmp_path / "r", "B") is None

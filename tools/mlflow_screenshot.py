@@ -65,6 +65,8 @@ def main(eval_json: Path, out: Path, store: str = "sqlite:///runs/mlflow.db") ->
                 break
             except OSError:
                 time.sleep(0.5)
+        else:
+            raise SystemExit(f"mlflow ui did not answer on {base}/health within a minute")
         url = link.replace("http://127.0.0.1:5000", base)
         text = asyncio.run(_shoot(url, out))
         for expected in ("by_window", "eval/lmdm", "eval/outpainting"):

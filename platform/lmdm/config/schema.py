@@ -326,6 +326,7 @@ class QuickstartConfig(Section):
     lmdm_lr: float | None = Field(None, gt=0.0, le=1.0, description="the LMDM fine-tune's learning rate (None = train.lr)")
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     likeness_clips: int = Field(24, ge=1, description="corpus clips the likeness figures compare against")
+    eval: bool = Field(True, description="end with `lmdm eval` of the base (outpainting) and the LMDM, sized by eval.*")
 
 
 class PretrainConfig(Section):
@@ -363,14 +364,24 @@ class EvalConfig(Section):
         default_factory=list, description="engines `lmdm eval` rolls out; empty = the quickstart's base (outpainting) and LMDM"
     )
     autoencoder: str | None = Field(None, description="the autoencoder every engine's latents decode with; null = the quickstart's")
-    rollouts: int = Field(4, ge=1, le=10_000, description="rollouts per engine (rollout r: held-out caption r, seed eval.seed + r)")
+    rollouts: int = Field(
+        4,
+        ge=2,
+        le=10_000,
+        description="rollouts per engine (rollout r: held-out caption r, seed eval.seed + r); drift's intervals resample them",
+    )
     rollout_seconds: float = Field(60.0, gt=0.0, le=7200.0, description="seconds of each rollout")
     window_seconds: float = Field(10.0, gt=0.0, le=600.0, description="stream positions: every metric is taken per window")
     bootstrap: int = Field(500, ge=50, le=100_000, description="bootstrap resamples (of rollouts) behind every confidence interval")
     actors: int = Field(2, ge=1, le=1024, description="rollout actors (one model copy each)")
     cpus_per_actor: float = Field(1.0, gt=0.0, le=256.0)
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per actor")
-    fad_embedder: str = Field("crepe", min_length=1, description="FAD's embedder (crepe, crepe-full, builtin:<name>, a CLAP folder)")
+    fad_embedder: str = Field(
+        "crepe",
+        min_length=1,
+        description="FAD's embedder (crepe, crepe-full, builtin:<name>, a CLAP folder); FAD's bootstrap costs eval.bootstrap "
+        "eigenvalue problems of its width per window: 256-d crepe is quick, 2048-d crepe-full about 100x slower",
+    )
     text_embedder: str | None = Field("builtin:embedder", description="the CLAP score's text–audio embedder; null skips the CLAP score")
     out: Path | None = Field(None, description="the eval's folder (resumable); null = runs/<config name>/eval")
 
