@@ -388,9 +388,9 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         timing.add_row(key, f"{value:.1f}")
     timing.add_row("total", f"{sum(times.values()):.1f}")
     console.print(timing)
-    console.print(eval_table(evaluation))
+    if evaluation is not None:
+        console.print(eval_table(evaluation))
     console.print(f"stream: {wav} · spectrogram: {png}")
-    console.print(
-        f"eval report: {evaluation['report']['html']} · MLflow charts of the eval (after `mlflow ui`): {evaluation['mlflow_link']}"
-    )
+    if evaluation is not None:
+        console.print(f"eval report: {evaluation['report']['html']} · MLflow charts (after `mlflow ui`): {evaluation['mlflow_link']}")
     return result
