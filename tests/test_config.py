@@ -196,3 +196,15 @@ def test_training_precision_is_checked_against_the_hardware_and_strategy() -> No
         load_config("quick", ["train.precision=bf16", "train.strategy=deepspeed"])
     assert process_group_backend(load_config("quick")) == "gloo"
     assert process_group_backend(load_config("quick", ["train.use_gpu=true", "train.precision=fp16"])) == "nccl"
+
+
+def test_eval_settings_that_cannot_work_are_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"eval.window_seconds \(20\) is longer than eval.rollout_seconds \(10\)"):
+        load_config("quickstart", ["eval.rollout_seconds=10", "eval.window_seconds=20"])
+    with pytest.raises(ConfigError, match=r"eval.rollouts.*greater than or equal to 2"):
+        load_config("quickstart", ["eval.rollouts=1"])
+    twice = '[{"name": "a", "variant": "outpainting", "dit": "x"}, {"name": "a", "variant": "encdec", "dit": "y"}]'
+    with pytest.raises(ConfigError, match=r"names must differ"):
+        load_config("quickstart", [f"eval.engines={twice}"])
+    with pytest.raises(ConfigError, match=r"variant"):
+        load_config("quickstart", ['eval.engines=[{"name": "a", "variant": "lmm", "dit": "x"}]'])
