@@ -50,6 +50,7 @@ __all__ = [
     "attention_mask",
     "flex_available",
     "flex_block_mask",
+    "sliding_window_mask",
     "text_group_mask",
 ]
 
@@ -232,6 +233,20 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A bool mask (True = attend) as an additive float mask (0 / −inf), built once and reused by every
     layer and denoising step (a bool mask is converted inside attention at every call)."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def sliding_window_mask(queries: Tensor, keys: Tensor, window: int) -> Tensor:
+    """The LMM baseline's mask: a query at stream position ``q`` sees the keys at ``q − window < k ≤ q``
+    (causal, the last ``window`` tokens including itself).
+
+    Args:
+        queries: ``(S,)`` stream positions of the queries; keys: ``(K,)`` of the keys (negative: an empty slot).
+
+    Returns:
+        ``(S, K)`` bool (True = attend).
+    """
+    q, k = queries[:, None], keys[None, :]
+    return (k <= q) & (k > q - window) & (k >= 0)
 
 
 def text_group_mask(token_group: Tensor, text_len: int, groups: int) -> Tensor:

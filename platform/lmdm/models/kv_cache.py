@@ -23,13 +23,14 @@ Dh head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockKVCache", "CacheIO", "LayerCache"]
+__all__ = ["BlockKVCache", "CacheIO", "LayerCache", "TokenRingCache"]
 
 
 class LayerCache(NamedTuple):
@@ -194,3 +195,84 @@ class BlockKVCache:
         if self.k_raw is not None:
             total += self.k_raw.numel() * self.k_raw.element_size()
         return total
+
+
+@dataclass
+class TokenRingCache:
+    """The LMM baseline's sliding-window KV cache: ``window`` slots per layer, token ``p`` in slot ``p mod window``.
+
+    Buffers ``k``, ``v``, ``k_raw``: ``(Ly, R, H, window, Dh)``, preallocated. A decode step writes one token and
+    attends over the slots written so far (all of them once the ring is full: no mask, since the ring holds
+    exactly the window). Rotary positions stay bounded over an endless stream: keys are rotated at
+    ``position − base``, and when the next position would reach ``2 · window`` past ``base`` the base moves on by
+    ``window`` and every key is re-rotated from its un-rotated copy (``k_raw``; never a rotation of a rotated
+    key, so no error accumulates), once per ``window`` tokens.
+
+    Attributes:
+        written: tokens written so far (the stream position of the next token).
+        base: the position rotary angles are counted from.
+    """
+
+    k: Tensor
+    v: Tensor
+    k_raw: Tensor
+    window: int
+    slots: Tensor  # (window,) int64: arange, sliced for one slot's write index (a view, no allocation)
+    written: int = 0
+    base: int = 0
+
+    @staticmethod
+    def allocate(depth: int, rows: int, heads: int, head_dim: int, window: int, dtype: torch.dtype, device: torch.device) -> TokenRingCache:
+        shape = (depth, rows, heads, window, head_dim)
+        return TokenRingCache(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            k_raw=torch.zeros(shape, dtype=dtype, device=device),
+            window=window,
+            slots=torch.arange(window, device=device),
+        )
+
+    def step_io(self) -> CacheIO:
+        """The next token's pass: write its slot, attend over every slot written (the window once full)."""
+        slot = self.written % self.window
+        write = self.slots[slot : slot + 1]
+        return CacheIO(self.k, self.v, write, 0, min(self.written + 1, self.window), self.k_raw, write)
+
+    def relative_position(self) -> int:
+        """The rotary position of the next token (its stream position minus ``base``)."""
+        return self.written - self.base
+
+    def advance(self, tokens: int, rotate: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Count ``tokens`` written; past ``2 · window`` from ``base``, move the base and re-rotate every key.
+
+        Args:
+            rotate: ``rotate(k_raw, positions)`` → keys rotated at ``positions`` ``(window,)`` (the model's rotary).
+        """
+        self.written += tokens
+        if self.written - self.base >= 2 * self.window:
+            self.rebase(self.written - self.window, rotate)
+
+    def slot_positions(self) -> Tensor:
+        """``(window,)`` stream position each slot holds (the latest token written there; negative: empty)."""
+        p = self.written - 1
+        return p - torch.remainder(p - self.slots, self.window)
+
+    def rebase(self, base: int, rotate: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Count rotary positions from ``base`` on: every key re-rotated from ``k_raw`` (once per window)."""
+        self.base = base
+        self.k.copy_(rotate(self.k_raw, self.slot_positions() - base))
+
+    def load(self, keys_raw: Tensor, values: Tensor, rotate: Callable[[Tensor, Tensor], Tensor]) -> None:
+        """Fill the ring with a prefix of ``n`` tokens, of which the last ``min(n, window)`` are kept: un-rotated keys
+        and values ``(Ly, R, H, n, Dh)`` (a teacher-forced pass over a starting context)."""
+        n = keys_raw.shape[3]
+        keep = min(n, self.window)
+        positions = torch.arange(n - keep, n, device=self.k.device)
+        slots = torch.remainder(positions, self.window)
+        self.k_raw.index_copy_(3, slots, keys_raw[:, :, :, n - keep :])
+        self.v.index_copy_(3, slots, values[:, :, :, n - keep :])
+        self.written = n
+        self.rebase(max(0, n - self.window), rotate)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_raw))

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from lmdm.models.dit import DiT, TextKV
+from lmdm.models.dit import TextKV
 from lmdm.models.kv_cache import CacheIO
+from lmdm.models.lmm import LayerStack
 
 __all__ = ["RUNTIMES", "LayerRunner", "Runtime", "RuntimeName", "get_runtime", "resolve_runtime"]
 
@@ -54,7 +55,7 @@ class Runtime(Protocol):
     @property
     def name(self) -> str: ...
 
-    def bind(self, dit: DiT) -> LayerRunner: ...
+    def bind(self, dit: LayerStack) -> LayerRunner: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Eager:
 
     name: str = "eager"
 
-    def bind(self, dit: DiT) -> LayerRunner:
+    def bind(self, dit: LayerStack) -> LayerRunner:
         return dit.run_layers
 
 
@@ -73,7 +74,7 @@ class Packed:
 
     name: str = "packed"
 
-    def bind(self, dit: DiT) -> LayerRunner:
+    def bind(self, dit: LayerStack) -> LayerRunner:
         from lmdm.runtime.packed import packed_layers
 
         return packed_layers(dit)
@@ -88,7 +89,7 @@ class Compile:
     freeze: bool | None = None
     mode: str | None = None
 
-    def bind(self, dit: DiT) -> LayerRunner:
+    def bind(self, dit: LayerStack) -> LayerRunner:
         from lmdm.runtime.compiled import compiled_layers
 
         freeze = self.freeze

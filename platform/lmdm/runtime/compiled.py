@@ -35,8 +35,9 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
-from lmdm.models.dit import DiT, TextKV
+from lmdm.models.dit import TextKV
 from lmdm.models.kv_cache import CacheIO
+from lmdm.models.lmm import LayerStack
 from lmdm.runtime.versions import WeightWatch
 
 __all__ = ["RECOMPILE_LIMIT", "CompiledLayers", "compiled_layers", "freezing_available", "raise_recompile_limit"]
@@ -86,7 +87,7 @@ class CompiledLayers:
         ValueError: ``freeze`` with a backend other than inductor, or where freezing is unavailable.
     """
 
-    def __init__(self, dit: DiT, backend: str = "inductor", freeze: bool = False, mode: str | None = None) -> None:
+    def __init__(self, dit: LayerStack, backend: str = "inductor", freeze: bool = False, mode: str | None = None) -> None:
         if freeze and backend != "inductor":
             raise ValueError(f"freeze needs the inductor backend, got {backend!r}")
         if freeze and not freezing_available():
@@ -102,7 +103,7 @@ class CompiledLayers:
         self._weights = WeightWatch()
 
     @property
-    def dit(self) -> DiT:
+    def dit(self) -> LayerStack:
         dit = self._dit()
         if dit is None:
             raise RuntimeError("the model these compiled layers were bound to no longer exists")
@@ -139,10 +140,10 @@ class CompiledLayers:
             return self._compiled(self.dit, h, freqs, mask, text_kv, text_mask, cache, outputs_from)
 
 
-_BOUND: weakref.WeakKeyDictionary[DiT, dict[tuple[str, bool, str | None], CompiledLayers]] = weakref.WeakKeyDictionary()
+_BOUND: weakref.WeakKeyDictionary[LayerStack, dict[tuple[str, bool, str | None], CompiledLayers]] = weakref.WeakKeyDictionary()
 
 
-def compiled_layers(dit: DiT, backend: str = "inductor", freeze: bool = False, mode: str | None = None) -> CompiledLayers:
+def compiled_layers(dit: LayerStack, backend: str = "inductor", freeze: bool = False, mode: str | None = None) -> CompiledLayers:
     """The compiled layers of ``dit`` with these settings (one per model and settings: engines share them)."""
     per_model = _BOUND.setdefault(dit, {})
     key = (backend, freeze, mode)

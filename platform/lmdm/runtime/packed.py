@@ -40,8 +40,9 @@ from lmdm.models.attention import (
     merge_heads,
     query_rows,
 )
-from lmdm.models.dit import DiT, TextKV, run_blocks
+from lmdm.models.dit import TextKV, run_blocks
 from lmdm.models.kv_cache import CacheIO, LayerCache
+from lmdm.models.lmm import LayerStack
 from lmdm.models.rotary import apply_rotary
 from lmdm.runtime.onednn import GluPack, LinearPack
 from lmdm.runtime.versions import WeightWatch
@@ -172,7 +173,7 @@ class PackedLayers:
     """``run_layers`` of one :class:`~lmdm.models.dit.DiT` on packed weights (the signature of
     :meth:`DiT.run_layers <lmdm.models.dit.DiT.run_layers>`); see the module docstring for when it applies."""
 
-    def __init__(self, dit: DiT) -> None:
+    def __init__(self, dit: LayerStack) -> None:
         self._dit = weakref.ref(dit)
         self.clear()
 
@@ -182,7 +183,7 @@ class PackedLayers:
         self._weights = WeightWatch()
 
     @property
-    def dit(self) -> DiT:
+    def dit(self) -> LayerStack:
         dit = self._dit()
         if dit is None:
             raise RuntimeError("the model these packed layers were bound to no longer exists")
@@ -199,10 +200,9 @@ class PackedLayers:
         if getattr(module_lib, "_global_forward_hooks", True) or getattr(module_lib, "_global_forward_pre_hooks", True):
             return None
         tensors: list[Tensor] = []
-        for m in self.dit.transformer.layers.modules():
-            if m is not self.dit.transformer.layers and (
-                type(m) not in _KNOWN or getattr(m, "_forward_hooks", True) or getattr(m, "_forward_pre_hooks", True)
-            ):
+        stack: nn.Module = self.dit.layers  # type: ignore[assignment]
+        for m in stack.modules():
+            if m is not stack and (type(m) not in _KNOWN or getattr(m, "_forward_hooks", True) or getattr(m, "_forward_pre_hooks", True)):
                 return None
             tensors.extend(t for t in m._parameters.values() if t is not None)
             tensors.extend(t for t in m._buffers.values() if t is not None)
@@ -228,10 +228,10 @@ class PackedLayers:
         return run_blocks(packs, h, freqs, mask, text_kv, text_mask, cache, outputs_from)
 
 
-_BOUND: weakref.WeakKeyDictionary[DiT, PackedLayers] = weakref.WeakKeyDictionary()
+_BOUND: weakref.WeakKeyDictionary[LayerStack, PackedLayers] = weakref.WeakKeyDictionary()
 
 
-def packed_layers(dit: DiT) -> PackedLayers:
+def packed_layers(dit: LayerStack) -> PackedLayers:
     """The packed layers of ``dit`` (one per model: every engine on it shares the packs)."""
     bound = _BOUND.get(dit)
     if bound is None:

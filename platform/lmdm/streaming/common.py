@@ -11,8 +11,9 @@ The interface (:class:`Engine`)::
 
 :func:`sample_block` is ``step`` for every engine: a sampler (pure function) over ``denoise_step``.
 Classifier-free guidance runs both branches as one batch (rows ``[cond; uncond]``), each branch with its
-own context cache. The engines live in :mod:`lmdm.streaming.outpainting` and
-:mod:`lmdm.streaming.lmdm_engine`, each with its own state type.
+own context cache. The engines live in :mod:`lmdm.streaming.outpainting`,
+:mod:`lmdm.streaming.lmdm_engine` and (the LMM baseline: ``start``, ``step``, ``progress`` only, no
+denoising steps) :mod:`lmdm.streaming.lmm_engine`, each with its own state type.
 
 Legend: B batch, R rows (B × branches), C latent channels, Bf block frames, Ctx context blocks,
 Kc = Ctx·Bf context frames, L text tokens, Dc text width.
@@ -41,6 +42,7 @@ __all__ = [
     "KEY_SEP",
     "Condition",
     "ContextWindow",
+    "DiffusionEngine",
     "Engine",
     "EngineCore",
     "Progress",
@@ -84,11 +86,25 @@ class Sampling:
 
 
 class Engine(Protocol[StateT]):
-    """The interface every generation method implements (outpainting and the LMDM variants; the LMM baseline next)."""
+    """The interface every generation method implements (outpainting, the LMDM variants and the LMM baseline):
+    what rollout, streams, eval and the benches drive."""
 
     def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> StateT:
         """A new stream of ``batch`` rows; ``context`` ``(B, C, k·Bf)`` is real starting context (``None``: silence)."""
         ...
+
+    def step(self, state: StateT, condition: Condition, grad_step: int | None = None) -> Tensor:
+        """Generate and commit the next block ``(B, C, Bf)``."""
+        ...
+
+    def progress(self, state: StateT) -> Progress:
+        """The stream's progress (batch, block index, noise generator)."""
+        ...
+
+
+class DiffusionEngine(Engine[StateT], Protocol[StateT]):
+    """A diffusion engine's per-denoising-step interface (outpainting and the LMDM variants): ``step`` is
+    :func:`sample_block` over these, and a scheduler may interleave and batch the steps of many sessions."""
 
     def begin_block(self, state: StateT, condition: Condition) -> None:
         """Plan the next block under ``condition`` (once per block, not per step)."""
@@ -100,14 +116,6 @@ class Engine(Protocol[StateT]):
 
     def end_block(self, state: StateT, block: Tensor) -> None:
         """Commit the finished block ``(B, C, Bf)`` as context."""
-        ...
-
-    def step(self, state: StateT, condition: Condition, grad_step: int | None = None) -> Tensor:
-        """Generate and commit the next block ``(B, C, Bf)``."""
-        ...
-
-    def progress(self, state: StateT) -> Progress:
-        """The stream's progress (batch, block index, noise generator)."""
         ...
 
 
@@ -157,6 +165,12 @@ class ContextWindow:
         return torch.tensor([k is not None for k in self.keys], dtype=torch.bool, device=self.latents.device)
 
 
+class TextModel(Protocol):
+    """What :class:`PromptCache` needs of a model: per-layer text keys/values (a DiT or an LMM)."""
+
+    def text_kv(self, text: Tensor) -> TextKV: ...
+
+
 class PromptCache:
     """Per-layer text keys/values per prompt key, with CFG rows ``[cond; uncond]`` (cache per prompt).
 
@@ -167,7 +181,7 @@ class PromptCache:
     block's backward reaches through another block's graph.
     """
 
-    def __init__(self, dit: DiT, batch: int, rows: int, dtype: torch.dtype) -> None:
+    def __init__(self, dit: TextModel, batch: int, rows: int, dtype: torch.dtype) -> None:
         self.dit, self.batch, self.rows, self.dtype = dit, batch, rows, dtype
         self.entries: dict[str, TextKV] = {}
         self.texts: dict[str, Tensor | None] = {}  # (B, L, Dc) each key was made from; None = no text
