@@ -287,8 +287,8 @@ def precompute(
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm | embedder (lmm, arc: later).")],
-    latents: Annotated[Path | None, typer.Option("--latents", help="Output folder of `lmdm precompute` (base, lmdm).")] = None,
+    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm | embedder | rvq | lmm (arc: later).")],
+    latents: Annotated[Path | None, typer.Option("--latents", help="Output folder of `lmdm precompute` (base, lmdm, rvq, lmm).")] = None,
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,
 ) -> None:

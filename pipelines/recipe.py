@@ -60,7 +60,12 @@ class EmptyShardError(ValueError):
 
 
 class StageRecipe:
-    """One worker's training of one stage (``autoencoder``, ``base``, ``lmdm`` or ``embedder``)."""
+    """One worker's training of one stage (``autoencoder``, ``base``, ``lmdm``, ``embedder``, ``rvq`` or ``lmm``).
+
+    The ``rvq`` stage has no gradients: its codebooks are moving averages (:meth:`ResidualVQ.update
+    <lmdm.models.rvq.ResidualVQ.update>`) whose statistics every step sums over the workers with
+    ``torch.distributed`` collectives, so no optimizer, DDP or DeepSpeed wraps it (``train.strategy`` does not
+    apply) and its checkpoints hold the codebooks themselves (``model/``, no ``ema/``)."""
 
     def __init__(self, config: dict[str, Any], callbacks: list[Callback]) -> None:
         import ray.train
@@ -85,19 +90,23 @@ class StageRecipe:
         torch.manual_seed(self.cfg.train.seed)
         self.accelerator = self._accelerator()
         self.module = self._build_model()
-        self.ema = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.rank == 0 else None
+        self.ema = {k: v.detach().clone() for k, v in self.module.state_dict().items()} if self.rank == 0 and self.stage != "rvq" else None
         # On the training device: the losses draw every random tensor on the generator's device.
         self.generator = torch.Generator(device=self.accelerator.device).manual_seed(self.cfg.train.seed * 1000 + self.rank)
         t = self.cfg.train
         self.discriminator, self.disc_optimizer = self._discriminator()
         loss = _StageLoss.build(self.cfg, self.stage, self.module, self.generator, self.discriminator)
+        self.texts = _text_table(self.latents) if self.stage in ("base", "lmdm", "lmm") else {}
+        if self.stage == "rvq":  # moving averages, no gradients: nothing for an optimizer or a data-parallel wrapper
+            self.model, self.optimizer = loss.to(self.accelerator.device), None
+            self._start_tracking()
+            return
         # Stable Audio's autoencoder recipe uses betas (0.8, 0.99); the DiT stages keep AdamW's defaults.
         betas = (0.8, 0.99) if self.stage == "autoencoder" else (0.9, 0.999)
         optimizer = torch.optim.AdamW([p for p in loss.parameters() if p.requires_grad], lr=t.lr, betas=betas)
         self.model, self.optimizer = self.accelerator.prepare(loss, optimizer)
         if self.discriminator is not None:
             self.discriminator, self.disc_optimizer = self.accelerator.prepare(self.discriminator, self.disc_optimizer)
-        self.texts = _text_table(self.latents) if self.stage in ("base", "lmdm") else {}
         self._start_tracking()
 
     def _discriminator(self) -> tuple[Any, Any]:
@@ -152,6 +161,19 @@ class StageRecipe:
 
             self.sentences = _SentenceTable(build_text_encoder(self.cfg))
             return build_embedder(self.cfg, self.sentences.dim)
+        if self.stage == "rvq":
+            from lmdm.builders import build_rvq
+
+            return build_rvq(self.cfg)
+        if self.stage == "lmm":
+            from lmdm.builders import build_lmm
+            from lmdm.checkpoints.format import load_checkpoint, load_state_strict
+
+            assert self.cfg.lmm.tokenizer is not None  # checked on the driver
+            lmm = build_lmm(self.cfg, tokenizer=load_checkpoint(self.cfg.lmm.tokenizer, kind="rvq")[0])  # type: ignore[arg-type]
+            if self.cfg.train.init is not None:
+                load_state_strict(lmm, load_checkpoint(self.cfg.train.init, kind="lmm")[0].state_dict(), str(self.cfg.train.init))
+            return lmm
         module: Any = build_autoencoder_from(self.cfg) if self.stage == "autoencoder" else build_dit(self.cfg)
         if self.cfg.train.init is not None:
             load_init(module, self.cfg.train.init)
@@ -185,6 +207,8 @@ class StageRecipe:
             return
         with checkpoint.as_directory() as folder:
             self.accelerator.load_state(str(Path(folder) / "state"))
+            if self.stage == "rvq":  # the codebooks are buffers no optimizer state holds
+                self.module.load_state_dict(load_checkpoint(Path(folder) / "model", kind="rvq")[0].state_dict())
             progress = json.loads((Path(folder) / "step.json").read_text())
             self.step, self.train_seconds = progress["step"], float(progress.get("train_seconds", 0.0))
             if self.ema is not None and (Path(folder) / "ema").is_dir():
@@ -225,13 +249,18 @@ class StageRecipe:
             return audio, self.sentences.embed([str(c) for c in batch["caption"]])
         D, T = int(batch["latent_channels"][0]), int(batch["latent_frames"][0])
         lat = torch.from_numpy(np.stack([np.asarray(m, dtype=np.float32) for m in batch["latent_mean"]])).reshape(-1, D, T)
-        text = torch.stack([self.texts[str(c)] for c in batch["caption"]]) if self.cfg.dit.cond_token_dim else None
+        text = torch.stack([self.texts[str(c)] for c in batch["caption"]]) if self.cfg.dit.cond_token_dim and self.texts else None
         return lat, text
 
     # ---- one step ---------------------------------------------------------------------------
 
     def train_step(self, inputs: Any, text: Any) -> None:
         """Forward, backward, clip and step (Accelerate accumulates ``train.grad_accum`` micro-batches)."""
+        if self.stage == "rvq":
+            stats = self.module.update(inputs, self.generator, reduce=_all_reduce_sum, broadcast=_from_rank0)
+            self.step, self.loss = self.step + 1, stats["mse"]
+            self.parts = {"restarted_codes": stats["restarted"], "codes_used": stats["used"]}
+            return
         adversarial = self.discriminator is not None and self.step >= self.cfg.train.autoencoder.discriminator_start
         stage_loss = self.accelerator.unwrap_model(self.model)
         if self.discriminator is not None:
@@ -296,7 +325,7 @@ class StageRecipe:
         rows = self.cfg.train.batch_size * self.accelerator.num_processes
         per_step = {
             "train/loss": self.loss,
-            "train/lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train/lr": float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else float("nan"),
             "train/grad_norm": self.grad_norm,
             "train/samples_per_s": rows / seconds if seconds > 0 else float("nan"),
             **{f"train/{part}": value for part, value in self.parts.items()},
@@ -332,7 +361,8 @@ class StageRecipe:
         (folder / "step.json").write_text(json.dumps({"step": self.step, "train_seconds": self.train_seconds}))
         module = self.accelerator.unwrap_model(self.model).dit
         save_checkpoint(folder / "model", module, meta, trained)
-        save_checkpoint(folder / "ema", module, {**meta, "ema_decay": self.cfg.train.ema_decay}, trained, state=self.ema)
+        if self.ema is not None:
+            save_checkpoint(folder / "ema", module, {**meta, "ema_decay": self.cfg.train.ema_decay}, trained, state=self.ema)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -443,6 +473,25 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def _all_reduce_sum(x: Any) -> Any:
+    """``x`` summed over the workers (in place; ``x`` itself on one worker)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def _from_rank0(x: Any) -> Any:
+    """Worker 0's ``x`` on every worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.contiguous()
+        dist.broadcast(x, src=0)
+    return x
 
 
 def _no_deepspeed_ops() -> None:
@@ -638,6 +687,28 @@ class _StageLoss:
 
         if stage == "embedder":
             return EmbedderStageLoss()
+
+        class RVQStageLoss(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dit = dit  # the RVQ
+
+        if stage == "rvq":
+            return RVQStageLoss()
+
+        class LMMStageLoss(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.dit = dit  # the LMM
+
+            def forward(self, lat: Tensor, text: Tensor | None) -> Tensor:
+                from lmdm.training.lmm_loss import lmm_loss
+
+                frames = min(cfg.lmm.train_frames or self.dit.args.window_frames, lat.shape[-1])
+                return lmm_loss(self.dit, lat, text, generator, frames, cfg_dropout=t.cfg_dropout)
+
+        if stage == "lmm":
+            return LMMStageLoss()
 
         class StageLoss(nn.Module):
             def __init__(self) -> None:

@@ -1,9 +1,10 @@
 """``lmdm train``: Ray Train ``TorchTrainer`` + HF Accelerate (+ DeepSpeed ZeRO) for every stage (the driver).
 
 Stages: ``autoencoder`` (on audio chunks), ``base`` (bidirectional DiT with random inpainting masks:
-it is also the outpainting baseline) and ``lmdm`` (the LMDM loss of DESIGN §4, ``stream.variant``
+it is also the outpainting baseline), ``lmdm`` (the LMDM loss of DESIGN §4, ``stream.variant``
 ``block_causal`` or ``encdec``, usually initialised from a base, ours or an imported Stable Audio DiT,
-with ``train.init``). Data are the precomputed latent shards (Ray Data, one shard per worker) and the
+with ``train.init``), and the LMM baseline's ``rvq`` (its tokenizer) and ``lmm`` (``lmm.kind``, on the
+codes of the RVQ in ``lmm.tokenizer``); ``embedder`` trains the built-in text–audio embedder. Data are the precomputed latent shards (Ray Data, one shard per worker) and the
 caption-keyed text-embedding table. Each worker runs :mod:`lmdm.pipelines.recipe`; a failed worker
 restarts the group from the latest checkpoint (``FailureConfig``) and the step count continues.
 
@@ -13,6 +14,7 @@ and the checkpoints the run writes say what they are (:class:`lmdm.checkpoints.f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -56,6 +58,19 @@ def _trained_with(cfg: Config, stage: str, manifest: dict[str, Any] | None) -> d
         return {"stage": stage, "text_encoder": build_text_encoder(cfg).fingerprint()}
     if manifest is None:  # the autoencoder stage: no latents
         return {"stage": stage}
+    if stage == "rvq":
+        return {"stage": stage, "autoencoder": manifest.get("autoencoder_sha256")}
+    if stage == "lmm":
+        assert cfg.lmm.tokenizer is not None
+        return {
+            "stage": stage,
+            "variant": cfg.lmm.kind,
+            "block_frames": cfg.stream.block_frames,
+            "context_blocks": cfg.stream.context_blocks,
+            "autoencoder": manifest.get("autoencoder_sha256"),
+            "text_encoder": manifest.get("text_encoder", {}).get("fingerprint") if cfg.dit.cond_token_dim else None,
+            "rvq": file_sha256(Path(cfg.lmm.tokenizer) / "model.safetensors"),
+        }
     return {
         "stage": stage,
         "objective": cfg.dit.objective,
@@ -92,6 +107,9 @@ def _check_init(cfg: Config, stage: str, trained: dict[str, Any]) -> None:
     from lmdm.checkpoints.compat import check_init
     from lmdm.checkpoints.format import read_checkpoint_info
 
+    if stage in ("rvq", "lmm"):
+        _check_lmm_inputs(cfg, stage, trained)
+        return
     if cfg.train.init is None:
         return
     info = read_checkpoint_info(cfg.train.init)
@@ -103,6 +121,49 @@ def _check_init(cfg: Config, stage: str, trained: dict[str, Any]) -> None:
         autoencoder=trained.get("autoencoder"),
         text_encoder=trained.get("text_encoder"),
     )
+
+
+def _tokenizer_info(cfg: Config) -> Any:
+    """``lmm.tokenizer``'s checkpoint info; a clear error where it is unset, missing or not an RVQ."""
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.checkpoints.format import read_checkpoint_info
+
+    if cfg.lmm.tokenizer is None:
+        raise ValueError(
+            "the lmm stage tokenises latents with a trained RVQ: set lmm.tokenizer=<folder> (`lmdm train --stage rvq` writes one)"
+        )
+    info = read_checkpoint_info(cfg.lmm.tokenizer)
+    if info.kind != "rvq":
+        raise CheckpointError(f"lmm.tokenizer={cfg.lmm.tokenizer} holds a checkpoint of kind {info.kind!r}; it must be an RVQ (kind 'rvq')")
+    return info
+
+
+def _check_lmm_inputs(cfg: Config, stage: str, trained: dict[str, Any]) -> None:
+    """The LMM baseline's stages: the tokenizer (``lmm.tokenizer``) fits the config and the latents, and a
+    ``train.init`` is an LMM of the same design; else a clear error."""
+    from lmdm.builders import lmm_args
+    from lmdm.checkpoints.compat import check_fingerprints
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.checkpoints.format import read_checkpoint_info
+
+    if stage == "rvq":
+        if cfg.train.init is not None:
+            raise ValueError("the rvq stage starts from k-means on the data; train.init does not apply (unset it)")
+        return
+    info = _tokenizer_info(cfg)
+    levels, codes = info.args.get("levels"), info.args.get("codes")
+    if (levels, codes) != (cfg.rvq.levels, cfg.rvq.codes):
+        raise CheckpointError(
+            f"lmm.tokenizer={cfg.lmm.tokenizer} has {levels} levels of {codes} codes, but the config's LMM expects rvq.levels="
+            f"{cfg.rvq.levels} of rvq.codes={cfg.rvq.codes}: set rvq.levels={levels} rvq.codes={codes}, or train an RVQ for this config"
+        )
+    check_fingerprints(info, autoencoder=trained.get("autoencoder"), text_encoder=None, what="these latents")
+    if cfg.train.init is not None:
+        init = read_checkpoint_info(cfg.train.init)
+        if init.kind != "lmm" or init.args != dataclasses.asdict(lmm_args(cfg)):
+            raise CheckpointError(
+                f"train.init={cfg.train.init} is not an LMM of the config's design and sizes (lmm.kind={cfg.lmm.kind}, lmm.{cfg.lmm.kind}.*)"
+            )
 
 
 def _log_stage_params(cfg: Config, stage: str, run_id: str) -> None:
@@ -192,8 +253,10 @@ _RESUMABLE_CHANGES = {
 # Sections a stage never reads: a change there neither starts a new run of that stage nor stops a resume (a
 # long autoencoder run continues while the DiT settings that come after it are still being chosen).
 _UNREAD_SECTIONS = {
-    "autoencoder": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve"),
-    "embedder": ("autoencoder", "dit", "stream", "precompute", "eval", "serve"),
+    "autoencoder": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve", "rvq", "lmm"),
+    "embedder": ("autoencoder", "dit", "stream", "precompute", "eval", "serve", "rvq", "lmm"),
+    "rvq": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve", "lmm"),
+    "lmm": ("precompute", "embedder", "eval", "serve"),
 }
 
 
@@ -220,6 +283,9 @@ def run_name(cfg: Config, stage: str, latents: Path | None) -> str:
         # new `builtin:corpus-base`, a retrained `runs/<name>/base`) must not resume the old base's fine-tune.
         weights = Path(cfg.train.init) / "model.safetensors"
         settings["train"]["init"] = file_sha256(weights) if weights.is_file() else str(Path(cfg.train.init).resolve())
+    if stage == "lmm" and cfg.lmm.tokenizer is not None:  # likewise the tokenizer: its codes are the data
+        weights = Path(cfg.lmm.tokenizer) / "model.safetensors"
+        settings["lmm"]["tokenizer"] = file_sha256(weights) if weights.is_file() else str(Path(cfg.lmm.tokenizer).resolve())
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.name}-{stage}-{digest}"
 
@@ -282,6 +348,8 @@ def _absolute(cfg: Config) -> Config:
     cfg.train.storage_path = Path(cfg.train.storage_path).resolve()
     if cfg.train.init is not None:
         cfg.train.init = Path(cfg.train.init).resolve()
+    if cfg.lmm.tokenizer is not None:
+        cfg.lmm.tokenizer = Path(cfg.lmm.tokenizer).resolve()
     return cfg
 
 
@@ -344,20 +412,22 @@ def run_train(
     from lmdm.pipelines.ray_session import ensure_ray
 
     cfg = _absolute(cfg)
-    if stage not in ("autoencoder", "base", "lmdm", "embedder"):
-        raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm, embedder)")
+    if stage not in ("autoencoder", "base", "lmdm", "embedder", "rvq", "lmm"):
+        raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm, embedder, rvq, lmm)")
     if stage == "autoencoder" and cfg.train.autoencoder.adversarial and cfg.train.strategy == "deepspeed":
         raise ValueError(
             "the autoencoder stage with a discriminator has two optimizers, which Accelerate's DeepSpeed path does not "
             "support: use train.strategy=ddp (or set train.autoencoder.adversarial_weight and feature_matching_weight to 0)"
         )
     manifest = None
-    if stage in ("base", "lmdm"):
+    if stage in ("base", "lmdm", "rvq", "lmm"):
         if latents is None or not (Path(latents) / "manifest.json").is_file():
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
         manifest = json.loads((latents / "manifest.json").read_text())
         _require_chunks(latents, manifest, cfg)
+    if stage == "lmm":
+        _tokenizer_info(cfg)  # before anything reads it
     trained = _trained_with(cfg, stage, manifest)
     _check_init(cfg, stage, trained)
     ensure_ray(cfg)

@@ -17,7 +17,15 @@ from lmdm.checkpoints.errors import CheckpointError
 from lmdm.checkpoints.format import CheckpointInfo, load_state_strict
 from lmdm.models.dit import DiT, DiTArgs
 
-__all__ = ["STREAMING_VARIANTS", "check_fingerprints", "check_init", "check_streaming", "load_init", "widen_inputs"]
+__all__ = [
+    "STREAMING_VARIANTS",
+    "check_fingerprints",
+    "check_init",
+    "check_lmm_streaming",
+    "check_streaming",
+    "load_init",
+    "widen_inputs",
+]
 
 STREAMING_VARIANTS = ("block_causal", "encdec")  # the LMDM variants (outpainting streams a base)
 
@@ -95,6 +103,35 @@ def check_streaming(
         raise CheckpointError(
             f"stream.context_blocks={context_blocks} is a longer context than {where} was trained with ({t.context_blocks} blocks): "
             f"set stream.context_blocks to at most {t.context_blocks}, or fine-tune with the longer context"
+        )
+    check_fingerprints(info, autoencoder=autoencoder, text_encoder=text_encoder, what="this stream")
+
+
+def check_lmm_streaming(
+    info: CheckpointInfo, *, kind: str, latent_channels: int, autoencoder: str | None = None, text_encoder: str | None = None
+) -> None:
+    """Refuse to stream ``info``'s LMM where it does not fit.
+
+    Args:
+        kind: the LMM design asked for (``flat`` or ``framewise``).
+        latent_channels: the autoencoder's latent width.
+        autoencoder, text_encoder: fingerprints of the autoencoder and text encoder in use.
+
+    Raises:
+        CheckpointError: another kind of checkpoint or LMM design, other latents, another autoencoder or text encoder.
+    """
+    where = str(info.folder)
+    if info.kind != "lmm":
+        raise CheckpointError(
+            f"{where} holds a checkpoint of kind {info.kind!r}; variant {kind!r} streams an LMM (`lmdm train --stage lmm`)"
+        )
+    found = info.args.get("kind")
+    if found != kind:
+        raise CheckpointError(f"{where} is a {found} LMM, not {kind}: stream it as variant {found!r}")
+    if info.args.get("latent_channels") != latent_channels:
+        raise CheckpointError(
+            f"{where} makes {info.args.get('latent_channels')}-channel latents but the autoencoder decodes {latent_channels}: "
+            "pass the autoencoder it was trained with"
         )
     check_fingerprints(info, autoencoder=autoencoder, text_encoder=text_encoder, what="this stream")
 

@@ -2,7 +2,7 @@
 
 ``config.json`` says what the checkpoint is (DESIGN §6)::
 
-    {"format": 2, "kind": "dit" | "autoencoder" | "embedder" | "number_conditioners",
+    {"format": 2, "kind": "dit" | "autoencoder" | "embedder" | "rvq" | "lmm" | "number_conditioners",
      "args": {flat constructor arguments}, "trained": {TrainedWith}, "meta": {free-form extras}}
 
 ``kind`` picks the class from :data:`KINDS` (the one registry of checkpoint kinds), ``args`` rebuild it,
@@ -34,6 +34,8 @@ from lmdm.models.autoencoder import OobleckVAE
 from lmdm.models.conditioners import NumberConditioners
 from lmdm.models.dit import DiT, DiTArgs
 from lmdm.models.embedder import EmbedderArgs, TextAudioEmbedding
+from lmdm.models.lmm import LMM, LMMArgs
+from lmdm.models.rvq import ResidualVQ
 
 __all__ = [
     "KINDS",
@@ -64,6 +66,8 @@ KINDS: dict[str, Kind] = {
     "dit": Kind(DiT, lambda a: DiT(DiTArgs(**a)), lambda m: dataclasses.asdict(m.args)),
     "autoencoder": Kind(OobleckVAE, lambda a: OobleckVAE(**a), lambda m: dict(m.init_args)),
     "embedder": Kind(TextAudioEmbedding, lambda a: TextAudioEmbedding(EmbedderArgs(**a)), lambda m: m.init_args()),
+    "rvq": Kind(ResidualVQ, lambda a: ResidualVQ(**a), lambda m: m.init_args()),
+    "lmm": Kind(LMM, lambda a: LMM(LMMArgs(**a)), lambda m: m.init_args()),
     "number_conditioners": Kind(
         NumberConditioners,
         lambda a: NumberConditioners({k: tuple(v) for k, v in a["numbers"].items()}),
@@ -78,13 +82,15 @@ class TrainedWith:
 
     Attributes:
         stage: ``autoencoder``, ``base`` (bidirectional, random inpainting masks; also Stable Audio
-            imports) or ``lmdm`` (streaming fine-tune).
+            imports), ``lmdm`` (streaming fine-tune), ``rvq`` or ``lmm`` (the LMM baseline and its tokenizer).
         objective: the diffusion objective (``v`` or ``rectified_flow``).
-        variant: the stream variant an LMDM was trained for (``block_causal`` or ``encdec``).
+        variant: the stream variant an LMDM was trained for (``block_causal`` or ``encdec``), an LMM's kind
+            (``flat`` or ``framewise``).
         block_frames, context_blocks: the block geometry it was trained with.
         autoencoder: SHA-256 of the autoencoder's ``model.safetensors`` whose latents it learned.
         text_encoder: the text encoder's fingerprint (:meth:`lmdm.text.encoders.TextEncoder.fingerprint`).
         source: where imported weights came from (a Stable Audio folder).
+        rvq: SHA-256 of the RVQ tokenizer's ``model.safetensors`` an LMM was trained on.
     """
 
     stage: str | None = None
@@ -95,6 +101,7 @@ class TrainedWith:
     autoencoder: str | None = None
     text_encoder: str | None = None
     source: str | None = None
+    rvq: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -255,7 +255,7 @@ class AutoencoderTrainConfig(Section):
 class TrainConfig(Section):
     """Training loop settings shared by every stage."""
 
-    stage: Literal["autoencoder", "base", "lmdm", "embedder", "lmm", "arc"] = "base"
+    stage: Literal["autoencoder", "base", "lmdm", "embedder", "rvq", "lmm", "arc"] = "base"
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1, le=65536)
     lr: float = Field(3e-4, gt=0.0, le=1.0)
@@ -310,6 +310,44 @@ class TrainConfig(Section):
         return self
 
 
+class RVQConfig(Section):
+    """The LMM baseline's tokenizer: residual vector quantisation of the autoencoder's latents (``lmdm train --stage rvq``;
+    lmdm.models.rvq). Defaults as Magenta RealTime v1: 16 levels of 1024 codes."""
+
+    levels: int = Field(16, ge=1, le=64, description="depth K: codebooks applied one after the other to the residual")
+    codes: int = Field(1024, ge=2, le=65536, description="codes per level")
+    decay: float = Field(0.99, gt=0.0, lt=1.0, description="EMA decay of the codebook statistics")
+    dead_threshold: float = Field(0.5, ge=0.0, description="a code whose EMA count (assignments per step) falls below this is restarted")
+    kmeans_iters: int = Field(10, ge=0, le=1000, description="Lloyd iterations of the k-means initialisation on the first batch")
+
+
+class LMMSizeConfig(Section):
+    """Sizes of one LMM design (lmdm.models.lmm)."""
+
+    width: int = Field(384, ge=8, le=8192)
+    depth: int = Field(4, ge=1, le=128, description="temporal transformer layers")
+    head_dim: int = Field(64, ge=32, le=256)
+    embed_dim: int = Field(32, ge=4, le=4096, description="per-level code embeddings and output tables")
+    depth_width: int = Field(256, ge=8, le=8192, description="framewise: the depth transformer's width (flat: unused)")
+    depth_layers: int = Field(2, ge=1, le=64, description="framewise: the depth transformer's layers (flat: unused)")
+
+
+class LMMConfig(Section):
+    """The discrete-AR LMM baseline (``lmdm train --stage lmm``): ``flat`` (Magenta RealTime v1: every RVQ level of every
+    frame one sequential step) or ``framewise`` (Magenta RealTime 2: one temporal step per frame and a depth transformer).
+    Its attention window is the LMDM's: ``(stream.context_blocks + 1) · stream.block_frames`` frames."""
+
+    kind: Literal["flat", "framewise"] = Field("flat", description="which design `lmdm train --stage lmm` trains")
+    flat: LMMSizeConfig = Field(default_factory=LMMSizeConfig, description="sized to the quickstart LMDM's parameter count (±10%)")
+    framewise: LMMSizeConfig = Field(default_factory=lambda: LMMSizeConfig(depth=3), description="likewise")
+    tokenizer: Path | None = Field(None, description="the RVQ checkpoint folder (`lmdm train --stage rvq`) the lmm stage tokenises with")
+    train_frames: int | None = Field(
+        None, ge=2, le=100_000, description="frames per training sequence (cropped from a latent chunk); null = the attention window"
+    )
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="sampling temperature; 0 = greedy")
+    top_k: int = Field(40, ge=0, le=65536, description="sample among the k likeliest codes; 0 = all")
+
+
 class QuickstartConfig(Section):
     """The `lmdm quickstart` chain: how long each stage trains, and the final stream."""
 
@@ -346,8 +384,12 @@ class EvalEngine(Section):
     """One engine ``lmdm eval`` rolls out: a DiT checkpoint streamed with a variant."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="its label in MLflow and the report")
-    variant: Literal["outpainting", "encdec", "block_causal"] = Field(description="outpainting for a bidirectional base, else the LMDM's")
-    dit: str = Field(min_length=1, description="a DiT checkpoint folder, or builtin:<name>/base")
+    variant: Literal["outpainting", "encdec", "block_causal", "flat", "framewise"] = Field(
+        description="outpainting for a bidirectional base, block_causal or encdec for an LMDM, flat or framewise for an LMM"
+    )
+    dit: str = Field(
+        min_length=1, description="the model's checkpoint folder (a DiT, or an LMM for flat/framewise), or builtin:<name>/base"
+    )
 
 
 class EvalConfig(Section):
@@ -432,6 +474,8 @@ class Config(BaseModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     stream: StreamConfig = Field(default_factory=StreamConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    rvq: RVQConfig = Field(default_factory=RVQConfig)
+    lmm: LMMConfig = Field(default_factory=LMMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
