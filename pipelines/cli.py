@@ -725,6 +725,44 @@ def _write_figures(json_out: Path | None, results: dict[str, Any]) -> None:
         console.print(f"figures: {json_out}")
 
 
+@bench_app.command("compare")
+def bench_compare(
+    quick: Annotated[bool, typer.Option("--quick", help="The quickstart shape only, 3 timed blocks (a few minutes on 2 cores).")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="The bar chart PNG (default: runs/bench-compare.png).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed blocks per method (default 5; quick 3).")] = None,
+    runtime: Annotated[str, typer.Option(help="The runtime every method runs on: auto | eager | packed | compile.")] = "auto",
+    rvq: Annotated[
+        Path | None,
+        typer.Option("--rvq", help="A trained RVQ whose per-depth error prints beside the ratios (default: runs/<config>/rvq/model)."),
+    ] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """LMDM (block-causal) vs outpainting vs the flat and framewise LMMs at matched parameter count, batch 1, the same
+    block and context seconds and runtime: sequential passes, FLOPs (analytical and counted), latency, time to first
+    audio, real-time factor and cache memory per second of audio, with the ratios, from one run; a PNG bar chart."""
+    from lmdm.eval.bench_compare import compare_report, paper_shape, plot_compare, quickstart_shape, run_compare_bench
+
+    cfg = _load(config, overrides)
+    shapes = [quickstart_shape(cfg)] if quick else [paper_shape(cfg.rvq.levels, cfg.rvq.codes), quickstart_shape(cfg)]
+    default_rvq = Path("runs") / cfg.name / "rvq" / "model"
+    console.print(f"comparing on {__import__('torch').get_num_threads()} threads: " + ", ".join(s.name for s in shapes) + " ...")
+    try:
+        results = run_compare_bench(
+            shapes, runtime, repeats or (3 if quick else 5), rvq=rvq or (default_rvq if default_rvq.is_dir() else None),
+            progress=lambda line: console.print(f"[dim]{line}[/]"),
+        )  # fmt: skip
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    for table in compare_report(results):
+        console.print(table)
+    png = plot_compare(results, plot or Path("runs") / "bench-compare.png")
+    console.print(f"chart: {png}")
+    _write_figures(json_out, results)
+
+
 @bench_app.command("stream")
 def bench_stream(
     quick: Annotated[bool, typer.Option("--quick", help="A small shape (under a minute on 2 cores).")] = False,

@@ -258,6 +258,7 @@ class StageRecipe:
         """Forward, backward, clip and step (Accelerate accumulates ``train.grad_accum`` micro-batches)."""
         if self.stage == "rvq":
             stats = self.module.update(inputs, self.generator, reduce=_all_reduce_sum, broadcast=_from_rank0)
+            self.last_batch = inputs  # the checkpoint's per-depth error is measured on it
             self.step, self.loss = self.step + 1, stats["mse"]
             self.parts = {"restarted_codes": stats["restarted"], "codes_used": stats["used"]}
             return
@@ -355,6 +356,12 @@ class StageRecipe:
         from lmdm.checkpoints.format import TrainedWith, save_checkpoint
 
         trained, meta = TrainedWith(**self.trained), {"step": self.step, "train_seconds": round(self.train_seconds, 1)}
+        if self.stage == "rvq":  # reconstruction error per depth on the last batch (`lmdm bench compare` prints it)
+            import torch
+
+            with torch.no_grad():
+                meta["depth_mse"] = [round(float(e), 6) for e in self.module.depth_errors(self.last_batch)]
+                meta["latent_power"] = round(float(self.last_batch.pow(2).mean()), 6)
         if self.stage == "embedder":  # how to rebuild the sentences it reads (checked against trained.text_encoder)
             meta["text_encoder"] = {"kind": self.cfg.text.encoder, "max_tokens": self.cfg.text.max_tokens}
             meta["window_s"] = self.cfg.embedder.chunk_seconds
