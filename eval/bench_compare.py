@@ -127,11 +127,10 @@ def _count(module: torch.nn.Module) -> int:
 
 def match_lmm_sizes(shape: CompareShape, kind: str, target: int) -> dict[str, int]:
     """LMM sizes of ``kind`` at the DiT's width whose parameter count is closest to ``target`` (temporal depth,
-    code-embedding width, and for ``framewise`` the depth transformer's width and layers, from small grids)."""
+    code-embedding width, and for ``framewise`` a small depth transformer's width and layers, from small grids)."""
     best: tuple[float, dict[str, int]] | None = None
-    depth_grid = (
-        [(shape.width // 2, 1), (256, 2), (shape.width // 2, 2), (shape.width, 2), (shape.width, 3)] if kind == "framewise" else [(256, 2)]
-    )
+    # framewise: a small depth transformer (Magenta RealTime 2's is a fraction of the temporal one)
+    depth_grid = [(w, n) for w in sorted({256, shape.width // 2}) for n in (1, 2)] if kind == "framewise" else [(256, 2)]
     for depth in range(1, 2 * shape.depth + 1):
         for embed_dim in (16, 32, 64, 128):
             for depth_width, depth_layers in depth_grid:
@@ -142,7 +141,8 @@ def match_lmm_sizes(shape: CompareShape, kind: str, target: int) -> dict[str, in
                     "depth_width": depth_width,
                     "depth_layers": depth_layers,
                 }
-                count = _count(LMM(shape.lmm_args(kind, sizes)))
+                with torch.device("meta"):  # counted without allocating or initialising weights
+                    count = _count(LMM(shape.lmm_args(kind, sizes)))
                 gap = abs(count - target) / target
                 if best is None or gap < best[0]:
                     best = (gap, sizes)
@@ -155,8 +155,8 @@ def lmm_token_flops(args: LMMArgs, text_tokens: int) -> dict[str, float]:
 
     Temporal token: per layer ``36·D² + 4·W·D + 4·L·D`` (the DiT block's count, over ``W`` window keys); plus
     its input projection ``2·E·D``. ``flat``: ``K`` temporal tokens per frame, each with the code head
-    ``2·D·E + 2·E·V``. ``framewise``: one temporal token, then ``K`` depth tokens of ``(4·4 + 24)·Dd² + 4·k·Dd``
-    per layer (no cross-attention; ``k ≤ K`` keys) with their input and head projections.
+    ``2·D·E + 2·E·V``. ``framewise``: one temporal token, then ``K`` depth tokens of ``32·Dd² + 4·k·Dd`` per layer (qkv 6,
+    out 2, feed-forward 24; no cross-attention; ``k ≤ K`` keys) with their input and head projections.
     """
     D, L, E, V, K = args.width, text_tokens if args.cond_token_dim else 0, args.embed_dim, args.codes, args.levels
     W = args.window_frames * (K if args.kind == "flat" else 1)
@@ -166,7 +166,7 @@ def lmm_token_flops(args: LMMArgs, text_tokens: int) -> dict[str, float]:
     if args.kind == "flat":
         return {"temporal": float(K * temporal), "depth": 0.0, "heads": float(K * head)}
     Dd = args.depth_width
-    depth = sum(args.depth_layers * (40 * Dd * Dd + 4 * (k + 1) * Dd) for k in range(K)) + 2 * D * Dd + (K - 1) * 2 * E * Dd
+    depth = sum(args.depth_layers * (32 * Dd * Dd + 4 * (k + 1) * Dd) for k in range(K)) + 2 * D * Dd + (K - 1) * 2 * E * Dd
     return {"temporal": float(temporal), "depth": float(depth), "heads": float(K * head)}
 
 
@@ -331,19 +331,13 @@ def compare_report(results: dict[str, Any]) -> list[Table]:
     tables = []
     for name, entry in results["shapes"].items():
         s, p = entry["shape"], entry["parameters"]
-        table = Table(title=f"lmdm bench compare: {name} ({results['runtime']}, batch 1, one run)", box=box.SIMPLE_HEAD, pad_edge=False)
-        for column in (
-            "method",
-            "params",
-            "passes/s audio",
-            "GFLOP/s audio",
-            "counted",
-            "ms/block",
-            "p90",
-            "RTF",
-            "first audio s",
-            "cache MB",
-        ):
+        table = Table(
+            title=f"lmdm bench compare: {name} ({results['runtime']}, batch 1, one run)",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+        for column in ("method", "params", "pass/s", "GFLOP/s", "counted", "ms", "p90", "RTF", "TTFA", "MB"):
             table.add_column(column, justify="left" if column == "method" else "right")
         for method in METHODS:
             r = entry["methods"][method]
@@ -357,13 +351,14 @@ def compare_report(results: dict[str, Any]) -> list[Table]:
                 f"{r['median_s'] * 1e3:.0f}",
                 f"{r['p90_s'] * 1e3:.0f}",
                 f"{r['realtime_factor']:.2f}x",
-                f"{r['time_to_first_audio_s']:.2f} s",
+                f"{r['time_to_first_audio_s']:.2f}",
                 f"{r['cache_bytes'] / 1e6:.1f}",
             )
         f, fw = entry["lmdm_vs_lmm"], entry["lmdm_vs_lmm_framewise"]
         table.caption = (
-            "Passes and GFLOP (analytical; counted: torch's FLOP counter, eager) per second of audio; 1st audio: a stream's start "
-            f"and first block. Framewise passes: {entry['methods']['framewise']['temporal_passes_per_audio_second']:.0f} temporal + depth. "
+            "Per second of audio: sequential passes (pass/s), GFLOP (analytical; counted: torch's FLOP counter, eager). Per block: ms "
+            "(median, p90). TTFA: time to first audio, s (a stream's start and first block). MB: KV cache. Framewise: "
+            f"{entry['methods']['framewise']['temporal_passes_per_audio_second']:.0f} of its passes are temporal. "
             f"Block {s['block_frames']} frames = {s['block_frames'] / s['latent_rate']:.2f} s, context {s['context_blocks']} blocks, "
             f"{s['steps']} steps, RVQ K={s['levels']}×{s['codes']}. LMDM vs flat LMM: {f['speedup_per_audio_second']:.1f}x wall-clock per "
             f"second of audio, sequential passes {f['sequential_pass_ratio']:.0f}x, FLOPs {f['flops_ratio']:.2f}x analytical / "

@@ -527,7 +527,8 @@ def eval_run(
         list[str] | None,
         typer.Option(
             "--engine",
-            help="NAME=VARIANT:CHECKPOINT, repeatable (variant outpainting for a base DiT, block_causal or encdec for an LMDM); "
+            help="NAME=VARIANT:CHECKPOINT, repeatable (variant outpainting for a base DiT, block_causal or encdec for an LMDM, "
+            "flat or framewise for an LMM); "
             "default: the quickstart's base (outpainting) and LMDM.",
         ),
     ] = None,
@@ -734,7 +735,9 @@ def bench_compare(
     runtime: Annotated[str, typer.Option(help="The runtime every method runs on: auto | eager | packed | compile.")] = "auto",
     rvq: Annotated[
         Path | None,
-        typer.Option("--rvq", help="A trained RVQ whose per-depth error prints beside the ratios (default: runs/<config>/rvq/model)."),
+        typer.Option(
+            "--rvq", help="A trained RVQ whose per-depth error prints beside the ratios (default: runs/<config>/rvq, the quickstart's)."
+        ),
     ] = None,
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,
@@ -746,7 +749,7 @@ def bench_compare(
 
     cfg = _load(config, overrides)
     shapes = [quickstart_shape(cfg)] if quick else [paper_shape(cfg.rvq.levels, cfg.rvq.codes), quickstart_shape(cfg)]
-    default_rvq = Path("runs") / cfg.name / "rvq" / "model"
+    default_rvq = Path("runs") / cfg.name / "rvq"
     console.print(f"comparing on {__import__('torch').get_num_threads()} threads: " + ", ".join(s.name for s in shapes) + " ...")
     try:
         results = run_compare_bench(

@@ -65,6 +65,10 @@ def default_engines(cfg: Config) -> tuple[list[EvalEngine], Path]:
             engines.append(EvalEngine(name="outpainting", variant="outpainting", dit=str(base)))
         if lmdm_dir is not None:
             engines.append(EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir)))
+        for kind in ("flat", "framewise"):  # the LMM baselines the quickstart (or `lmdm train --stage lmm`) left there
+            lmm = root / f"lmm-{kind}"
+            if (lmm / "config.json").is_file():
+                engines.append(EvalEngine(name=f"lmm-{kind}", variant=kind, dit=str(lmm)))
         if lmdm_dir is None:
             raise ValueError(
                 f"no engine to evaluate: runs/{cfg.name}/lmdm does not exist. Run `lmdm quickstart` first, "
@@ -84,7 +88,7 @@ def default_engines(cfg: Config) -> tuple[list[EvalEngine], Path]:
 def _check_engines(cfg: Config, engines: list[EvalEngine], autoencoder: Path) -> None:
     """Before any rollout: each DiT streams with its variant, this geometry, this autoencoder and text encoder
     (:func:`lmdm.checkpoints.compat.check_streaming`), and makes latents of the autoencoder's width."""
-    from lmdm.checkpoints.compat import check_streaming
+    from lmdm.checkpoints.compat import check_lmm_streaming, check_streaming
     from lmdm.checkpoints.errors import CheckpointError
     from lmdm.checkpoints.format import read_checkpoint_info
     from lmdm.text.encoders import build_text_encoder
@@ -92,6 +96,15 @@ def _check_engines(cfg: Config, engines: list[EvalEngine], autoencoder: Path) ->
     ae = read_checkpoint_info(autoencoder, "autoencoder")
     text = build_text_encoder(cfg).fingerprint() if cfg.dit.cond_token_dim else None
     for engine in engines:
+        if engine.variant in ("flat", "framewise"):
+            try:
+                check_lmm_streaming(
+                    read_checkpoint_info(Path(engine.dit)), kind=engine.variant, latent_channels=int(ae.args.get("latent_dim", 0)),
+                    autoencoder=_sha256(autoencoder / "model.safetensors"), text_encoder=text,
+                )  # fmt: skip
+            except CheckpointError as exc:
+                raise CheckpointError(f"engine {engine.name}: {exc}") from None
+            continue
         info = read_checkpoint_info(Path(engine.dit), "dit")
         s = cfg.stream
         try:
@@ -139,6 +152,8 @@ def _fingerprint(cfg: Config, engine: EvalEngine, autoencoder: Path, prompt: str
         "measures": cfg.eval.model_dump(mode="json", include={"window_seconds", "fad_embedder", "text_embedder"}),
         "frame_rate": cfg.data.frame_rate,
     }
+    if engine.variant in ("flat", "framewise"):  # how an LMM samples its codes
+        what["sampling"] = cfg.lmm.model_dump(mode="json", include={"temperature", "top_k"})
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 

@@ -22,8 +22,9 @@ from lmdm.config import Config
 __all__ = ["check_pair_fits", "precompute_into_own_folder", "pretrained_pair", "run_quickstart"]
 
 
-def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: int) -> Any:
-    """A block-causal LMDM stream of ``seconds`` under ``text`` tokens (or none), peak-normalised to 0.9: ``(C, S)``."""
+def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, seed: int, variant: str = "block_causal") -> Any:
+    """A stream of ``seconds`` under ``text`` tokens (or none), peak-normalised to 0.9: ``(C, S)``; ``dit`` streamed as
+    ``variant`` (a block-causal LMDM, or an LMM's kind)."""
     import torch
 
     from lmdm.builders import build_engine
@@ -33,7 +34,7 @@ def stream_audio(cfg: Config, dit: Any, vae: Any, text: Any, seconds: float, see
     latent_rate = cfg.audio.sample_rate / vae.downsampling_ratio
     blocks = max(1, int(-(-seconds * latent_rate // cfg.stream.block_frames)))
     stream = Stream(
-        build_engine(cfg, dit.eval(), "block_causal"), vae.eval(), Condition(text, "prompt"), generator=torch.Generator().manual_seed(seed)
+        build_engine(cfg, dit.eval(), variant), vae.eval(), Condition(text, "prompt"), generator=torch.Generator().manual_seed(seed)
     )
     with torch.inference_mode():
         audio = torch.cat(list(stream.chunks(blocks)), dim=-1)[0, :, : int(seconds * cfg.audio.sample_rate)]
@@ -159,6 +160,47 @@ def precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console)
         return run_precompute(cfg, autoencoder)
 
 
+def _train_lmm(cfg: Config, out: Path, console: Console) -> Path:
+    """The LMM baseline's two stages on the quickstart's latents: the RVQ tokenizer (``runs/<name>/rvq``), then the flat
+    LMM from scratch on its codes (``runs/<name>/lmm-flat``), each a nested MLflow run; returns the LMM's folder."""
+    from lmdm.builders import build_dit, build_lmm
+    from lmdm.checkpoints.format import copy_checkpoint, load_checkpoint
+    from lmdm.eval.tracking import mlflow_run
+    from lmdm.pipelines.progress import training_progress
+    from lmdm.pipelines.train import run_train
+
+    q = cfg.quickstart
+    lmdm_params = sum(p.numel() for p in build_dit(cfg).parameters())
+    lmm_params = build_lmm(cfg, "flat").parameter_count()
+    console.print(
+        f"parameters: LMDM {lmdm_params / 1e6:.2f}M, flat LMM {lmm_params / 1e6:.2f}M ({lmm_params / lmdm_params - 1:+.1%})", style="dim"
+    )
+    with mlflow_run(cfg, "rvq", nested=True, params=False) as run:
+        rvq_cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"steps": q.rvq_steps, "checkpoint_every": q.rvq_steps, "init": None})}
+        )
+        with training_progress("RVQ", console) as progress:
+            rvq = run_train(rvq_cfg, "rvq", out / "latents", mlflow_run_id=run.info.run_id, progress=progress)
+    assert rvq.checkpoint is not None
+    tokenizer = copy_checkpoint(rvq.checkpoint / "model", out / "rvq")
+    errors = load_checkpoint(tokenizer, "rvq")[1]["depth_mse"]
+    console.print(
+        "RVQ latent MSE by depth: " + ", ".join(f"{errors[k - 1]:.3f} at {k}" for k in (1, 2, 4, 8, 16, 32) if k <= len(errors)),
+        style="dim",
+    )
+    with mlflow_run(cfg, "lmm", nested=True, params=False) as run:
+        lmm_cfg = cfg.model_copy(
+            update={
+                "train": cfg.train.model_copy(update={"steps": q.lmm_steps, "checkpoint_every": q.lmm_steps, "init": None}),
+                "lmm": cfg.lmm.model_copy(update={"kind": "flat", "tokenizer": tokenizer.resolve()}),
+            }
+        )
+        with training_progress("flat LMM", console) as progress:
+            lmm = run_train(lmm_cfg, "lmm", out / "latents", mlflow_run_id=run.info.run_id, progress=progress)
+    assert lmm.checkpoint is not None
+    return copy_checkpoint(lmm.checkpoint / "model", out / "lmm-flat")
+
+
 def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config], Any]) -> dict[str, Any]:
     """Run every stage; returns the figures (also written to ``runs/<name>/quickstart.json``)."""
     import mlflow
@@ -252,12 +294,21 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         lmdm_dir = copy_checkpoint(lm.checkpoint / "model", out / "lmdm")
         times["lmdm"] = time.perf_counter() - start
 
+        lmm_dir: Path | None = None
+        if q.lmm:
+            start = stage(f"LMM baseline: RVQ tokenizer ({cfg.rvq.levels}×{cfg.rvq.codes}) and the flat LMM (Ray Train)")
+            lmm_dir = _train_lmm(cfg, out, console)
+            times["lmm"] = time.perf_counter() - start
+
         start = stage(f"stream {q.stream_seconds:g} s, scored against the held-out reference")
         reference = held_out_reference(cfg, cfg.eval.reference_clips, lambda what: console.print(what, style="dim"))
         caption = str(reference.prompts[0])  # a held-out clip's caption: the model never trained on its audio
         text = build_text_encoder(cfg).encode([caption]).tokens if cfg.dit.cond_token_dim else None
         vae = load_checkpoint(autoencoder)[0]
         trained = stream_audio(cfg, load_checkpoint(lmdm_dir)[0], vae, text, q.stream_seconds, cfg.train.seed)
+        if lmm_dir is not None:  # the baseline, beside the LMDM: the same prompt, seed and autoencoder
+            lmm_audio = stream_audio(cfg, load_checkpoint(lmm_dir)[0], vae, text, q.lmm_stream_seconds, cfg.train.seed, "flat")
+            write_audio(out / "stream-lmm-flat.wav", lmm_audio, cfg.audio.sample_rate)
         torch.manual_seed(cfg.train.seed)
         untrained = stream_audio(cfg, build_dit(cfg), vae, text, q.stream_seconds, cfg.train.seed)
         wav = out / "stream.wav"
@@ -292,11 +343,12 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         evaluation: dict[str, Any] | None = None
         if q.eval:
             e = cfg.eval
-            start = stage(f"eval: outpainting vs LMDM, {e.rollouts} rollouts of {e.rollout_seconds:g} s each (Ray actors)")
             engines = [
                 EvalEngine(name="outpainting", variant="outpainting", dit=str(base_dir.resolve())),
                 EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir.resolve())),
             ]
+            names = " vs ".join(x.name for x in engines)
+            start = stage(f"eval: {names}, {e.rollouts} rollouts of {e.rollout_seconds:g} s each (Ray actors)")
             eval_cfg = cfg.model_copy(update={"eval": e.model_copy(update={"engines": engines, "autoencoder": str(autoencoder.resolve())})})
             crepe_frames = reference_frames if e.fad_embedder in ("crepe", "crepe-tiny") else None
             shared_stats = (
@@ -327,6 +379,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
             },
             "caption": caption,
             "wav": str(wav),
+            "lmm_wav": str(out / "stream-lmm-flat.wav") if lmm_dir is not None else None,
             "png": str(png),
             "listening_png": str(listening),
             "eval": None

@@ -4,6 +4,8 @@ a starting context), and the RVQ tokenizer learns, round-trips and restarts dead
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -168,3 +170,46 @@ def test_packed_runtime_decodes_as_eager(kind: str) -> None:
         rollout(engine, 3, condition, batch=B, generator=torch.Generator().manual_seed(0))
         out[name] = torch.stack(recorder.logits)
     torch.testing.assert_close(out["packed"], out["eager"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["flat", "framewise"])
+def test_lmm_engine_interface(kind: str) -> None:
+    """As for the LMDM engines: block shapes, the same stream for the same seed, another for another seed, a
+    starting context of whole blocks, and clear errors for what an LMM cannot do."""
+    lmm = tiny_lmm(kind)
+    engine = LMMEngine(lmm, GEO, LMMSampling(temperature=1.0, top_k=8))
+    condition = Condition(text=texts(1)[0], key="p")
+
+    def stream(seed: int, context: torch.Tensor | None = None) -> torch.Tensor:
+        return rollout(engine, 3, condition, batch=B, context=context, generator=torch.Generator().manual_seed(seed))
+
+    first = stream(0)
+    assert first.shape == (B, C, 3 * BF) and first.dtype == F64
+    torch.testing.assert_close(stream(0), first, rtol=0, atol=0)
+    assert not torch.equal(stream(1), first)
+    context = torch.randn(B, C, BF, generator=torch.Generator().manual_seed(2), dtype=F64)
+    assert not torch.equal(stream(0, context), first)  # the context is heard
+    with pytest.raises(ValueError, match=r"whole blocks of 2"):
+        stream(0, context[..., :1])
+    state = engine.start(condition, B)
+    with pytest.raises(ValueError, match=r"no denoising steps"):
+        engine.step(state, condition, grad_step=0)
+    textless = LMMEngine(LMM(dataclasses.replace(lmm.args, cond_token_dim=0)).to(F64), GEO, LMMSampling())
+    with pytest.raises(ValueError, match=r"no text conditioning"):
+        rollout(textless, 1, condition, batch=B)
+
+
+def test_build_engine_matches_models_and_variants() -> None:
+    from lmdm.builders import build_dit, build_engine, build_lmm
+    from lmdm.config import load_config
+    from lmdm.models.rvq import ResidualVQ
+
+    cfg = load_config("quickstart", ["dit.width=64", "dit.depth=1", "dit.head_dim=32", "dit.project_cond_tokens=true", "lmm.flat.width=64", "lmm.flat.depth=1", "rvq.levels=2", "rvq.codes=8"])
+    lmm = build_lmm(cfg, "flat")
+    assert isinstance(build_engine(cfg, lmm), LMMEngine)
+    with pytest.raises(ValueError, match=r"flat LMM; it streams as variant 'flat', not 'block_causal'"):
+        build_engine(cfg, lmm, "block_causal")
+    with pytest.raises(ValueError, match=r"variant 'framewise' streams an LMM checkpoint"):
+        build_engine(cfg, build_dit(cfg), "framewise")
+    with pytest.raises(ValueError, match=r"the RVQ tokenizer has 3 levels of 8 codes.*set rvq.levels=3"):
+        build_lmm(cfg, "flat", tokenizer=ResidualVQ(cfg.autoencoder.latent_channels, levels=3, codes=8))

@@ -60,3 +60,9 @@ def test_missing_folders_never_download(tmp_path: Path) -> None:
         load_text_encoder("t5", tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"text: .*encoder 't5' needs text.path"):
         load_config("quickstart", ["text.encoder=t5"])
+
+
+def test_a_prompt_longer_than_the_encoder_takes_is_a_clear_error() -> None:
+    encoder = load_text_encoder("minilm", max_tokens=8)
+    with pytest.raises(TextEncoderError, match=r"is \d+ tokens; the text encoder takes at most 8 \(text.max_tokens\)"):
+        encoder.encode(["a short one", "a chorale by Bach for four voices, sung slowly by a choir in a large church"])

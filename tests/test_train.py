@@ -472,3 +472,54 @@ def test_too_little_data_for_one_batch_per_worker_is_an_error_not_a_run_that_nev
     )  # fmt: skip
     with pytest.raises(TrainingFailedError, match=r"got no full batch of train\.batch_size=4 rows"):
         run_train(cfg, "embedder", None)
+
+
+def test_rvq_then_flat_lmm_with_two_workers_stream_as_an_engine(tmp_path: Path, latents: Path, imported: dict[str, Path]) -> None:
+    """The LMM baseline's stages: the RVQ's codebooks stay identical on both workers (all-reduced statistics) and
+    its error falls with depth; the LMM's loss falls on a fixed batch, its checkpoint says what it was trained
+    on, and it streams through build_engine."""
+    from lmdm.builders import build_engine, load_stream_models
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.streaming.common import Condition
+    from lmdm.streaming.rollout import rollout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    small_lmm = ["rvq.levels=4", "rvq.codes=32", "lmm.flat.width=64", "lmm.flat.depth=1", "lmm.flat.head_dim=32", "lmm.flat.embed_dim=8"]
+    cfg = train_cfg(tmp_path, *small_lmm, "train.steps=4", "train.checkpoint_every=4", f"tracking.tracking_uri={uri}")
+    rvq = run_train(cfg, "rvq", latents)
+    assert rvq.checkpoint is not None and not (rvq.checkpoint / "ema").exists()
+    info = read_checkpoint_info(rvq.checkpoint / "model")
+    errors = info.meta["depth_mse"]
+    assert info.kind == "rvq" and len(errors) == 4 and all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert info.trained.autoencoder == json.loads((latents / "manifest.json").read_text())["autoencoder_sha256"]
+
+    tokenizer = rvq.checkpoint / "model"
+    with pytest.raises(CheckpointError, match=r"has 4 levels of 32 codes, but the config's LMM expects rvq.levels=8"):
+        run_train(train_cfg(tmp_path, *small_lmm, "rvq.levels=8", f"lmm.tokenizer={tokenizer}"), "lmm", latents)
+    with pytest.raises(CheckpointError, match=r"holds a checkpoint of kind 'dit'; it must be an RVQ"):
+        run_train(train_cfg(tmp_path, *small_lmm, f"lmm.tokenizer={imported['dit']}"), "lmm", latents)
+
+    cfg = train_cfg(
+        tmp_path, *small_lmm, "train.steps=8", "train.checkpoint_every=8", "train.lr=3e-3", "lmm.train_frames=16", f"lmm.tokenizer={tokenizer}",
+        f"tracking.tracking_uri={uri}",
+    )  # fmt: skip
+    from lmdm.eval.tracking import mlflow_run
+
+    with mlflow_run(cfg, "lmm") as run:
+        lmm = run_train(cfg, "lmm", latents, mlflow_run_id=run.info.run_id)
+    assert lmm.checkpoint is not None
+    assert decreases(loss_history(uri, run.info.run_id))
+    trained = read_checkpoint_info(lmm.checkpoint / "model").trained
+    assert (trained.stage, trained.variant, trained.block_frames) == ("lmm", "flat", 8)
+    from lmdm.checkpoints.format import file_sha256
+
+    assert trained.rvq == file_sha256(tokenizer / "model.safetensors")
+
+    model, vae = load_stream_models(cfg, lmm.checkpoint / "model", None, None, "flat")
+    engine = build_engine(cfg, model.eval(), "flat")
+    out = rollout(engine, 2, Condition(), batch=1, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 4, 16) and torch.isfinite(out).all()
+    with pytest.raises(CheckpointError, match=r"is a flat LMM, not framewise"):
+        load_stream_models(cfg, lmm.checkpoint / "model", None, None, "framewise")
+    with pytest.raises(CheckpointError, match=r"kind 'rvq' where kind 'lmm' is needed"):
+        load_stream_models(cfg, tokenizer, None, None, "flat")

@@ -364,6 +364,12 @@ class QuickstartConfig(Section):
     lmdm_lr: float | None = Field(None, gt=0.0, le=1.0, description="the LMDM fine-tune's learning rate (None = train.lr)")
     stream_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     likeness_clips: int = Field(24, ge=1, description="corpus clips the likeness figures compare against")
+    lmm: bool = Field(True, description="also train the LMM baseline (an RVQ tokenizer and the flat LMM) and stream from it")
+    rvq_steps: int = Field(40, ge=1, description="the RVQ tokenizer's steps (k-means on the first batch, then EMA updates)")
+    lmm_steps: int = Field(40, ge=1, description="the flat LMM's steps, from scratch (lmm.train_frames per sequence)")
+    lmm_stream_seconds: float = Field(
+        10.0, gt=0.0, le=3600.0, description="the flat LMM's stream beside the LMDM's (it runs slower than real time on CPU)"
+    )
     eval: bool = Field(True, description="end with `lmdm eval` of the base (outpainting) and the LMDM, sized by eval.*")
 
 

@@ -137,10 +137,9 @@ class LMM(nn.Module):
         self.args = args
         K, V, E, D = args.levels, args.codes, args.embed_dim, args.width
         self.rvq = ResidualVQ(args.latent_channels, K, V)
-        context_dim = args.cond_token_dim or None
+        context_dim = D if args.cond_token_dim else None  # text tokens projected to the width (any text encoder fits)
         if args.cond_token_dim:
-            Dc = args.cond_token_dim
-            self.to_cond_embed = nn.Sequential(nn.Linear(Dc, Dc, bias=False), nn.SiLU(), nn.Linear(Dc, Dc, bias=False))
+            self.to_cond_embed = nn.Sequential(nn.Linear(args.cond_token_dim, D, bias=False), nn.SiLU(), nn.Linear(D, D, bias=False))
         self.bos = nn.Parameter(torch.randn(D) * 0.02)
         self.codes_in = nn.Embedding(K * V, E)  # level k, code c → row k·V + c
         self.project_in = nn.Linear(E, D, bias=False)

@@ -28,7 +28,7 @@ EncoderKind = Literal["minilm", "t5"]
 
 
 class TextEncoderError(ValueError):
-    """A text encoder could not be loaded (missing folder or files); the message says what to do."""
+    """A text encoder could not be loaded (missing folder or files), or a prompt does not fit it; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,21 @@ class HFTextEncoder:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> TextTokens:
-        """Token embeddings of ``texts``, padded/truncated to ``max_tokens``.
+        """Token embeddings of ``texts``, padded to ``max_tokens``.
 
         Returns:
             :class:`TextTokens` with ``tokens`` ``(B, L, D)`` and ``mask`` ``(B, L)``.
+
+        Raises:
+            TextEncoderError: a text of more tokens than ``max_tokens`` (it is not cut short silently).
         """
+        for text, ids in zip(texts, self.tokenizer(list(texts))["input_ids"], strict=True):
+            if len(ids) > self.max_tokens:
+                shown = text if len(text) <= 80 else text[:77] + "..."
+                raise TextEncoderError(
+                    f"the prompt {shown!r} is {len(ids)} tokens; the text encoder takes at most {self.max_tokens} "
+                    "(text.max_tokens): shorten it, or raise text.max_tokens (and retrain: the embeddings change)"
+                )
         batch = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt")
         mask = batch["attention_mask"].bool()
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
