@@ -204,7 +204,19 @@ def test_build_engine_matches_models_and_variants() -> None:
     from lmdm.config import load_config
     from lmdm.models.rvq import ResidualVQ
 
-    cfg = load_config("quickstart", ["dit.width=64", "dit.depth=1", "dit.head_dim=32", "dit.project_cond_tokens=true", "lmm.flat.width=64", "lmm.flat.depth=1", "rvq.levels=2", "rvq.codes=8"])
+    cfg = load_config(
+        "quickstart",
+        [
+            "dit.width=64",
+            "dit.depth=1",
+            "dit.head_dim=32",
+            "dit.project_cond_tokens=true",
+            "lmm.flat.width=64",
+            "lmm.flat.depth=1",
+            "rvq.levels=2",
+            "rvq.codes=8",
+        ],
+    )
     lmm = build_lmm(cfg, "flat")
     assert isinstance(build_engine(cfg, lmm), LMMEngine)
     with pytest.raises(ValueError, match=r"flat LMM; it streams as variant 'flat', not 'block_causal'"):

@@ -25,6 +25,11 @@ _TINY = [
     "quickstart.lmdm_steps=4",
     "quickstart.stream_seconds=8",
     "quickstart.likeness_clips=2",
+    "quickstart.rvq_steps=2",  # the LMM baseline's stages: the chain, not the training (nor the Magenta-sized RVQ)
+    "rvq.levels=4",
+    "rvq.codes=64",
+    "quickstart.lmm_steps=2",
+    "quickstart.lmm_stream_seconds=2",
     "eval.reference_clips=2",
     "eval.rollouts=2",  # the eval stage: 2 rollouts of 4 s per engine, 2-s windows, on one actor
     "eval.rollout_seconds=4",
@@ -47,7 +52,14 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "runs" / "quick"
     assert (out / "lmdm" / "model.safetensors").is_file() and not (out / "autoencoder").exists() and not (out / "base").exists()
     figures = json.loads((out / "quickstart.json").read_text())
-    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "stream", "eval"}
+    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "lmm", "stream", "eval"}
+    # the LMM baseline: its RVQ tokenizer (with its per-depth error), the flat LMM, and its stream beside the LMDM's
+    from lmdm.checkpoints.format import read_checkpoint_info
+
+    rvq, lmm = read_checkpoint_info(out / "rvq", "rvq"), read_checkpoint_info(out / "lmm-flat", "lmm")
+    assert len(rvq.meta["depth_mse"]) == 4 and lmm.args["kind"] == "flat" and lmm.trained.rvq
+    audio, rate = sf.read(figures["lmm_wav"])
+    assert rate == 16000 and len(audio) == 2 * 16000 and abs(audio).max() > 0
     report = Path(figures["eval"]["report"]["html"])  # the chain ends with `lmdm eval` of the base (outpainting) and the LMDM
     assert report.is_file() and str(report) in result.output.replace("\n", "") and "workflowType=machine_learning" in result.output
     assert set(figures["eval"]["engines"]) == {"outpainting", "lmdm"}
@@ -59,6 +71,7 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     assert runs["lmdm"].data.params["train.init"] == str(builtin_path("corpus-base/base").resolve())
     assert float(runs["lmdm"].data.params["train.lr"]) == load_config("quick").quickstart.lmdm_lr  # the fine-tune's own rate
     assert "autoencoder" not in runs and "base" not in runs
+    assert runs["lmm"].data.params["lmm.tokenizer"] == str((out / "rvq").resolve()) and "train/loss" in runs["rvq"].data.metrics
     assert runs["eval"].data.tags["mlflow.parentRunId"] == runs["quickstart"].info.run_id  # the eval nests in the chain's run
     assert runs["eval/lmdm"].data.tags["mlflow.parentRunId"] == runs["eval"].info.run_id
 
@@ -75,7 +88,9 @@ def test_quickstart_refuses_a_pair_that_does_not_fit_before_any_work(tmp_path: P
 def test_quickstart_from_scratch_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local_ray: object) -> None:
     monkeypatch.chdir(tmp_path)
     # the chain, not the sizes; the eval stage is the fine-tune test's
-    result = CliRunner().invoke(app, ["quickstart", "--quick", "--from-scratch", *_TINY, "dit.depth=1", "quickstart.eval=false"])
+    result = CliRunner().invoke(
+        app, ["quickstart", "--quick", "--from-scratch", *_TINY, "dit.depth=1", "quickstart.eval=false", "quickstart.lmm=false"]
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "quick"
     for folder in ("autoencoder", "base", "lmdm"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -490,7 +491,7 @@ def test_rvq_then_flat_lmm_with_two_workers_stream_as_an_engine(tmp_path: Path, 
     assert rvq.checkpoint is not None and not (rvq.checkpoint / "ema").exists()
     info = read_checkpoint_info(rvq.checkpoint / "model")
     errors = info.meta["depth_mse"]
-    assert info.kind == "rvq" and len(errors) == 4 and all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert info.kind == "rvq" and len(errors) == 4 and all(b < a for a, b in itertools.pairwise(errors)), errors
     assert info.trained.autoencoder == json.loads((latents / "manifest.json").read_text())["autoencoder_sha256"]
 
     tokenizer = rvq.checkpoint / "model"
@@ -515,7 +516,7 @@ def test_rvq_then_flat_lmm_with_two_workers_stream_as_an_engine(tmp_path: Path, 
 
     assert trained.rvq == file_sha256(tokenizer / "model.safetensors")
 
-    model, vae = load_stream_models(cfg, lmm.checkpoint / "model", None, None, "flat")
+    model, _vae = load_stream_models(cfg, lmm.checkpoint / "model", None, None, "flat")
     engine = build_engine(cfg, model.eval(), "flat")
     out = rollout(engine, 2, Condition(), batch=1, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 4, 16) and torch.isfinite(out).all()

@@ -14,10 +14,11 @@ run() {  # name, args...
   mkdir -p runs/qs-$name && cp runs/quickstart/quickstart.json runs/quickstart/*.png runs/quickstart/*.wav runs/qs-$name/ 2>/dev/null
   cp -r runs/quickstart/eval/report.html runs/quickstart/eval/report.md runs/quickstart/eval/eval.json runs/quickstart/eval/plots runs/qs-$name/ 2>/dev/null
 }
-# CHAINS="base" times only the default chain.
+# CHAINS="base" times only the default chain; "nolmm base" times it without, then with, the LMM baseline's stages.
 for chain in ${CHAINS:-base scratch}; do
   case $chain in
     base) run base ;;
+    nolmm) run nolmm quickstart.lmm=false ;;
     scratch) run scratch --from-scratch ;;
   esac
 done
