@@ -154,11 +154,44 @@ def _data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
+def plot_quality_speed(result: dict[str, Any], path: Path, title: str) -> Path:
+    """Quality against speed, one point per engine: FAD to the held-out reference (mean over windows; the bar spans
+    the first and last window) against the real-time factor measured in the rollouts (log axis; dashed: real time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, figures) in enumerate(result["engines"].items()):
+        d, rtf = figures["drift"].get("fad"), figures["speed"].get("rtf")
+        if d is None or not rtf:
+            continue
+        curve = [v for v in d["curve"] if v == v]  # NaN-free windows
+        mean = sum(curve) / len(curve)
+        low, high = min(curve[0], curve[-1]), max(curve[0], curve[-1])
+        colour = colours[i % len(colours)]
+        ax.errorbar([rtf], [mean], yerr=[[mean - low], [high - mean]], fmt="o", ms=7, capsize=4, color=colour)
+        ax.annotate(f"{name}\n{rtf:.2g}x, FAD {mean:.2f}", (rtf, mean), textcoords="offset points", xytext=(8, 4), fontsize=8, color=colour)
+    ax.axvline(1.0, color="black", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("real-time factor in the rollouts (log; right of the dashed line: faster than real time)")
+    ax.set_ylabel("FAD to the held-out reference (lower is closer)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(result: dict[str, Any], cfg: Config, out: Path) -> dict[str, Path]:
     """Plots under ``out/plots/``, then ``out/report.html`` and ``out/report.md`` (samples under ``out/samples/``).
 
     Returns:
-        The paths: ``html``, ``md``, ``quality_png``, ``likeness_png``.
+        The paths: ``html``, ``md``, ``quality_png``, ``likeness_png``, ``speed_png``.
     """
     from lmdm.eval.likeness import FIGURES
 
@@ -171,6 +204,11 @@ def write_report(result: dict[str, Any], cfg: Config, out: Path) -> dict[str, Pa
     quality_png = plot_drift(result, quality, f"lmdm eval ({cfg.name}): quality along the stream — {what}", out / "plots" / "quality.png")
     likeness_png = plot_drift(
         result, list(FIGURES), "likeness to the held-out reference along the stream (lower is closer)", out / "plots" / "likeness.png", 4
+    )
+    speed_png = plot_quality_speed(
+        result,
+        out / "plots" / "quality_speed.png",
+        f"lmdm eval ({cfg.name}): FAD ({e.fad_embedder}) against speed, {e.rollouts} rollouts each",
     )
     drift_rows, speed_rows = _drift_rows(result), _speed_rows(result)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -232,6 +270,7 @@ figure {{ display: inline-block; margin: 0.5em 1.5em 0.5em 0; }} pre {{ backgrou
 <h2>Likeness along the stream</h2>
 <img id="likeness" alt="likeness distances against stream position" src="{_data_uri(likeness_png, "image/png")}">
 <h2>Speed</h2>
+<img id="quality-speed" alt="FAD against real-time factor, one point per engine" src="{_data_uri(speed_png, "image/png")}">
 {_html_table(_SPEED_HEAD, speed_rows, "speed")}
 <p class="note">{html.escape(speed_note)}</p>
 <h2>Listen: the first and the last window</h2>
@@ -256,6 +295,7 @@ figure {{ display: inline-block; margin: 0.5em 1.5em 0.5em 0; }} pre {{ backgrou
             "## Likeness along the stream",
             "![likeness distances against stream position](plots/likeness.png)",
             "## Speed",
+            "![FAD against real-time factor, one point per engine](plots/quality_speed.png)",
             _md_table(_SPEED_HEAD, speed_rows),
             speed_note,
             "## Listen: the first and the last window",
@@ -267,7 +307,7 @@ figure {{ display: inline-block; margin: 0.5em 1.5em 0.5em 0; }} pre {{ backgrou
     )
     md_path = out / "report.md"
     md_path.write_text(md + "\n")
-    return {"html": html_path, "md": md_path, "quality_png": quality_png, "likeness_png": likeness_png}
+    return {"html": html_path, "md": md_path, "quality_png": quality_png, "likeness_png": likeness_png, "speed_png": speed_png}
 
 
 # What a person sees when the page opens: every image decoded, the tables filled, every audio player with a duration.

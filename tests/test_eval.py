@@ -194,3 +194,42 @@ def test_a_rollout_rewritten_halfway_is_not_taken_for_the_finished_one(tmp_path:
     with pytest.raises(KeyboardInterrupt):
         write_rollout(output("B", 0.5), 16000)
     assert finished_rollout(tmp_path / "r", "A") is None and finished_rollout(tmp_path / "r", "B") is None
+
+
+def test_an_lmm_is_an_eval_engine(models: tuple[Config, dict[str, Path]], tmp_path: Path) -> None:
+    """The LMM baseline joins `lmdm eval` as an engine variant: checked before any rollout (its kind against the
+    variant asked for), and rolled out, decoded and measured by the same runner as the LMDM."""
+    import torch
+
+    from lmdm.builders import build_lmm
+    from lmdm.checkpoints.errors import CheckpointError
+    from lmdm.config import EvalEngine
+    from lmdm.eval.rollouts import RolloutRunner
+    from lmdm.pipelines.evaluate import _check_engines, _tasks
+
+    cfg, paths = models
+    small = {"width": 64, "depth": 1, "head_dim": 32, "embed_dim": 8}
+    cfg = cfg.model_copy(
+        update={
+            "rvq": cfg.rvq.model_copy(update={"levels": 2, "codes": 16}),
+            "lmm": cfg.lmm.model_copy(update={"flat": cfg.lmm.flat.model_copy(update=small)}),
+        }
+    )
+    torch.manual_seed(0)
+    lmm = build_lmm(cfg, "flat")
+    lmm.rvq.codebooks.normal_()
+    folder = save_checkpoint(tmp_path / "lmm", lmm, trained=TrainedWith(stage="lmm", variant="flat"))
+    engine = EvalEngine(name="lmm", variant="flat", dit=str(folder))
+    _check_engines(cfg, [engine], paths["autoencoder"])
+    with pytest.raises(CheckpointError, match=r"engine lmm-as-framewise: .* is a flat LMM, not framewise"):
+        _check_engines(cfg, [EvalEngine(name="lmm-as-framewise", variant="framewise", dit=str(folder))], paths["autoencoder"])
+    (task,) = _tasks(
+        cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"rollouts": 1})}),
+        [engine],
+        paths["autoencoder"],
+        ["a fugue for organ"],
+        tmp_path / "eval",
+    )
+    out = RolloutRunner(cfg, threads=1).run(task)
+    assert out.audio.shape == (1, 4 * cfg.audio.sample_rate) and len(out.frames) == 2
+    assert out.record["variant"] == "flat" and len(out.record["dit_s"]) == out.record["blocks"]

@@ -54,7 +54,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_report_has_every_part(report: dict[str, Path]) -> None:
     page = report["html"].read_text()
-    assert page.count("<img") == 2 and page.count("<audio") == 4 and "data:audio/wav;base64," in page
+    assert page.count("<img") == 3 and page.count("<audio") == 4 and "data:audio/wav;base64," in page
     assert 'src="plots/' not in page and "http" not in page.split("<pre>")[0]  # self-contained: nothing fetched
     md = report["md"].read_text()
     assert "![FAD and CLAP score against stream position](plots/quality.png)" in md
@@ -72,7 +72,7 @@ def test_report_renders_in_headless_chromium(report: dict[str, Path]) -> None:
         pytest.skip(message)
     found = render_check(report["html"])
     assert found["title"].startswith("lmdm eval")
-    assert [i["id"] for i in found["images"]] == ["quality", "likeness"]
+    assert [i["id"] for i in found["images"]] == ["quality", "likeness", "quality-speed"]
     assert all(i["complete"] and i["width"] >= 600 and i["height"] >= 300 for i in found["images"]), found["images"]
     tables = {t["name"]: t["rows"] for t in found["tables"]}
     assert tables["drift"] == 2 * (2 + len(FIGURES)) and tables["speed"] == 2 and tables["versions"] >= 5
