@@ -289,6 +289,9 @@ def precompute(
 def train(
     stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm | embedder | rvq | lmm (arc: later).")],
     latents: Annotated[Path | None, typer.Option("--latents", help="Output folder of `lmdm precompute` (base, lmdm, rvq, lmm).")] = None,
+    autoencoder: Annotated[
+        str | None, typer.Option("--autoencoder", help="rvq: the latents' autoencoder; decoded figures per depth go to MLflow.")
+    ] = None,
     config: ConfigOption = "quickstart",
     overrides: Overrides = None,
 ) -> None:
@@ -311,6 +314,17 @@ def train(
             raise typer.Exit(1) from None
         if result.checkpoint is not None:
             mlflow.log_artifacts(str(result.checkpoint / "model"), "model")
+        if stage == "rvq" and autoencoder and result.checkpoint is not None:  # reconstruction per depth, decoded
+            from lmdm.checkpoints.builtin import resolve_checkpoint
+            from lmdm.checkpoints.format import load_checkpoint
+            from lmdm.eval.rvq_report import log_rvq_report, rvq_depth_figures
+
+            rvq, _ = load_checkpoint(result.checkpoint / "model", "rvq")
+            report = rvq_depth_figures(cfg, rvq, load_checkpoint(resolve_checkpoint(autoencoder), "autoencoder")[0])
+            log_rvq_report(report, run.info.run_id, cfg.tracking.tracking_uri)
+            console.print(
+                f"RVQ at depths {report['depths']}: latent MSE {report['latent_mse']}, mel L1 {report['figures']['mel_l1_db']} dB"
+            )
     console.print(
         f"{stage}: step {result.metrics.get('step')}, loss {result.metrics.get('train/loss'):.4f}; checkpoint {result.checkpoint}"
     )

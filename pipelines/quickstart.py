@@ -160,11 +160,13 @@ def precompute_into_own_folder(cfg: Config, autoencoder: Path, console: Console)
         return run_precompute(cfg, autoencoder)
 
 
-def _train_lmm(cfg: Config, out: Path, console: Console) -> Path:
-    """The LMM baseline's two stages on the quickstart's latents: the RVQ tokenizer (``runs/<name>/rvq``), then the flat
-    LMM from scratch on its codes (``runs/<name>/lmm-flat``), each a nested MLflow run; returns the LMM's folder."""
+def _train_lmm(cfg: Config, out: Path, autoencoder: Path, console: Console) -> Path:
+    """The LMM baseline's two stages on the quickstart's latents: the RVQ tokenizer (``runs/<name>/rvq``, with its
+    per-depth figures decoded by ``autoencoder``), then the flat LMM from scratch on its codes (``runs/<name>/lmm-flat``),
+    each a nested MLflow run; returns the LMM's folder."""
     from lmdm.builders import build_dit, build_lmm
     from lmdm.checkpoints.format import copy_checkpoint, load_checkpoint
+    from lmdm.eval.rvq_report import log_rvq_report, rvq_depth_figures
     from lmdm.eval.tracking import mlflow_run
     from lmdm.pipelines.progress import training_progress
     from lmdm.pipelines.train import run_train
@@ -181,11 +183,16 @@ def _train_lmm(cfg: Config, out: Path, console: Console) -> Path:
         )
         with training_progress("RVQ", console) as progress:
             rvq = run_train(rvq_cfg, "rvq", out / "latents", mlflow_run_id=run.info.run_id, progress=progress)
-    assert rvq.checkpoint is not None
-    tokenizer = copy_checkpoint(rvq.checkpoint / "model", out / "rvq")
-    errors = load_checkpoint(tokenizer, "rvq")[1]["depth_mse"]
+        assert rvq.checkpoint is not None
+        tokenizer = copy_checkpoint(rvq.checkpoint / "model", out / "rvq")
+        report = rvq_depth_figures(cfg, load_checkpoint(tokenizer, "rvq")[0], load_checkpoint(autoencoder)[0])
+        log_rvq_report(report, run.info.run_id, cfg.tracking.tracking_uri)
     console.print(
-        "RVQ latent MSE by depth: " + ", ".join(f"{errors[k - 1]:.3f} at {k}" for k in (1, 2, 4, 8, 16, 32) if k <= len(errors)),
+        f"RVQ on {report['clips']} held-out clips, depths {report['depths']}: latent MSE "
+        + ", ".join(f"{m:.3f}" for m in report["latent_mse"])
+        + "; mel L1 "
+        + ", ".join(f"{m:.1f}" for m in report["figures"]["mel_l1_db"])
+        + f" dB (the autoencoder alone: {report['autoencoder']['mel_l1_db']:.1f} dB)",
         style="dim",
     )
     with mlflow_run(cfg, "lmm", nested=True, params=False) as run:
@@ -297,7 +304,7 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         lmm_dir: Path | None = None
         if q.lmm:
             start = stage(f"LMM baseline: RVQ tokenizer ({cfg.rvq.levels}×{cfg.rvq.codes}) and the flat LMM (Ray Train)")
-            lmm_dir = _train_lmm(cfg, out, console)
+            lmm_dir = _train_lmm(cfg, out, autoencoder, console)
             times["lmm"] = time.perf_counter() - start
 
         start = stage(f"stream {q.stream_seconds:g} s, scored against the held-out reference")
