@@ -156,7 +156,7 @@ def _data_uri(path: Path, mime: str) -> str:
 
 def plot_quality_speed(result: dict[str, Any], path: Path, title: str) -> Path:
     """Quality against speed, one point per engine: FAD to the held-out reference (mean over windows; the bar spans
-    the first and last window) against the real-time factor measured in the rollouts (log axis; dashed: real time)."""
+    the windows' lowest and highest) against the real-time factor measured in the rollouts (log axis; dashed: real time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,7 +170,7 @@ def plot_quality_speed(result: dict[str, Any], path: Path, title: str) -> Path:
             continue
         curve = [v for v in d["curve"] if v == v]  # NaN-free windows
         mean = sum(curve) / len(curve)
-        low, high = min(curve[0], curve[-1]), max(curve[0], curve[-1])
+        low, high = min(curve), max(curve)
         colour = colours[i % len(colours)]
         ax.errorbar([rtf], [mean], yerr=[[mean - low], [high - mean]], fmt="o", ms=7, capsize=4, color=colour)
         ax.annotate(f"{name}\n{rtf:.2g}x, FAD {mean:.2f}", (rtf, mean), textcoords="offset points", xytext=(8, 4), fontsize=8, color=colour)

@@ -5,6 +5,7 @@ a starting context), and the RVQ tokenizer learns, round-trips and restarts dead
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +226,34 @@ def test_build_engine_matches_models_and_variants() -> None:
         build_engine(cfg, build_dit(cfg), "framewise")
     with pytest.raises(ValueError, match=r"the RVQ tokenizer has 3 levels of 8 codes.*set rvq.levels=3"):
         build_lmm(cfg, "flat", tokenizer=ResidualVQ(cfg.autoencoder.latent_channels, levels=3, codes=8))
+
+
+def test_rvq_report_depths() -> None:
+    from lmdm.eval.rvq_report import report_depths
+
+    assert report_depths(16) == [1, 2, 4, 8, 16] and report_depths(12) == [1, 2, 4, 8, 12] and report_depths(1) == [1]
+
+
+def test_bench_compare_on_a_tiny_shape(tmp_path: Path) -> None:
+    """Every method measured, the LMMs matched to the DiT within ±10%, the JSON keys the issue names, and the
+    analytical FLOPs equal to torch's count (so the printed ratios mean what they say)."""
+    from rich.console import Console
+
+    from lmdm.eval.bench_compare import CompareShape, compare_report, plot_compare, run_compare_bench
+
+    shape = CompareShape("tiny", width=64, depth=2, latent_channels=4, block_frames=4, context_blocks=2, steps=2, latent_rate=10.0,
+                         head_dim=32, text_tokens=8, levels=4, codes=16)  # fmt: skip
+    results = run_compare_bench([shape], runtime="eager", repeats=1, warmup=2, measure_peak=False)
+    entry = results["shapes"]["tiny"]
+    for kind in ("flat", "framewise"):
+        assert abs(entry["parameters"][kind] / entry["parameters"]["dit"] - 1) <= 0.10
+    for key in ("lmdm_vs_lmm", "lmdm_vs_lmm_framewise"):
+        assert set(results[key]) >= {"speedup_per_audio_second", "flops_ratio", "sequential_pass_ratio"}
+    assert results["lmdm_vs_lmm"]["sequential_pass_ratio"] == 4 * 4 / 2  # K per frame × Bf frames against 2 steps
+    for method, figures in entry["methods"].items():
+        assert figures["counted_flops_per_audio_second"] == pytest.approx(figures["flops_per_audio_second"], rel=0.05), method
+        assert figures["median_s"] > 0 and figures["time_to_first_audio_s"] > 0
+    assert entry["methods"]["lmdm"]["cache_bytes"] > 0 and entry["methods"]["flat"]["cache_bytes"] > 0
+    Console(width=80, file=(tmp_path / "table.txt").open("w")).print(*compare_report(results))
+    assert "LMDM vs flat LMM" in (tmp_path / "table.txt").read_text().replace("\n", " ")
+    assert plot_compare(results, tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"

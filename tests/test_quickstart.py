@@ -72,6 +72,8 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     assert float(runs["lmdm"].data.params["train.lr"]) == load_config("quick").quickstart.lmdm_lr  # the fine-tune's own rate
     assert "autoencoder" not in runs and "base" not in runs
     assert runs["lmm"].data.params["lmm.tokenizer"] == str((out / "rvq").resolve()) and "train/loss" in runs["rvq"].data.metrics
+    depth_curve = client.get_metric_history(runs["rvq"].info.run_id, "rvq/latent_mse")  # the RVQ's error, decoded figures too
+    assert [m.step for m in depth_curve] == [1, 2, 4] and "rvq/mel_l1_db" in runs["rvq"].data.metrics
     assert runs["eval"].data.tags["mlflow.parentRunId"] == runs["quickstart"].info.run_id  # the eval nests in the chain's run
     assert runs["eval/lmdm"].data.tags["mlflow.parentRunId"] == runs["eval"].info.run_id
 

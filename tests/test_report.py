@@ -78,3 +78,12 @@ def test_report_renders_in_headless_chromium(report: dict[str, Path]) -> None:
     assert tables["drift"] == 2 * (2 + len(FIGURES)) and tables["speed"] == 2 and tables["versions"] >= 5
     assert len(found["audio"]) == 4
     assert all(a["error"] is None and a["duration"] == pytest.approx(2.0, abs=0.01) for a in found["audio"]), found["audio"]
+
+
+def test_quality_speed_plot_takes_a_curve_whose_mean_is_outside_its_ends(tmp_path: Path) -> None:
+    """A FAD curve that peaks mid-stream (mean above both the first and the last window) once made the error bar
+    negative and the whole report fail."""
+    from lmdm.eval.report import plot_quality_speed
+
+    result = {"engines": {"a": {"drift": {"fad": {"curve": [1.0, 3.0, 1.0]}}, "speed": {"rtf": 2.0}}}}
+    assert plot_quality_speed(result, tmp_path / "q.png", "t").read_bytes()[:4] == b"\x89PNG"
