@@ -158,6 +158,7 @@ def plot_quality_speed(result: dict[str, Any], path: Path, title: str) -> Path:
     """Quality against speed, one point per engine: FAD to the held-out reference (mean over windows; the bar spans
     the windows' lowest and highest) against the real-time factor measured in the rollouts (log axis; dashed: real time)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -176,6 +177,11 @@ def plot_quality_speed(result: dict[str, Any], path: Path, title: str) -> Path:
         ax.annotate(f"{name}\n{rtf:.2g}x, FAD {mean:.2f}", (rtf, mean), textcoords="offset points", xytext=(8, 4), fontsize=8, color=colour)
     ax.axvline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xscale("log")
+    rtfs = [f["speed"]["rtf"] for f in result["engines"].values() if f["speed"].get("rtf")]
+    if rtfs:
+        ax.set_xlim(min(min(rtfs), 1.0) / 2, max(max(rtfs), 1.0) * 4)  # room for the labels, real time always shown
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("real-time factor in the rollouts (log; right of the dashed line: faster than real time)")
     ax.set_ylabel("FAD to the held-out reference (lower is closer)")
     ax.grid(alpha=0.3, which="both")
