@@ -19,6 +19,7 @@ Legend: K RVQ levels, V codes per level, Bf block frames, Kc context frames, W w
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def quickstart_shape(cfg: Any) -> CompareShape:
         block_frames=cfg.stream.block_frames,
         context_blocks=cfg.stream.context_blocks,
         steps=cfg.stream.steps,
-        latent_rate=cfg.audio.sample_rate / _hop(cfg),
+        latent_rate=cfg.audio.sample_rate / math.prod(cfg.autoencoder.strides),
         head_dim=cfg.dit.head_dim,
         cond_token_dim=cfg.dit.cond_token_dim or None,
         levels=cfg.rvq.levels,
@@ -112,13 +113,6 @@ def quickstart_shape(cfg: Any) -> CompareShape:
         flat={k: v for k, v in cfg.lmm.flat.model_dump().items() if k in keep},
         framewise={k: v for k, v in cfg.lmm.framewise.model_dump().items() if k in keep},
     )
-
-
-def _hop(cfg: Any) -> int:
-    hop = 1
-    for s in cfg.autoencoder.strides:
-        hop *= s
-    return hop
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -9,11 +9,12 @@ Legend: B batch rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["Generator", "RowGenerators", "randn"]
+__all__ = ["Generator", "RowGenerators", "rand", "randn"]
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,30 @@ class RowGenerators:
 Generator = torch.Generator | RowGenerators | None
 
 
+def rand(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform ``[0, 1)`` draws of ``shape`` ``(B, ...)`` from ``generator`` (row groups as for :func:`randn`).
+
+    Raises:
+        ValueError: row groups that do not add up to ``B``.
+    """
+    return _draw(torch.rand, shape, generator, device, dtype)
+
+
 def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Standard normal noise of ``shape`` ``(B, ...)`` from ``generator``.
 
     Raises:
         ValueError: row groups that do not add up to ``B``.
     """
+    return _draw(torch.randn, shape, generator, device, dtype)
+
+
+def _draw(kind: Any, shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
     if not isinstance(generator, RowGenerators):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        out: Tensor = kind(shape, generator=generator, device=device, dtype=dtype)
+        return out
     if sum(generator.rows) != shape[0]:
         raise ValueError(f"row generators cover {sum(generator.rows)} rows, the noise has {shape[0]}")
     return torch.cat(
-        [
-            torch.randn((n, *shape[1:]), generator=g, device=device, dtype=dtype)
-            for g, n in zip(generator.generators, generator.rows, strict=True)
-        ]
+        [kind((n, *shape[1:]), generator=g, device=device, dtype=dtype) for g, n in zip(generator.generators, generator.rows, strict=True)]
     )

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmdm.diffusion.noise import Generator, RowGenerators
+from lmdm.diffusion.noise import Generator, rand
+from lmdm.diffusion.samplers import cfg_combine
 from lmdm.models.dit import TextKV
 from lmdm.models.kv_cache import CacheIO, TokenRingCache
 from lmdm.models.lmm import LMM
@@ -43,14 +44,6 @@ class LMMSampling:
     cfg_scale: float = 1.0
 
 
-def _uniform(shape: tuple[int, int], generator: Generator, device: torch.device) -> Tensor:
-    if not isinstance(generator, RowGenerators):
-        return torch.rand(shape, generator=generator, device=device)
-    return torch.cat(
-        [torch.rand((n, shape[1]), generator=g, device=device) for g, n in zip(generator.generators, generator.rows, strict=True)]
-    )
-
-
 def sample_codes(logits: Tensor, sampling: LMMSampling, generator: Generator) -> Tensor:
     """One code per row of logits ``(B, V)``: greedy, or Gumbel-max over the ``top_k`` largest at ``temperature``.
 
@@ -62,7 +55,7 @@ def sample_codes(logits: Tensor, sampling: LMMSampling, generator: Generator) ->
     index = None
     if 0 < sampling.top_k < logits.shape[-1]:
         logits, index = logits.topk(sampling.top_k, dim=-1)
-    u = _uniform((logits.shape[0], logits.shape[1]), generator, logits.device).clamp_(min=1e-20)
+    u = rand((logits.shape[0], logits.shape[1]), generator, logits.device).clamp_(min=1e-20)
     choice = (logits.float() / sampling.temperature - (-u.log()).log()).argmax(-1)
     return choice if index is None else index.gather(1, choice[:, None])[:, 0]
 
@@ -188,7 +181,7 @@ class LMMEngine:
         p = state.progress
         if p.rows != p.batch:
             cond, uncond = logits.chunk(2)
-            logits = uncond + self.sampling.cfg_scale * (cond - uncond)
+            logits = cfg_combine(cond, uncond, self.sampling.cfg_scale)
         return sample_codes(logits, self.sampling, p.generator)
 
     @torch.no_grad()
