@@ -447,13 +447,36 @@ class EvalConfig(Section):
 
 
 class ServeConfig(Section):
-    """Streaming server. Loopback by default; request sizes bounded."""
+    """``lmdm serve``: Ray Serve streaming endpoints. Loopback by default; every request is bounded."""
 
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
     port: int = Field(8000, ge=0, le=65535)
-    max_sessions: int = Field(8, ge=1, le=4096)
+    dit: Path | None = Field(None, description="the streaming DiT checkpoint folder; null = the quickstart's (runs/<name>/lmdm)")
+    autoencoder: Path | None = Field(None, description="its autoencoder folder; null = the one the quickstart's LMDM was trained on")
+    replicas: int = Field(1, ge=1, le=1024, description="Serve replicas (one model copy each)")
+    num_cpus: float = Field(1.0, gt=0.0, le=256.0, description="Ray CPUs reserved per replica (a scheduling slot)")
+    threads: int = Field(0, ge=0, le=256, description="torch threads per replica; 0 = every core of its machine")
+    max_sessions: int = Field(8, ge=1, le=4096, description="live sessions per replica (WebSocket streams and /v1/generate)")
+    spare_requests: int = Field(
+        4, ge=1, le=1024, description="request slots beyond max_sessions (health, stats, refusals): max_ongoing_requests = their sum"
+    )
+    blocks_ahead: float = Field(
+        1.0, gt=0.0, le=64.0, description="blocks a session may run ahead of the client's playback (real time); above compute/block length"
+    )
+    max_unacked: int = Field(4, ge=1, le=256, description="blocks sent but not acknowledged before a session waits (a client that stops reading)")
     max_prompt_chars: int = Field(512, ge=1, le=65536)
-
+    max_prompts: int = Field(8, ge=1, le=64, description="weighted prompts in one prompt set")
+    max_message_bytes: int = Field(16384, ge=256, le=1 << 20, description="largest control message (JSON)")
+    control_rate: float = Field(10.0, gt=0.0, le=1000.0, description="control messages per second per session (acks not counted)")
+    control_burst: int = Field(20, ge=1, le=10000, description="control messages a session may send at once")
+    idle_timeout_s: float = Field(60.0, gt=0.0, le=86400.0, description="close a session that sent nothing (not even acks) for this long")
+    max_steps: int = Field(64, ge=1, le=1000, description="largest denoising steps a client may ask for")
+    max_generate_seconds: float = Field(600.0, gt=0.0, le=86400.0, description="longest POST /v1/generate")
+    token: str | None = Field(None, description="bearer token clients must send (Authorization header or ?token=); null = none")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser Origins allowed besides the server's own (e.g. https://studio.example)"
+    )
+    warmup_blocks: int = Field(2, ge=0, le=64, description="blocks each replica generates before it reports ready")
 
 class TrackingConfig(Section):
     """MLflow, the system of record."""

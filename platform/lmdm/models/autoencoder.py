@@ -511,6 +511,18 @@ class StreamingDecoder:
         self._window = None
         self._start = self._received = self._emitted = 0
 
+    def prime(self, latents: Tensor) -> None:
+        """Start a stream that continues ``latents`` ``(B, D, n)`` whose audio was already heard (a session that
+        resumes from a client's audio): nothing of them is emitted, and the next :meth:`push` returns audio from
+        their end on, decoded with them as its left context (no seam from a cold start)."""
+        B, D, n = latents.shape
+        if self.vae.latent_dim != D or n < 1:
+            raise ValueError(f"prime expects latents (B, {self.vae.latent_dim}, n >= 1), got {tuple(latents.shape)}")
+        keep = min(n, self.context)
+        self._window = latents[..., n - keep :]
+        self._start = n - keep
+        self._received = self._emitted = n
+
     def push(self, latents: Tensor) -> Tensor:
         """Append the next block of latent frames and return the audio that is now final.
 

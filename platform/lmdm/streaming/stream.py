@@ -22,7 +22,10 @@ class Stream:
     """Generates audio block by block; the condition may change between blocks.
 
     Audio lags the latents by the decoder's lookahead (``latency_samples``); :meth:`close` returns
-    the held-back tail. Concatenated chunks equal a batch decode of the whole latent stream.
+    the held-back tail. Concatenated chunks equal a batch decode of the whole latent stream. A stream
+    started from ``context`` continues it: the decoder is primed with the context latents
+    (:meth:`~lmdm.models.autoencoder.StreamingDecoder.prime`), so the first chunk starts where the
+    context's audio ended (one lookahead shorter than a block).
     """
 
     def __init__(
@@ -39,6 +42,8 @@ class Stream:
         self.schedule = condition
         self.blocks = 0
         self.state: Any = engine.start(condition_at(condition, 0), batch, context=context, generator=generator)
+        if context is not None and context.shape[-1] > 0:
+            self.decoder.prime(context.to(next(autoencoder.parameters()).dtype))
 
     @property
     def latency_samples(self) -> int:

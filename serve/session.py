@@ -1,0 +1,242 @@
+"""What a replica holds and what one session is, in plain PyTorch (no Ray, no web): the models with their
+caches (engines per sampling setting, prompt embeddings, blended prompt sets) and :class:`StreamSession`, a
+:class:`~lmdm.streaming.stream.Stream` that yields 16-bit PCM. The app (:mod:`lmdm.serve.app`) runs these
+off its event loop; tests and the offline reference use the same functions (:func:`pcm16`,
+:func:`encode_context`).
+
+Legend: C audio channels, n samples, D latent channels, F latent frames.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmdm.config import Config
+from lmdm.models.autoencoder import StreamingDecoder
+from lmdm.serve.protocol import WeightedPrompt, prompt_key
+from lmdm.streaming.common import Condition
+from lmdm.streaming.stream import Stream
+
+__all__ = ["ServeModels", "SessionError", "StreamSession", "blend", "encode_context", "pcm16"]
+
+
+class SessionError(ValueError):
+    """A session request the models cannot serve (a prompt too long, a context of the wrong shape, ...)."""
+
+
+def pcm16(audio: Tensor) -> np.ndarray:
+    """``(C, n)`` float audio → ``(n, C)`` int16, channels interleaved (clipped to [-1, 1], rounded)."""
+    pcm: np.ndarray = (audio.detach().float().clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16).T.contiguous().numpy()
+    return pcm
+
+
+def encode_context(vae: Any, pcm: np.ndarray) -> Tensor:
+    """Starting context latents ``(1, D, F)`` of ``(n, C)`` int16 audio: the autoencoder's posterior mean.
+
+    Raises:
+        SessionError: a length that is not whole latent frames, or another channel count than the autoencoder's.
+    """
+    n, C = pcm.shape
+    if C != vae.audio_channels or n % vae.downsampling_ratio:
+        raise SessionError(f"context audio must be whole latent frames ({vae.downsampling_ratio} samples) of {vae.audio_channels} channel(s), got {n} × {C}")
+    audio = torch.from_numpy(pcm.astype(np.float32) / 32767.0).T[None]  # (1, C, n)
+    dtype = next(vae.parameters()).dtype
+    with torch.inference_mode():
+        mean: Tensor = vae.encode(audio.to(dtype)).mean
+    return mean
+
+
+def blend(tokens: list[Tensor], weights: list[float]) -> Tensor:
+    """Prompts blended in the text-embedding space: the weighted mean of their ``(1, L, Dc)`` token embeddings."""
+    total = sum(weights)
+    out = tokens[0] * (weights[0] / total)
+    for t, w in zip(tokens[1:], weights[1:], strict=True):
+        out = out + t * (w / total)
+    return out
+
+
+class _LRU(OrderedDict[str, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key: str, make: Any) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        while len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class ServeModels:
+    """A replica's models: the streaming DiT, its autoencoder and text encoder, one runtime, and caches of
+    engines (per steps × CFG scale), prompt embeddings (per text) and blended prompt sets (per set).
+
+    Methods are called from the replica's one torch thread; the lock keeps that true for any caller.
+    """
+
+    def __init__(self, cfg: Config, dit: Any, vae: Any, encoder: Any, dit_source: str, autoencoder_source: str) -> None:
+        from lmdm.builders import build_runtime
+
+        self.cfg, self.dit, self.vae, self.encoder = cfg, dit, vae, encoder
+        self.dit_source, self.autoencoder_source = dit_source, autoencoder_source
+        self.runtime = build_runtime(cfg, dit)
+        self.sample_rate = cfg.audio.sample_rate
+        self.channels = int(vae.audio_channels)
+        self.hop = int(vae.downsampling_ratio)
+        self.block_samples = cfg.stream.block_frames * self.hop
+        self.context_blocks = cfg.stream.context_blocks
+        self.latency_samples = StreamingDecoder(vae).latency_samples
+        self.text = encoder is not None and getattr(dit.args, "cond_token_dim", 0) > 0
+        self._engines = _LRU(4)
+        self._tokens = _LRU(64)
+        self._sets = _LRU(64)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def load(cfg: Config, dit_path: Path | None, autoencoder_path: Path | None) -> ServeModels:
+        """Load the checkpoints (``None``: random init, said in :attr:`dit_source`) and check them against the
+        stream settings and the text encoder (:func:`lmdm.builders.load_stream_models`).
+
+        Raises:
+            CheckpointError / ValueError: checkpoints that cannot be loaded or do not fit together.
+        """
+        from lmdm.builders import load_stream_models
+        from lmdm.models.lmm import LMM
+        from lmdm.text.encoders import load_text_encoder
+
+        encoder = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_tokens)
+        dit, vae = load_stream_models(cfg, dit_path, autoencoder_path, encoder)
+        if isinstance(dit, LMM):
+            raise SessionError("lmdm serve streams a diffusion checkpoint (an LMDM or outpainting DiT), not an LMM")
+        dit.eval()
+        vae.eval()
+        if dit.args.cond_token_dim and dit.args.cond_token_dim != encoder.dim:
+            raise SessionError(
+                f"the DiT takes {dit.args.cond_token_dim}-d text tokens but text encoder {cfg.text.encoder!r} gives {encoder.dim}-d: "
+                "set text.encoder/text.path to the one it was trained with"
+            )
+        return ServeModels(cfg, dit, vae, encoder, str(dit_path or "random init"), str(autoencoder_path or "random init"))
+
+    def engine(self, steps: int | None, cfg_scale: float | None) -> Any:
+        """The engine for these sampling settings (``None``: ``stream.steps`` / ``stream.cfg_scale``), cached."""
+        from lmdm.builders import build_engine
+
+        s = self.cfg.stream
+        steps, cfg_scale = steps or s.steps, s.cfg_scale if cfg_scale is None else cfg_scale
+        limit = self.cfg.serve.max_steps
+        if steps > limit:
+            raise SessionError(f"steps = {steps}; this server allows at most {limit} (serve.max_steps)")
+
+        def make() -> Any:
+            stream = s.model_copy(update={"steps": steps, "cfg_scale": cfg_scale})
+            return build_engine(self.cfg.model_copy(update={"stream": stream}), self.dit, runtime=self.runtime)
+
+        return self._engines.get_or(f"{steps}:{cfg_scale!r}", make)
+
+    def condition(self, prompts: list[WeightedPrompt]) -> Condition:
+        """The condition of a prompt set: its prompts' token embeddings blended by weight, cached per set
+        (an empty set, or a model without text: unconditional).
+
+        Raises:
+            SessionError: a prompt over ``serve.max_prompt_chars`` or the text encoder's tokens, too many
+                prompts, or weights that sum to zero.
+        """
+        if not prompts or not self.text:
+            return Condition()
+        limits = self.cfg.serve
+        if len(prompts) > limits.max_prompts:
+            raise SessionError(f"{len(prompts)} prompts in one set; this server takes at most {limits.max_prompts} (serve.max_prompts)")
+        for p in prompts:
+            if len(p.text) > limits.max_prompt_chars:
+                raise SessionError(f"a prompt of {len(p.text)} characters; this server takes at most {limits.max_prompt_chars} (serve.max_prompt_chars)")
+        if sum(p.weight for p in prompts) <= 0:
+            raise SessionError("the prompt weights sum to 0: give at least one prompt a weight above 0")
+        key = prompt_key(prompts)
+        dtype = next(self.dit.parameters()).dtype
+
+        def make() -> Condition:
+            from lmdm.text.encoders import TextEncoderError
+
+            try:
+                tokens = [self._tokens.get_or(p.text, lambda p=p: self.encoder.encode([p.text]).tokens.to(dtype)) for p in prompts]
+            except TextEncoderError as exc:
+                raise SessionError(str(exc)) from None
+            return Condition(blend(tokens, [p.weight for p in prompts]), key)
+
+        condition: Condition = self._sets.get_or(key, make)
+        return condition
+
+    def warm_up(self, blocks: int) -> float:
+        """Generate ``blocks`` blocks (compiling where the runtime compiles) so the first session starts warm;
+        returns the seconds of the last block (its compute time)."""
+        import time
+
+        if blocks < 1:
+            return 0.0
+        session = StreamSession(self, Condition(), seed=0, steps=None, cfg_scale=None)
+        seconds = 0.0
+        for _ in range(blocks):
+            begin = time.perf_counter()
+            session.next_chunk()
+            seconds = time.perf_counter() - begin
+        return seconds
+
+
+@dataclass
+class Chunk:
+    """One block's audio: the block it ends, its first sample's index in the session, ``(n, C)`` int16 PCM."""
+
+    block: int
+    first_sample: int
+    pcm: np.ndarray
+
+
+class StreamSession:
+    """One stream's engine state, streaming decoder and current condition; :meth:`next_chunk` generates a block."""
+
+    def __init__(
+        self, models: ServeModels, condition: Condition, seed: int, steps: int | None, cfg_scale: float | None, context: Tensor | None = None
+    ) -> None:
+        self.models = models
+        self.condition = condition
+        engine = models.engine(steps, cfg_scale)
+        if context is not None:
+            Bf, k = models.cfg.stream.block_frames, models.context_blocks
+            if k == 0:
+                context = None
+            elif context.shape[-1] % Bf:
+                raise SessionError(f"the starting context is {context.shape[-1]} latent frames, not whole blocks of {Bf}")
+            else:
+                context = context[..., -k * Bf :]
+        self.stream = Stream(engine, models.vae, condition, context=context, generator=torch.Generator().manual_seed(seed))
+        self.samples = 0  # samples emitted so far (per channel)
+
+    @property
+    def block(self) -> int:
+        """The index of the next block."""
+        return self.stream.blocks
+
+    def set_condition(self, condition: Condition) -> int:
+        """Use ``condition`` from the next block on; returns that block's index."""
+        self.condition = condition
+        self.stream.set_condition(condition)
+        return self.stream.blocks
+
+    def next_chunk(self) -> Chunk:
+        """Generate the next block; its final audio as int16 PCM."""
+        with torch.inference_mode():
+            audio = self.stream.next_chunk()[0]  # (C, n)
+        chunk = Chunk(self.stream.blocks - 1, self.samples, pcm16(audio))
+        self.samples += chunk.pcm.shape[0]
+        return chunk
