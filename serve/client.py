@@ -119,6 +119,7 @@ class StreamClient:
     events: list[dict[str, Any]] = field(default_factory=list)
     latencies: list[LatencySample] = field(default_factory=list)
     reconnects: int = 0
+    resumed_from: list[np.ndarray | None] = field(default_factory=list)  # the context audio each reconnect sent
     position: int = 0
     clock: PlaybackClock | None = None
 
@@ -223,6 +224,7 @@ class StreamClient:
             try:
                 await self._connect()
                 await self._start_session(context)
+                self.resumed_from.append(context)
                 self.reconnects += 1
                 self._session_index += 1
                 return

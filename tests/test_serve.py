@@ -47,7 +47,10 @@ TINY = [
     "serve.control_burst=5",
     "serve.max_message_bytes=2048",
     "serve.max_prompt_chars=200",
+    "serve.max_unacked=3",
+    "serve.token=s3cret-token",
 ]
+TOKEN = {"Authorization": "Bearer s3cret-token"}
 
 
 def _free_port() -> int:
@@ -127,10 +130,10 @@ def _run(coro: Any, timeout: float = 120.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def _connect(url: str, **kwargs: Any) -> Any:
+async def _connect(url: str, headers: dict[str, str] | None = TOKEN, **kwargs: Any) -> Any:
     import websockets
 
-    return await websockets.connect(url, open_timeout=30, **kwargs)
+    return await websockets.connect(url, open_timeout=30, additional_headers=headers, **kwargs)
 
 
 async def _next_json(ws: Any) -> dict[str, Any]:
@@ -141,8 +144,8 @@ async def _next_json(ws: Any) -> dict[str, Any]:
             return result
 
 
-async def _frames(ws: Any, n: int, ack: bool = True) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """``n`` audio frames (acknowledged), and the JSON messages between them."""
+async def _frames(ws: Any, n: int, ack: bool = True, first: int = 0) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """``n`` audio frames (acknowledged) from block ``first`` on, and the JSON messages between them."""
     frames: list[np.ndarray] = []
     messages: list[dict[str, Any]] = []
     while len(frames) < n:
@@ -151,7 +154,7 @@ async def _frames(ws: Any, n: int, ack: bool = True) -> tuple[list[np.ndarray], 
             messages.append(json.loads(raw))
             continue
         header = AudioHeader.unpack(raw)
-        assert header.block == len(frames)
+        assert header.block == first + len(frames)
         frames.append(np.frombuffer(raw, dtype="<i2", offset=HEADER.size).reshape(header.frames, header.channels))
         if ack:
             await ws.send(json.dumps({"type": "ack", "block": header.block}))
@@ -209,3 +212,218 @@ def test_a_prompt_change_mid_stream_equals_the_offline_schedule(server: _Server)
         np.testing.assert_array_equal(got, want)
     unchanged = server.reference(6, 3, a)
     assert not np.array_equal(frames[-1], unchanged[-1])  # the change reached the audio
+
+
+async def _closed(ws: Any, timeout: float = 20.0) -> tuple[int, str, list[dict[str, Any]]]:
+    """Read until the server closes: (code, reason, JSON messages seen)."""
+    import websockets
+
+    messages = []
+    try:
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), timeout)
+            if isinstance(raw, str):
+                messages.append(json.loads(raw))
+    except websockets.ConnectionClosed as closed:
+        assert closed.rcvd is not None, "closed without a close frame"
+        return closed.rcvd.code, closed.rcvd.reason, messages
+
+
+def test_bad_input_gets_a_clear_error_and_leaves_other_sessions_untouched(server: _Server) -> None:
+    cfg = server.cfg.serve
+
+    async def go() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        healthy = await _connect(server.ws_url)
+        await healthy.send(json.dumps({"type": "start", "prompt": PROMPT_A, "seed": 11}))
+        await _next_json(healthy)
+        frames, _ = await _frames(healthy, 2)
+
+        bad = await _connect(server.ws_url)
+        await bad.send("{not json")
+        found["bad_json"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "dance"}))
+        found["unknown"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "set_prompts", "prompts": [{"text": "x"}]}))
+        found["before_start"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "start", "prompt": "a" * (cfg.max_prompt_chars + 1)}))
+        found["long_prompt"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "start", "prompt": "ok", "steps": cfg.max_steps + 1}))
+        found["steps"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "start", "prompts": [{"text": "a", "weight": 0}]}))
+        found["zero_weights"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "pause", "extra": 1}))
+        found["extra_field"] = await _next_json(bad)
+        await bad.send(json.dumps({"type": "stop", "pad": "x" * cfg.max_message_bytes}))
+        found["too_big"] = await _closed(bad)
+
+        flood = await _connect(server.ws_url)
+        await flood.send(json.dumps({"type": "start", "seed": 0}))
+        await _next_json(flood)  # started (the start message took one token)
+        for _ in range(cfg.control_burst + 2):
+            await flood.send(json.dumps({"type": "pause"}))
+        found["flood"] = [await _next_json(flood) for _ in range(cfg.control_burst + 2)]
+        await flood.close()
+
+        for name, headers in (("no_token", None), ("wrong_token", {"Authorization": "Bearer nope"})):
+            ws = await _connect(server.ws_url, headers=headers)
+            found[name] = await _closed(ws)
+        ws = await _connect(server.ws_url, headers={**TOKEN, "Origin": "http://evil.example"})
+        found["origin"] = await _closed(ws)
+
+        more = [await _connect(server.ws_url) for _ in range(cfg.max_sessions - 1)]  # with `healthy`: full
+        extra = await _connect(server.ws_url)
+        found["full"] = await _closed(extra)
+        for ws in more:
+            await ws.close()
+
+        rest, _ = await _frames(healthy, 4, first=2)
+        frames += rest
+        found["frames"] = frames
+        await healthy.close()
+        return found
+
+    found = _run(go(), timeout=180)
+    assert found["bad_json"]["error"] == "bad_json" and "not JSON" in found["bad_json"]["message"]
+    assert found["unknown"]["error"] == "unknown_type" and "dance" in found["unknown"]["message"]
+    assert found["before_start"]["error"] == "invalid" and "start" in found["before_start"]["message"]
+    assert found["long_prompt"]["error"] == "invalid" and "serve.max_prompt_chars" in found["long_prompt"]["message"]
+    assert "serve.max_steps" in found["steps"]["message"]
+    assert "sum to 0" in found["zero_weights"]["message"]
+    assert found["extra_field"]["error"] == "invalid" and "extra" in found["extra_field"]["message"]
+    code, reason, messages = found["too_big"]
+    assert code == CloseCode.TOO_BIG and "serve.max_message_bytes" in reason and messages[-1]["error"] == "too_big"
+    errors = [m for m in found["flood"] if m["type"] == "error"]
+    assert errors and all(m["error"] == "rate_limited" for m in errors)
+    assert sum(m["type"] == "paused" for m in found["flood"]) in (cfg.control_burst - 1, cfg.control_burst)  # one may refill
+    assert found["no_token"][0] == CloseCode.UNAUTHORIZED and "bearer token" in found["no_token"][1]
+    assert found["wrong_token"][0] == CloseCode.UNAUTHORIZED and "wrong" in found["wrong_token"][1]
+    assert found["origin"][0] == CloseCode.FORBIDDEN_ORIGIN and "evil.example" in found["origin"][1]
+    assert found["full"][0] == CloseCode.FULL and "server full" in found["full"][1]
+    expected = server.reference(6, 11, server.condition([WeightedPrompt(text=PROMPT_A)]))
+    for got, want in zip(found["frames"], expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def _live(server: _Server) -> dict[str, Any]:
+    live: dict[str, Any] = server.stats()["live"]
+    return live
+
+
+def test_a_client_that_never_reads_is_held_then_closed_and_a_disconnect_frees_its_session(server: _Server) -> None:
+    cfg = server.cfg.serve
+
+    async def go() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        mute = await _connect(server.ws_url, max_queue=None)
+        await mute.send(json.dumps({"type": "start", "prompt": PROMPT_A, "seed": 1}))
+        await asyncio.sleep(2.0)  # many blocks' time: without acks the server stops at max_unacked
+        (entry,) = [v for v in _live(server).values() if v["kind"] == "stream"]
+        found["held"] = entry
+        await asyncio.sleep(1.0)
+        (entry,) = [v for v in _live(server).values() if v["kind"] == "stream"]
+        found["still"] = entry
+        found["idle"] = await _closed(mute, timeout=cfg.idle_timeout_s + 10)
+        found["after_idle"] = _live(server)
+
+        leaver = await _connect(server.ws_url)
+        await leaver.send(json.dumps({"type": "start", "prompt": PROMPT_B, "seed": 2}))
+        await _next_json(leaver)
+        await _frames(leaver, 1)
+        found["during"] = len(_live(server))
+        leaver.transport.abort()  # gone mid-stream, no close handshake
+        begin = time.monotonic()
+        while _live(server) and time.monotonic() - begin < 10:
+            await asyncio.sleep(0.05)
+        found["freed_in"] = time.monotonic() - begin
+        found["after_leave"] = server.stats()
+        return found
+
+    found = _run(go(), timeout=120)
+    assert found["held"]["block"] == cfg.max_unacked and found["held"]["unacked"] == cfg.max_unacked
+    assert found["still"]["block"] == cfg.max_unacked  # no block generated while nobody reads
+    code, reason, _ = found["idle"]
+    assert code == CloseCode.IDLE and "serve.idle_timeout_s" in reason
+    assert found["after_idle"] == {}
+    assert found["during"] == 1
+    assert found["freed_in"] < 2.0 and found["after_leave"]["sessions"] == 0 and found["after_leave"]["live"] == {}
+
+
+def test_generate_streams_a_wav_of_the_offline_rollout(server: _Server) -> None:
+    import io
+
+    import httpx
+    import soundfile as sf
+
+    blocks = 3
+    block_seconds = server.cfg.stream.block_frames * 512 / server.cfg.audio.sample_rate
+    body = {"prompt": PROMPT_B, "seconds": blocks * block_seconds - 0.05, "seed": 5}
+    chunks = []
+    with httpx.stream("POST", f"{server.http}/v1/generate", json=body, headers=TOKEN, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
+        chunks = list(response.iter_bytes())
+    audio, rate = sf.read(io.BytesIO(b"".join(chunks)), dtype="int16", always_2d=True)
+    assert rate == server.cfg.audio.sample_rate and audio.shape[0] == round(body["seconds"] * rate)
+    expected = np.concatenate(server.reference(blocks + 4, 5, server.condition([WeightedPrompt(text=PROMPT_B)])))
+    np.testing.assert_array_equal(audio, expected[: audio.shape[0]])
+    refused = httpx.post(f"{server.http}/v1/generate", json={**body, "seconds": 1e6}, headers=TOKEN, timeout=30)
+    assert refused.status_code == 422 and "serve.max_generate_seconds" in refused.json()["message"]
+    assert httpx.post(f"{server.http}/v1/generate", json=body, timeout=30).status_code == 401
+
+
+def test_healthz_stats_and_the_instrument_page(server: _Server) -> None:
+    import httpx
+
+    assert httpx.get(f"{server.http}/healthz", timeout=30).json()["ok"] is True
+    stats = server.stats()
+    assert stats["blocks"] > 0 and stats["underruns"] >= 0 and stats["queue_depth"] == 0
+    assert stats["model"]["dit"] == str(server.cfg.serve.dit) and stats["model"]["runtime"] == "packed"
+    page = httpx.get(f"{server.http}/", timeout=30)
+    assert page.status_code == 200 and "AudioWorklet" in page.text
+    assert httpx.get(f"{server.http}/web/worklet.js", timeout=30).status_code == 200
+    assert httpx.get(f"{server.http}/web/..%2Fapp.py", timeout=30).status_code == 404
+
+
+def test_reconnect_after_the_replica_is_killed_continues_from_the_clients_audio(server: _Server) -> None:
+    """Last in the module: it kills the replica (Serve starts a new one)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from lmdm.serve.client import StreamClient
+
+    prompts = [WeightedPrompt(text=PROMPT_A)]
+
+    async def go() -> tuple[StreamClient, list[Any], int]:
+        client = StreamClient(server.ws_url, token="s3cret-token", reconnect_timeout=90)
+        await client.start(prompts, seed=9)
+        before, after = [], []
+        killed_pid = 0
+        async for frame in client.frames():
+            if frame.session_index == 0:
+                before.append(frame)
+                if len(before) == 6:  # enough audio for the whole context: kill the replica from outside
+                    address = ray.get_runtime_context().gcs_address
+                    (actor,) = list_actors(address=address, filters=[("class_name", "=", "ServeReplica:lmdm-test:LMDMServer"), ("state", "=", "ALIVE")], detail=True)
+                    killed_pid = int(actor.pid)
+                    ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
+            else:
+                after.append(frame)
+                if len(after) == 4:
+                    break
+        await client.close()
+        return client, before + after, killed_pid
+
+    client, frames, killed_pid = _run(go(), timeout=180)
+    assert client.reconnects == 1 and server.stats()["pid"] != killed_pid
+    (context,) = client.resumed_from
+    assert context is not None and context.shape[0] == client.started["context_samples"]
+    before = [f for f in frames if f.session_index == 0]
+    after = [f for f in frames if f.session_index == 1]
+    assert after[0].position == before[-1].position + before[-1].header.frames  # the timeline goes on
+    _, vae, _ = server.offline()
+    expected = server.reference(len(after), 9, server.condition(prompts), context=encode_context(vae, context))
+    for got, want in zip(after, expected, strict=True):
+        np.testing.assert_array_equal(got.pcm, want)
+    # the first audio after reconnecting starts where the context audio ends (no repeat, no gap):
+    # the primed decoder's first samples are those of the block after the context
+    assert sum(f.header.frames for f in after) == len(after) * client.started["block_samples"] - client.started["latency_samples"]

@@ -472,7 +472,7 @@ class ServeConfig(Section):
     idle_timeout_s: float = Field(60.0, gt=0.0, le=86400.0, description="close a session that sent nothing (not even acks) for this long")
     max_steps: int = Field(64, ge=1, le=1000, description="largest denoising steps a client may ask for")
     max_generate_seconds: float = Field(600.0, gt=0.0, le=86400.0, description="longest POST /v1/generate")
-    token: str | None = Field(None, description="bearer token clients must send (Authorization header or ?token=); null = none")
+    token: str | None = Field(None, repr=False, description="bearer token clients must send (Authorization header or ?token=); null = none")
     allowed_origins: list[str] = Field(
         default_factory=list, description="browser Origins allowed besides the server's own (e.g. https://studio.example)"
     )
