@@ -376,12 +376,61 @@ def test_healthz_stats_and_the_instrument_page(server: _Server) -> None:
 
     assert httpx.get(f"{server.http}/healthz", timeout=30).json()["ok"] is True
     stats = server.stats()
-    assert stats["blocks"] > 0 and stats["underruns"] >= 0 and stats["queue_depth"] == 0
+    assert stats["warm_block_seconds"] > 0 and stats["blocks_per_second"] >= 0 and stats["queue_depth"] == 0
     assert stats["model"]["dit"] == str(server.cfg.serve.dit) and stats["model"]["runtime"] == "packed"
     page = httpx.get(f"{server.http}/", timeout=30)
     assert page.status_code == 200 and "AudioWorklet" in page.text
     assert httpx.get(f"{server.http}/web/worklet.js", timeout=30).status_code == 200
     assert httpx.get(f"{server.http}/web/..%2Fapp.py", timeout=30).status_code == 404
+
+
+def test_the_instrument_page_streams_and_changes_prompts_in_headless_chromium(server: _Server) -> None:
+    import os
+
+    from lmdm.eval.browser import find_chromium, open_page
+
+    if find_chromium() is None:
+        message = "no Chromium on PATH (Debian: apt-get install chromium; .ci/run installs it): the instrument's browser test did not run"
+        if os.environ.get("LMDM_REQUIRE_BROWSER") == "1":
+            pytest.fail(message + ", and LMDM_REQUIRE_BROWSER=1 requires it")
+        pytest.skip(message)
+
+    async def until(page: Any, condition: str, timeout: float = 30.0) -> Any:
+        begin = time.monotonic()
+        while time.monotonic() - begin < timeout:
+            if await page.evaluate(condition):
+                return await page.evaluate("JSON.parse(JSON.stringify(lmdm.state))")
+            await asyncio.sleep(0.1)
+        state = await page.evaluate("JSON.stringify(lmdm.state)")
+        raise AssertionError(f"the page never reached {condition}: {state}")
+
+    async def go() -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        async with open_page() as page:
+            await page.goto(f"{server.http}/?token=s3cret-token")
+            await page.evaluate("document.getElementById('start').click()")
+            found["playing"] = await until(page, "lmdm.state.blocks >= 8 && lmdm.state.played > 0")
+            # the player moves the sliders: all weight on the second prompt (applied as they edit)
+            await page.evaluate(
+                """(() => { const rows = document.querySelectorAll('#prompts .prompt');
+                   rows[0].children[1].value = 0; rows[0].children[1].dispatchEvent(new Event('input'));
+                   rows[1].children[1].value = 1; rows[1].children[1].dispatchEvent(new Event('input')); return true; })()"""
+            )
+            found["changed"] = await until(page, "lmdm.state.promptsSet.length > 0 && lmdm.state.latencies.length > 0 && lmdm.state.blocks >= lmdm.state.promptsSet[0].from_block + 4")
+            found["counters"] = await page.evaluate("document.getElementById('c-blocks').textContent")
+            await page.evaluate("document.getElementById('stop').click()")
+            found["stopped"] = await until(page, "lmdm.state.closed !== null")
+        return found
+
+    found = _run(go(), timeout=120)
+    changed = found["changed"]
+    assert changed["error"] is None and changed["gaps"] == 0, changed
+    assert changed["blocks"] >= 12 and int(found["counters"]) >= 12
+    assert changed["played"] > 0 and changed["started"]["sample_rate"] == server.cfg.audio.sample_rate
+    (prompts_set,) = changed["promptsSet"]
+    assert prompts_set["from_block"] >= 8 and "Monteverdi" in prompts_set["key"] and "Bach" not in prompts_set["key"]
+    assert changed["latencies"][0] > 0
+    assert found["stopped"]["closed"]["code"] == 1000 and found["stopped"]["gaps"] == 0
 
 
 def test_reconnect_after_the_replica_is_killed_continues_from_the_clients_audio(server: _Server) -> None:
