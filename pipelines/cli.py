@@ -416,6 +416,133 @@ def generate(
     console.print(f"wrote {out} ({result.seconds:.1f} s, {result.blocks} blocks of {cfg.stream.block_frames} latent frames)")
 
 
+@app.command("serve")
+def serve_command(
+    dit_path: Annotated[
+        Path | None, typer.Option("--dit", help="Streaming DiT checkpoint folder; default: serve.dit, else the quickstart's LMDM.")
+    ] = None,
+    autoencoder_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--autoencoder", help="Its autoencoder folder (or builtin:NAME/autoencoder); default: serve.autoencoder, else the quickstart's."
+        ),
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default serve.host, 127.0.0.1: loopback only).")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP/WebSocket port (default serve.port).", min=0, max=65535)] = None,
+    token: Annotated[
+        str | None, typer.Option(help="Bearer token clients must send (default serve.token; none).", envvar="LMDM_SERVE_TOKEN")
+    ] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """Serve live streams: WS /v1/stream, POST /v1/generate, GET /v1/stats, and the browser instrument at /."""
+    from lmdm.pipelines.serving import resolve_checkpoints, start_server
+
+    extra = [f"serve.host={host}"] if host is not None else []
+    extra += [f"serve.port={port}"] if port is not None else []
+    extra += [f"serve.dit={_resolve(dit_path)}"] if dit_path is not None else []
+    extra += [f"serve.autoencoder={_resolve(autoencoder_path)}"] if autoencoder_path is not None else []
+    cfg = resolve_checkpoints(_load(config, [*(overrides or []), *extra]))
+    if token:
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"token": token})})
+    if cfg.serve.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(
+            f"[yellow]serving on {cfg.serve.host}: reachable from other machines{'' if cfg.serve.token else ' and without a token (set --token)'}[/]"
+        )
+    with console.status("starting Ray Serve: loading and warming up the model ..."):
+        try:
+            handle = start_server(cfg)
+        except Exception as exc:  # Serve wraps a replica's failure; its message names the cause
+            err_console.print(f"[bold red]error:[/] the server did not start: {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+    console.print(f"DiT: {handle.dit} · autoencoder: {handle.autoencoder}", highlight=False)
+    if "random init" in (handle.dit, handle.autoencoder):
+        console.print("[yellow]random-init models make noise: run `lmdm quickstart` (or pass --dit/--autoencoder) for trained ones[/]")
+    console.print(f"instrument: {handle.url}   stream: {handle.ws_url}   stats: {handle.url}v1/stats", highlight=False)
+    console.print(
+        f"listen: lmdm listen --url {handle.ws_url} --seconds 20 --out runs/listen.wav   (Ctrl-C stops the server)", highlight=False
+    )
+    import signal
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # `kill` (and a background job's SIGINT, ignored there) stops it cleanly too
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        console.print("stopping ...")
+        serve.shutdown()
+
+
+@app.command()
+def listen(
+    url: Annotated[str, typer.Option(help="The server's stream endpoint.")] = "ws://127.0.0.1:8000/v1/stream",
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt, 'TEXT' or 'TEXT @ WEIGHT'; repeat to blend several.")] = None,
+    seconds: Annotated[float, typer.Option(help="Seconds of audio to receive.", min=0.1, max=86400)] = 20.0,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="WAV file to write (16-bit).")] = Path("runs/listen.wav"),
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per block (default: the server's).", min=1)] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg", help="CFG scale (default: the server's).")] = None,
+    token: Annotated[str | None, typer.Option(help="Bearer token.", envvar="LMDM_SERVE_TOKEN")] = None,
+    play: Annotated[bool, typer.Option(help="Play on the default sound device too (needs the sounddevice package).")] = False,
+    measure_latency: Annotated[
+        bool, typer.Option("--measure-latency", help="Switch prompts every --change-every seconds and report the control latency.")
+    ] = False,
+    change_to: Annotated[list[str] | None, typer.Option(help="The prompt(s) to switch to ('TEXT @ WEIGHT').")] = None,
+    change_every: Annotated[float, typer.Option(help="Seconds of audio between prompt switches.", min=0.5)] = 8.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """Stream from a running `lmdm serve` to a WAV (or the sound device); report underruns and control latency."""
+    from lmdm.serve.client import ClientError
+    from lmdm.serve.listen import latency_bounds, parse_prompt, run_listen, sound_output
+
+    try:
+        prompts = [parse_prompt(p) for p in prompt or ["Bach chorale, for organ, moderato"]]
+        target = [parse_prompt(p) for p in change_to or (["Monteverdi madrigal, for strings, allegro"] if measure_latency else [])]
+    except ValueError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    with _progress_bar("receiving audio") as bar:
+        task = bar.add_task("seconds", total=seconds)
+        try:
+            result = run_listen(
+                url=url, prompts=prompts, seconds=seconds, out=out, seed=seed, steps=steps, cfg=cfg_scale, token=token,
+                change_to=target or None, change_every=change_every, player=sound_output if play else None,
+                on_progress=lambda done, total: bar.update(task, completed=done),
+            )  # fmt: skip
+        except (ClientError, OSError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+    figures = result.summary()
+    console.print(
+        f"received {figures['seconds']:.1f} s in {figures['blocks']} blocks · first audio {figures['first_audio_s'] * 1000:.0f} ms after start"
+        f" · underruns {figures['underruns']} · reconnects {figures['reconnects']}" + (f" · wrote {out}" if out else ""),
+        highlight=False,
+    )
+    if target:
+        lat, bounds = figures["control_latency_s"], latency_bounds(result.started)
+        if lat["n"]:
+            console.print(
+                f"control latency over {lat['n']} prompt changes: mean {lat['mean'] * 1000:.0f} ms (min {lat['min'] * 1000:.0f}, max {lat['max'] * 1000:.0f})",
+                highlight=False,
+            )
+        else:
+            console.print("[yellow]no prompt change was heard within the stream: listen longer than --change-every[/]")
+        console.print(
+            f"arithmetic: blocks_ahead {figures['blocks_ahead']:g} × block {figures['block_seconds']:.3f} s + decoder lookahead "
+            f"{figures['lookahead_seconds']:.3f} s → {bounds['min_s'] * 1000:.0f}–{bounds['max_s'] * 1000:.0f} ms, mean {bounds['mean_s'] * 1000:.0f} ms"
+            f" (one block's compute, {figures['block_compute_s']} s, hides inside blocks_ahead)",
+            highlight=False,
+        )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(figures, indent=2))
+
+
 def score_table(result: dict[str, Any]) -> Table:
     """The figures of `lmdm score` beside their floors."""
     fad, like = result["fad"], result["likeness"]

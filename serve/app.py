@@ -137,9 +137,15 @@ def deployment_options(cfg: Config) -> dict[str, Any]:
 
 def _wav_header(frames: int, channels: int, sample_rate: int) -> bytes:
     data = frames * channels * 2
-    return b"RIFF" + struct.pack("<I", 36 + data) + b"WAVE" + b"fmt " + struct.pack(
-        "<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16
-    ) + b"data" + struct.pack("<I", data)
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16)
+        + b"data"
+        + struct.pack("<I", data)
+    )
 
 
 class _Disconnected(Exception):
@@ -153,18 +159,14 @@ class _Refused(Exception):
 
 
 async def _send_json(ws: WebSocket, data: dict[str, Any]) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the client is gone: nothing to tell it
         await ws.send_text(json.dumps(data))
-    except Exception:  # the client is gone: nothing to tell it
-        pass
 
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     reason_bytes = reason.encode()[:120]
-    try:
+    with contextlib.suppress(Exception):  # closed already
         await ws.close(code=int(code), reason=reason_bytes.decode(errors="ignore"))
-    except Exception:
-        pass
 
 
 def _replica_tag() -> str:
@@ -236,7 +238,11 @@ class _Connection:
                 await self._fail(CloseCode.NORMAL, "unexpected_binary", "a binary message without a 'start' that announced context audio")
                 return
             if size > self.cfg.max_message_bytes:
-                await self._fail(CloseCode.TOO_BIG, "too_big", f"a message of {size} bytes; at most {self.cfg.max_message_bytes} (serve.max_message_bytes)")
+                await self._fail(
+                    CloseCode.TOO_BIG,
+                    "too_big",
+                    f"a message of {size} bytes; at most {self.cfg.max_message_bytes} (serve.max_message_bytes)",
+                )
                 return
             try:
                 parsed = parse_client_message(raw or "", self.cfg.max_message_bytes)
@@ -245,7 +251,9 @@ class _Connection:
                     if self.over_limit > 2 * self.cfg.control_burst:
                         await self._fail(CloseCode.RATE_LIMITED, "rate_limited", "far over the control-message rate: closing")
                         return
-                    raise ProtocolError("rate_limited", f"over {self.cfg.control_rate:g} control messages/s (serve.control_rate): message dropped")
+                    raise ProtocolError(
+                        "rate_limited", f"over {self.cfg.control_rate:g} control messages/s (serve.control_rate): message dropped"
+                    )
                 if await self._handle(parsed):
                     return
             except (ProtocolError, SessionError) as exc:
@@ -307,7 +315,9 @@ class _Connection:
         if message.context is not None:
             context = await self._receive_context(message)
         condition = await self.server.worker.run(self.models.condition, prompts)
-        self.session = await self.server.worker.run(StreamSession, self.models, condition, message.seed, message.steps, message.cfg, context)
+        self.session = await self.server.worker.run(
+            StreamSession, self.models, condition, message.seed, message.steps, message.cfg, context
+        )
         self.info.prompt = condition.key
         m = self.models
         await _send_json(
@@ -323,6 +333,7 @@ class _Connection:
                 "blocks_ahead": self.cfg.blocks_ahead,
                 "max_unacked": self.cfg.max_unacked,
                 "resumed": context is not None,
+                "warm_block_seconds": round(self.server.warm_block_s, 4),
                 "key": condition.key,
             },
         )
@@ -335,9 +346,14 @@ class _Connection:
         assert ctx is not None
         most = m.context_blocks * m.block_samples
         if ctx.sample_rate != m.sample_rate or ctx.channels != m.channels:
-            raise ProtocolError("invalid", f"start.context: {ctx.channels} ch at {ctx.sample_rate} Hz; this model streams {m.channels} ch at {m.sample_rate} Hz")
+            raise ProtocolError(
+                "invalid",
+                f"start.context: {ctx.channels} ch at {ctx.sample_rate} Hz; this model streams {m.channels} ch at {m.sample_rate} Hz",
+            )
         if ctx.frames % m.block_samples or ctx.frames > most:
-            raise ProtocolError("invalid", f"start.context: {ctx.frames} frames; send whole blocks of {m.block_samples}, at most {most} (context_samples)")
+            raise ProtocolError(
+                "invalid", f"start.context: {ctx.frames} frames; send whole blocks of {m.block_samples}, at most {most} (context_samples)"
+            )
         try:
             message_in = await asyncio.wait_for(self.ws.receive(), timeout=self.cfg.idle_timeout_s)
         except TimeoutError:
@@ -346,7 +362,9 @@ class _Connection:
         if message_in["type"] == "websocket.disconnect":
             raise _Disconnected
         if data is None or len(data) != 2 * ctx.frames * ctx.channels:
-            raise ProtocolError("invalid", f"start.context: expected one binary message of {2 * ctx.frames * ctx.channels} bytes of 16-bit PCM")
+            raise ProtocolError(
+                "invalid", f"start.context: expected one binary message of {2 * ctx.frames * ctx.channels} bytes of 16-bit PCM"
+            )
         pcm = np.frombuffer(data, dtype="<i2").reshape(ctx.frames, ctx.channels)
         return await self.server.worker.run(encode_context, m.vae, pcm)
 
@@ -383,10 +401,8 @@ class _Connection:
             if self.paused or unacked >= self.cfg.max_unacked or (self.t0 is not None and ahead >= limit):
                 wait = None if self.paused or unacked >= self.cfg.max_unacked else (ahead - limit) / m.sample_rate + 1e-3
                 self.wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
                 continue
             chunk = await self.server.worker.run(session.next_chunk)
             self.server.stats.block_done()
@@ -484,7 +500,7 @@ class LMDMServer:
     # ---------------------------------------------------------------- access checks
 
     def _check_token(self, headers: Any, query: Any) -> str | None:
-        token = self.cfg.serve.token
+        token = self.cfg.serve.token or os.environ.get("LMDM_SERVE_TOKEN")
         if not token:
             return None
         auth = headers.get("authorization", "")
@@ -525,7 +541,9 @@ class LMDMServer:
             return JSONResponse({"error": refused.error, "message": str(refused)}, status_code=status)
         limit = self.cfg.serve.max_generate_seconds
         if body.seconds > limit:
-            return JSONResponse({"error": "invalid", "message": f"seconds = {body.seconds:g}; at most {limit:g} (serve.max_generate_seconds)"}, 422)
+            return JSONResponse(
+                {"error": "invalid", "message": f"seconds = {body.seconds:g}; at most {limit:g} (serve.max_generate_seconds)"}, 422
+            )
         if body.prompt is not None and body.prompts is not None:
             return JSONResponse({"error": "invalid", "message": "give either 'prompt' or 'prompts', not both"}, 422)
         prompts = [WeightedPrompt(text=body.prompt)] if body.prompt is not None else list(body.prompts or [])
@@ -602,5 +620,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     parsed = BuilderArgs.model_validate(args)
     cfg = load_config(parsed.config, parsed.overrides)
     if cfg.serve.dit is None or cfg.serve.autoencoder is None:
-        raise ValueError("serve run needs serve.dit and serve.autoencoder (checkpoint folders every replica can read); set them in args.overrides")
+        raise ValueError(
+            "serve run needs serve.dit and serve.autoencoder (checkpoint folders every replica can read); set them in args.overrides"
+        )
     return build_app(cfg)

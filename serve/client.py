@@ -217,6 +217,8 @@ class StreamClient:
 
     async def _resume(self, why: str) -> None:
         """Reconnect (retrying until ``reconnect_timeout``) and start from the kept audio."""
+        import websockets
+
         deadline = time.monotonic() + self.reconnect_timeout
         delay = 0.2
         context = self.context_audio()
@@ -228,11 +230,19 @@ class StreamClient:
                 self.reconnects += 1
                 self._session_index += 1
                 return
-            except (OSError, ClientError, asyncio.TimeoutError, Exception) as exc:  # the replica is still restarting
+            except (
+                OSError,
+                TimeoutError,
+                ClientError,
+                websockets.InvalidHandshake,
+                websockets.ConnectionClosed,
+            ) as exc:  # still restarting
                 if isinstance(exc, ClientError) and exc.code not in RECONNECT_CODES and exc.code != "server_full":
                     raise
                 if time.monotonic() > deadline:
-                    raise ClientError(f"lost the session ({why}) and could not reconnect within {self.reconnect_timeout:g} s: {exc}") from None
+                    raise ClientError(
+                        f"lost the session ({why}) and could not reconnect within {self.reconnect_timeout:g} s: {exc}"
+                    ) from None
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 

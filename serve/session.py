@@ -46,7 +46,9 @@ def encode_context(vae: Any, pcm: np.ndarray) -> Tensor:
     """
     n, C = pcm.shape
     if C != vae.audio_channels or n % vae.downsampling_ratio:
-        raise SessionError(f"context audio must be whole latent frames ({vae.downsampling_ratio} samples) of {vae.audio_channels} channel(s), got {n} × {C}")
+        raise SessionError(
+            f"context audio must be whole latent frames ({vae.downsampling_ratio} samples) of {vae.audio_channels} channel(s), got {n} × {C}"
+        )
     audio = torch.from_numpy(pcm.astype(np.float32) / 32767.0).T[None]  # (1, C, n)
     dtype = next(vae.parameters()).dtype
     with torch.inference_mode():
@@ -159,7 +161,9 @@ class ServeModels:
             raise SessionError(f"{len(prompts)} prompts in one set; this server takes at most {limits.max_prompts} (serve.max_prompts)")
         for p in prompts:
             if len(p.text) > limits.max_prompt_chars:
-                raise SessionError(f"a prompt of {len(p.text)} characters; this server takes at most {limits.max_prompt_chars} (serve.max_prompt_chars)")
+                raise SessionError(
+                    f"a prompt of {len(p.text)} characters; this server takes at most {limits.max_prompt_chars} (serve.max_prompt_chars)"
+                )
         if sum(p.weight for p in prompts) <= 0:
             raise SessionError("the prompt weights sum to 0: give at least one prompt a weight above 0")
         key = prompt_key(prompts)
@@ -206,7 +210,13 @@ class StreamSession:
     """One stream's engine state, streaming decoder and current condition; :meth:`next_chunk` generates a block."""
 
     def __init__(
-        self, models: ServeModels, condition: Condition, seed: int, steps: int | None, cfg_scale: float | None, context: Tensor | None = None
+        self,
+        models: ServeModels,
+        condition: Condition,
+        seed: int,
+        steps: int | None,
+        cfg_scale: float | None,
+        context: Tensor | None = None,
     ) -> None:
         self.models = models
         self.condition = condition

@@ -258,6 +258,23 @@ def test_streaming_decode_equals_batch_decode(block: int, dtype: torch.dtype, at
     torch.testing.assert_close(torch.cat([streamed, tail], dim=-1), batch, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("block", [3, 16])
+def test_a_primed_decoder_continues_the_batch_decode_after_the_primed_frames(block: int) -> None:
+    """prime(ctx) then push(blocks) gives exactly the batch decode of [ctx, blocks] from ctx's end on (float64)."""
+    vae = tiny_vae().double()
+    latents = torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ctx, rest = latents[..., :20], latents[..., 20:]
+    decoder = StreamingDecoder(vae)
+    decoder.prime(ctx)
+    outputs, tail = stream(decoder, rest, block)
+    with torch.no_grad():
+        batch = vae.decode(latents)[..., 20 * vae.downsampling_ratio :]
+    assert outputs[0].shape[-1] == max(0, block - decoder.lookahead) * vae.downsampling_ratio
+    torch.testing.assert_close(torch.cat([*outputs, tail], dim=-1), batch, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="prime expects latents"):
+        decoder.prime(torch.zeros(1, 3, 8))
+
+
 @pytest.mark.parametrize(("start", "stop"), [(0, 512), (0, 1), (37, 38), (100, 300), (7, 505), (511, 512), (256, 512)])
 def test_decode_span_equals_a_slice_of_decode(start: int, stop: int) -> None:
     """Every span, edges included (where the layers' zero padding shows), in float64 to 1e-12."""

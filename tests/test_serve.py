@@ -416,7 +416,10 @@ def test_the_instrument_page_streams_and_changes_prompts_in_headless_chromium(se
                    rows[0].children[1].value = 0; rows[0].children[1].dispatchEvent(new Event('input'));
                    rows[1].children[1].value = 1; rows[1].children[1].dispatchEvent(new Event('input')); return true; })()"""
             )
-            found["changed"] = await until(page, "lmdm.state.promptsSet.length > 0 && lmdm.state.latencies.length > 0 && lmdm.state.blocks >= lmdm.state.promptsSet[0].from_block + 4")
+            found["changed"] = await until(
+                page,
+                "lmdm.state.promptsSet.length > 0 && lmdm.state.latencies.length > 0 && lmdm.state.blocks >= lmdm.state.promptsSet[0].from_block + 4",
+            )
             found["counters"] = await page.evaluate("document.getElementById('c-blocks').textContent")
             await page.evaluate("document.getElementById('stop').click()")
             found["stopped"] = await until(page, "lmdm.state.closed !== null")
@@ -431,6 +434,38 @@ def test_the_instrument_page_streams_and_changes_prompts_in_headless_chromium(se
     assert prompts_set["from_block"] >= 8 and "Monteverdi" in prompts_set["key"] and "Bach" not in prompts_set["key"]
     assert changed["latencies"][0] > 0
     assert found["stopped"]["closed"]["code"] == 1000 and found["stopped"]["gaps"] == 0
+
+
+def test_lmdm_listen_writes_the_stream_and_measures_control_latency(server: _Server, tmp_path: Path) -> None:
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from lmdm.pipelines.cli import app
+
+    out, figures = tmp_path / "listen.wav", tmp_path / "listen.json"
+    args = ["listen", "--url", server.ws_url, "--token", "s3cret-token", "--seconds", "3", "--out", str(out), "--seed", "4"]
+    args += [
+        "--prompt",
+        f"{PROMPT_A} @ 0.7",
+        "--prompt",
+        f"{PROMPT_B} @ 0.3",
+        "--measure-latency",
+        "--change-every",
+        "0.6",
+        "--json",
+        str(figures),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "control latency over" in result.output and "arithmetic: blocks_ahead" in result.output
+    audio, rate = sf.read(out, dtype="int16", always_2d=True)
+    assert rate == server.cfg.audio.sample_rate and audio.shape[0] == 3 * rate
+    found = json.loads(figures.read_text())
+    lat, bounds = found["control_latency_s"], found["arithmetic_s"]
+    assert lat["n"] >= 2 and 0 < lat["min"] <= lat["max"] < bounds["max_s"] + 1.0  # + scheduling slack on a busy CI machine
+    assert found["first_audio_s"] > 0 and found["reconnects"] == 0
+    refused = CliRunner().invoke(app, ["listen", "--url", server.ws_url, "--seconds", "1", "--out", str(out)])
+    assert refused.exit_code == 1 and "bearer token" in refused.output
 
 
 def test_reconnect_after_the_replica_is_killed_continues_from_the_clients_audio(server: _Server) -> None:
@@ -452,7 +487,11 @@ def test_reconnect_after_the_replica_is_killed_continues_from_the_clients_audio(
                 before.append(frame)
                 if len(before) == 6:  # enough audio for the whole context: kill the replica from outside
                     address = ray.get_runtime_context().gcs_address
-                    (actor,) = list_actors(address=address, filters=[("class_name", "=", "ServeReplica:lmdm-test:LMDMServer"), ("state", "=", "ALIVE")], detail=True)
+                    (actor,) = list_actors(
+                        address=address,
+                        filters=[("class_name", "=", "ServeReplica:lmdm-test:LMDMServer"), ("state", "=", "ALIVE")],
+                        detail=True,
+                    )
                     killed_pid = int(actor.pid)
                     ray.kill(ray.get_actor(actor.name, namespace=actor.ray_namespace), no_restart=True)
             else:

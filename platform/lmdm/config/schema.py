@@ -463,7 +463,9 @@ class ServeConfig(Section):
     blocks_ahead: float = Field(
         1.0, gt=0.0, le=64.0, description="blocks a session may run ahead of the client's playback (real time); above compute/block length"
     )
-    max_unacked: int = Field(4, ge=1, le=256, description="blocks sent but not acknowledged before a session waits (a client that stops reading)")
+    max_unacked: int = Field(
+        4, ge=1, le=256, description="blocks sent but not acknowledged before a session waits (a client that stops reading)"
+    )
     max_prompt_chars: int = Field(512, ge=1, le=65536)
     max_prompts: int = Field(8, ge=1, le=64, description="weighted prompts in one prompt set")
     max_message_bytes: int = Field(16384, ge=256, le=1 << 20, description="largest control message (JSON)")
@@ -472,11 +474,16 @@ class ServeConfig(Section):
     idle_timeout_s: float = Field(60.0, gt=0.0, le=86400.0, description="close a session that sent nothing (not even acks) for this long")
     max_steps: int = Field(64, ge=1, le=1000, description="largest denoising steps a client may ask for")
     max_generate_seconds: float = Field(600.0, gt=0.0, le=86400.0, description="longest POST /v1/generate")
-    token: str | None = Field(None, repr=False, description="bearer token clients must send (Authorization header or ?token=); null = none")
+    token: str | None = Field(
+        None,
+        repr=False,
+        description="bearer token clients must send (Authorization header or ?token=); null = $LMDM_SERVE_TOKEN, else none",
+    )
     allowed_origins: list[str] = Field(
         default_factory=list, description="browser Origins allowed besides the server's own (e.g. https://studio.example)"
     )
     warmup_blocks: int = Field(2, ge=0, le=64, description="blocks each replica generates before it reports ready")
+
 
 class TrackingConfig(Section):
     """MLflow, the system of record."""

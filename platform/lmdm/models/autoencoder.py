@@ -515,7 +515,7 @@ class StreamingDecoder:
         """Start a stream that continues ``latents`` ``(B, D, n)`` whose audio was already heard (a session that
         resumes from a client's audio): nothing of them is emitted, and the next :meth:`push` returns audio from
         their end on, decoded with them as its left context (no seam from a cold start)."""
-        B, D, n = latents.shape
+        _, D, n = latents.shape
         if self.vae.latent_dim != D or n < 1:
             raise ValueError(f"prime expects latents (B, {self.vae.latent_dim}, n >= 1), got {tuple(latents.shape)}")
         keep = min(n, self.context)
