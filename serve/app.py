@@ -54,7 +54,7 @@ from lmdm.serve.protocol import (
     WeightedPrompt,
     parse_client_message,
 )
-from lmdm.serve.session import ServeModels, SessionError, StreamSession, encode_context
+from lmdm.serve.session import Pacer, ServeModels, SessionError, StreamSession, encode_context
 
 __all__ = ["BlockWorker", "GenerateRequest", "LMDMServer", "app_builder", "build_app", "deployment_options"]
 
@@ -194,12 +194,9 @@ class _Connection:
         self.wake = asyncio.Event()
         self.paused = False
         self.stopping = False
-        self.sent_samples = 0
+        self.pacer = Pacer(server.models.sample_rate)
         self.sent_block = -1
         self.acked = -1
-        self.t0: float | None = None  # when frame 0 went out: the client's playback clock starts there
-        self.paused_at: float | None = None
-        self.paused_total = 0.0
         self.tokens = float(self.cfg.control_burst)
         self.refilled = time.monotonic()
         self.over_limit = 0
@@ -291,16 +288,13 @@ class _Connection:
             self.info.prompt = condition.key
             await _send_json(self.ws, {"type": "prompts_set", "from_block": from_block, "key": condition.key})
         elif isinstance(message, Pause):
-            if not self.paused:
-                self.paused, self.paused_at = True, time.monotonic()
+            self.paused = True
+            self.pacer.pause(time.monotonic())
             self.info.paused = True
             await _send_json(self.ws, {"type": "paused", "block": self.sent_block + 1})
         elif isinstance(message, Play):
-            if self.paused:
-                self.paused = False
-                if self.paused_at is not None and self.t0 is not None:
-                    self.paused_total += time.monotonic() - self.paused_at
-                self.paused_at = None
+            self.paused = False
+            self.pacer.play(time.monotonic())
             self.info.paused = False
             await _send_json(self.ws, {"type": "playing", "block": self.sent_block + 1})
         elif isinstance(message, Stop):
@@ -374,13 +368,6 @@ class _Connection:
 
     # ---------------------------------------------------------------- generating
 
-    def _ahead_samples(self, now: float) -> float:
-        if self.t0 is None:
-            return 0.0
-        paused = self.paused_total + ((now - self.paused_at) if self.paused_at is not None else 0.0)
-        played = (now - self.t0 - paused) * self.models.sample_rate
-        return self.sent_samples - max(0.0, played)
-
     async def _generate(self) -> None:
         try:
             await self._generate_blocks()
@@ -394,11 +381,10 @@ class _Connection:
         assert session is not None
         m, limit = self.models, self.cfg.blocks_ahead * self.models.block_samples
         while not self.stopping:
-            now = time.monotonic()
-            ahead = self._ahead_samples(now)
+            ahead = self.pacer.ahead(time.monotonic())
             unacked = self.sent_block - self.acked
             self.info.ahead_blocks, self.info.unacked = round(ahead / m.block_samples, 3), unacked
-            if self.paused or unacked >= self.cfg.max_unacked or (self.t0 is not None and ahead >= limit):
+            if self.paused or unacked >= self.cfg.max_unacked or (self.pacer.t0 is not None and ahead >= limit):
                 wait = None if self.paused or unacked >= self.cfg.max_unacked else (ahead - limit) / m.sample_rate + 1e-3
                 self.wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -406,15 +392,11 @@ class _Connection:
                 continue
             chunk = await self.server.worker.run(session.next_chunk)
             self.server.stats.block_done()
-            now = time.monotonic()
-            if self.t0 is None:
-                self.t0 = now
-            elif self._ahead_samples(now) < 0:  # the client ran dry before this frame went out
+            if self.pacer.send(chunk.pcm.shape[0], time.monotonic()):  # the client ran dry before this frame went out
                 self.info.underruns += 1
                 self.server.stats.underruns += 1
             header = AudioHeader(self.sid, chunk.block, m.sample_rate, m.channels, chunk.pcm.shape[0], chunk.first_sample)
             await self.ws.send_bytes(header.pack() + chunk.pcm.tobytes())
-            self.sent_samples += chunk.pcm.shape[0]
             self.sent_block = chunk.block
             self.info.block = chunk.block + 1
         await self._finish(session)
@@ -467,7 +449,9 @@ class LMDMServer:
         return {"ok": True, "sessions": len(self.live), "max_sessions": self.cfg.serve.max_sessions}
 
     @app.get("/v1/stats")
-    def stats_view(self) -> dict[str, Any]:
+    def stats_view(self, request: Request) -> Any:
+        if (problem := self._check_token(request.headers, request.query_params)) is not None:
+            return JSONResponse({"error": "unauthorized", "message": problem}, status_code=401)
         m = self.models
         return {
             "replica": _replica_tag(),

@@ -33,6 +33,11 @@ __all__ = ["ClientError", "Frame", "LatencySample", "PlaybackClock", "StreamClie
 RECONNECT_CODES = {1001, 1006, 1011, 1012, 1014}
 
 
+def _close_of(closed: Any) -> tuple[int, str]:
+    """A closed connection's code and reason (1006 where no close frame came: the server died)."""
+    return (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd is not None else (1006, "connection lost without a close frame")
+
+
 class ClientError(RuntimeError):
     """The server refused or ended the session (``code``: the close code or error name; the message says why)."""
 
@@ -158,7 +163,8 @@ class StreamClient:
             try:
                 raw = await self._ws.recv()
             except websockets.ConnectionClosed as closed:
-                raise ClientError(f"the server closed the session ({closed.code}: {closed.reason})", closed.code) from None
+                code, reason = _close_of(closed)
+                raise ClientError(f"the server closed the session ({code}: {reason})", code) from None
             if isinstance(raw, bytes):
                 continue
             message = json.loads(raw)
@@ -191,9 +197,15 @@ class StreamClient:
         if context is not None:
             channels = context.shape[1]
             message["context"] = {"frames": context.shape[0], "channels": channels, "sample_rate": self.started["sample_rate"]}
-        await self._send(message)
-        if context is not None:
-            await self._ws.send(np.ascontiguousarray(context, dtype="<i2").tobytes())
+        import websockets
+
+        try:
+            await self._send(message)
+            if context is not None:
+                await self._ws.send(np.ascontiguousarray(context, dtype="<i2").tobytes())
+        except websockets.ConnectionClosed as closed:  # refused at once (token, origin, full): the close says why
+            code, reason = _close_of(closed)
+            raise ClientError(f"the server closed the session ({code}: {reason})", code) from None
         self.started = await self._recv_json("started")
         if self.clock is None:
             self.clock = PlaybackClock(int(self.started["sample_rate"]))
@@ -263,12 +275,13 @@ class StreamClient:
             try:
                 raw = await self._ws.recv()
             except websockets.ConnectionClosed as closed:
-                if closed.code == 1000 or self._stopping:
+                code, reason = _close_of(closed)
+                if code == 1000 or self._stopping:
                     return
-                if self.reconnect and closed.code in RECONNECT_CODES:
-                    await self._resume(f"{closed.code}: {closed.reason}")
+                if self.reconnect and code in RECONNECT_CODES:
+                    await self._resume(f"{code}: {reason}")
                     continue
-                raise ClientError(f"the server closed the session ({closed.code}: {closed.reason})", closed.code) from None
+                raise ClientError(f"the server closed the session ({code}: {reason})", code) from None
             now = time.monotonic()
             if isinstance(raw, str):
                 self._on_message(json.loads(raw), now)

@@ -6,7 +6,8 @@ Control latency arithmetic: a session generates block ``n`` once the client has 
 or less still to play, so block ``n``'s first sample plays ``a·S + lat`` samples after its generation began
 (``S`` block samples, ``lat`` the decoder's lookahead). A prompt change waits for the next block that has not
 begun: it is heard ``(a·S + lat)/sr`` to ``((a + 1)·S + lat)/sr`` seconds later, ``((a + ½)·S + lat)/sr`` on
-average. Compute does not add to it while it fits inside ``a·S`` (else the stream underruns).
+average (a change that arrives while a block is being generated goes to the next one, as one that arrives
+just after it began). Compute does not add to it while it fits inside ``a·S`` (else the stream underruns).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from lmdm.serve.protocol import WeightedPrompt, prompt_key
 from lmdm.streaming.common import Condition
 from lmdm.streaming.stream import Stream
 
-__all__ = ["ServeModels", "SessionError", "StreamSession", "blend", "encode_context", "pcm16"]
+__all__ = ["Pacer", "ServeModels", "SessionError", "StreamSession", "blend", "encode_context", "pcm16"]
 
 
 class SessionError(ValueError):
@@ -250,3 +250,48 @@ class StreamSession:
         chunk = Chunk(self.stream.blocks - 1, self.samples, pcm16(audio))
         self.samples += chunk.pcm.shape[0]
         return chunk
+
+
+@dataclass
+class Pacer:
+    """The client's playback position as the server reckons it: playback starts when the first samples go out
+    (not with a first frame shorter than the decoder's lookahead, which has none), runs at the sample rate, and
+    stops while paused. A session generates while :meth:`ahead` is under its ``blocks_ahead`` budget."""
+
+    sample_rate: int
+    t0: float | None = None
+    sent: int = 0
+    paused_at: float | None = None
+    paused_total: float = 0.0
+
+    def played(self, now: float) -> float:
+        """Samples the client has played by ``now``."""
+        if self.t0 is None:
+            return 0.0
+        paused = self.paused_total + ((now - self.paused_at) if self.paused_at is not None else 0.0)
+        return max(0.0, (now - self.t0 - paused) * self.sample_rate)
+
+    def ahead(self, now: float) -> float:
+        """Samples sent but not yet played (negative: the client ran dry)."""
+        return self.sent - self.played(now)
+
+    def send(self, samples: int, now: float) -> bool:
+        """Count a frame of ``samples`` going out at ``now``; ``True`` when it comes too late (an underrun)."""
+        late = False
+        if self.t0 is None:
+            if samples:
+                self.t0 = now
+        else:
+            late = self.ahead(now) < 0
+        self.sent += samples
+        return late
+
+    def pause(self, now: float) -> None:
+        if self.paused_at is None:
+            self.paused_at = now
+
+    def play(self, now: float) -> None:
+        if self.paused_at is not None:
+            if self.t0 is not None:
+                self.paused_total += now - self.paused_at
+            self.paused_at = None

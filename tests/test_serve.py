@@ -90,7 +90,7 @@ class _Server:
     def stats(self) -> dict[str, Any]:
         import httpx
 
-        result: dict[str, Any] = httpx.get(f"{self.http}/v1/stats", timeout=30).json()
+        result: dict[str, Any] = httpx.get(f"{self.http}/v1/stats", headers=TOKEN, timeout=30).json()
         return result
 
     def offline(self) -> Any:
@@ -375,6 +375,7 @@ def test_healthz_stats_and_the_instrument_page(server: _Server) -> None:
     import httpx
 
     assert httpx.get(f"{server.http}/healthz", timeout=30).json()["ok"] is True
+    assert httpx.get(f"{server.http}/v1/stats", timeout=30).status_code == 401  # the sessions' prompts are the token holder's
     stats = server.stats()
     assert stats["warm_block_seconds"] > 0 and stats["blocks_per_second"] >= 0 and stats["queue_depth"] == 0
     assert stats["model"]["dit"] == str(server.cfg.serve.dit) and stats["model"]["runtime"] == "packed"

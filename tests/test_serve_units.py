@@ -133,3 +133,22 @@ def test_deployment_options_follow_the_config_and_the_serve_run_config_builds() 
         app_builder({"config": "quickstart"})
     with pytest.raises(ValueError, match="extra"):
         app_builder({"config": "quickstart", "replicas": 2})
+
+
+def test_the_pacer_starts_the_clients_clock_with_the_first_samples_and_stops_it_while_paused() -> None:
+    """A first block shorter than the decoder's lookahead sends no samples: the client cannot have started
+    playing, so the clock must not start (it did, once: the server then ran a block behind what the client
+    heard, and control latency came out a block's compute above its arithmetic)."""
+    from lmdm.serve.session import Pacer
+
+    pacer = Pacer(sample_rate=100)
+    assert pacer.send(0, now=0.0) is False and pacer.send(0, now=0.3) is False
+    assert pacer.t0 is None and pacer.ahead(now=0.5) == 0
+    assert pacer.send(50, now=1.0) is False and pacer.t0 == 1.0
+    assert pacer.ahead(now=1.2) == pytest.approx(30)  # 50 sent, 20 played
+    assert pacer.send(50, now=1.4) is False and pacer.ahead(now=1.4) == pytest.approx(60)
+    pacer.pause(now=1.5)
+    assert pacer.ahead(now=9.0) == pytest.approx(50)  # nothing plays while paused
+    pacer.play(now=9.0)
+    assert pacer.ahead(now=9.5) == pytest.approx(0)
+    assert pacer.send(10, now=10.0) is True  # the client ran dry 0.5 s before this frame: an underrun
