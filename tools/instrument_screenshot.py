@@ -28,7 +28,7 @@ async def shoot(url: str, out: Path, seconds: float) -> None:
         while not await page.evaluate("lmdm.state.latencies.length > 0") and time.monotonic() - begin < 30:
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
-        await page.screenshot(out, width=900, height=1050)
+        await page.screenshot(out, width=900, height=830)
         print(
             await page.evaluate(
                 "JSON.stringify({blocks: lmdm.state.blocks, gaps: lmdm.state.gaps, underruns: lmdm.state.underruns, latencies: lmdm.state.latencies})"
