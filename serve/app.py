@@ -59,7 +59,14 @@ from lmdm.serve.session import Pacer, ServeModels, SessionError, StreamSession, 
 __all__ = ["BlockWorker", "GenerateRequest", "LMDMServer", "app_builder", "build_app", "deployment_options"]
 
 T = TypeVar("T")
-app = FastAPI(title="lmdm serve", description="Live Music Diffusion Model streaming: WS /v1/stream, POST /v1/generate")
+# no /docs, /redoc or /openapi.json: every route but the page, its scripts and /healthz is the token holder's
+app = FastAPI(
+    title="lmdm serve",
+    description="Live Music Diffusion Model streaming: WS /v1/stream, POST /v1/generate",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
 
 
 class BlockWorker:
@@ -82,8 +89,8 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = None
-    prompts: list[WeightedPrompt] | None = None
+    prompt: str | None = Field(None, min_length=1, max_length=65536)
+    prompts: list[WeightedPrompt] | None = Field(None, max_length=64)
     seconds: float = Field(gt=0.0)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     steps: int | None = Field(None, ge=1)
@@ -152,6 +159,10 @@ class _Disconnected(Exception):
     """The client went away mid-message."""
 
 
+class _Dropped(Exception):
+    """A control message dropped by the rate limit."""
+
+
 class _Refused(Exception):
     def __init__(self, code: CloseCode, error: str, message: str) -> None:
         super().__init__(message)
@@ -191,6 +202,8 @@ class _Connection:
         self.info = server.live[sid]
         self.session: StreamSession | None = None
         self.generator: asyncio.Task[None] | None = None
+        self.control_tasks: set[asyncio.Task[None]] = set()
+        self.control_lock = asyncio.Lock()
         self.wake = asyncio.Event()
         self.paused = False
         self.stopping = False
@@ -211,29 +224,34 @@ class _Connection:
         except _Disconnected:
             pass
         finally:
-            if self.generator is not None and not self.generator.done():
-                self.generator.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.generator
+            for task in [*self.control_tasks, self.generator]:
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             self.session = None
 
     # ---------------------------------------------------------------- receiving
 
     async def _receive(self) -> None:
         while True:
+            # a paused player sends nothing (no frames to ack): the idle timeout waits for it to play again, and the
+            # server's WebSocket pings still find a peer that is gone
+            timeout = None if self.paused else self.cfg.idle_timeout_s
             try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout=self.cfg.idle_timeout_s)
+                message = await asyncio.wait_for(self.ws.receive(), timeout=timeout)
             except TimeoutError:
                 await self._fail(CloseCode.IDLE, "idle", f"nothing received for {self.cfg.idle_timeout_s:g} s (serve.idle_timeout_s)")
                 return
             if message["type"] == "websocket.disconnect":
                 return
-            text, data = message.get("text"), message.get("bytes")
-            raw = text if text is not None else data
-            size = len(raw.encode() if isinstance(raw, str) else (raw or b""))
-            if data is not None and text is None:
-                await self._fail(CloseCode.NORMAL, "unexpected_binary", "a binary message without a 'start' that announced context audio")
+            text = message.get("text")
+            if text is None:
+                await self._fail(
+                    CloseCode.UNSUPPORTED, "unexpected_binary", "a binary message without a 'start' that announced context audio"
+                )
                 return
+            size = len(text.encode())
             if size > self.cfg.max_message_bytes:
                 await self._fail(
                     CloseCode.TOO_BIG,
@@ -242,21 +260,45 @@ class _Connection:
                 )
                 return
             try:
-                parsed = parse_client_message(raw or "", self.cfg.max_message_bytes)
-                if not isinstance(parsed, Ack) and not self._take_token():
-                    self.over_limit += 1
-                    if self.over_limit > 2 * self.cfg.control_burst:
-                        await self._fail(CloseCode.RATE_LIMITED, "rate_limited", "far over the control-message rate: closing")
+                parsed: Any = parse_client_message(text, self.cfg.max_message_bytes)
+                problem: ProtocolError | None = None
+            except ProtocolError as exc:
+                parsed, problem = None, exc
+            if not isinstance(parsed, Ack):  # every message but a good ack costs a token, bad ones included
+                try:
+                    if not await self._charge():
                         return
-                    raise ProtocolError(
-                        "rate_limited", f"over {self.cfg.control_rate:g} control messages/s (serve.control_rate): message dropped"
-                    )
+                except _Dropped:
+                    continue
+            kind = parsed.type if parsed is not None else None
+            try:
+                if problem is not None:
+                    raise problem
                 if await self._handle(parsed):
                     return
             except (ProtocolError, SessionError) as exc:
                 code = exc.code if isinstance(exc, ProtocolError) else "invalid"
-                await _send_json(self.ws, {"type": "error", "error": code, "message": str(exc)})
+                await _send_json(self.ws, {"type": "error", "error": code, "message": str(exc), "to": kind})
+            except _Disconnected:
+                raise
+            except Exception as exc:  # a bug of ours must not end the session without a word, nor touch other sessions
+                await _send_json(self.ws, {"type": "error", "error": "internal", "message": f"{type(exc).__name__}: {exc}", "to": kind})
             self.wake.set()
+
+    async def _charge(self) -> bool:
+        """Take a control-message token; without one the message is dropped (the first drop of a run says so),
+        and a long run of drops closes the session. ``False``: closed."""
+        if self._take_token():
+            self.over_limit = 0
+            return True
+        self.over_limit += 1
+        if self.over_limit > 2 * self.cfg.control_burst:
+            await self._fail(CloseCode.RATE_LIMITED, "rate_limited", "far over the control-message rate (serve.control_rate): closing")
+            return False
+        if self.over_limit == 1:
+            message = f"over {self.cfg.control_rate:g} control messages/s (serve.control_rate): messages dropped"
+            await _send_json(self.ws, {"type": "error", "error": "rate_limited", "message": message})
+        raise _Dropped
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -282,11 +324,10 @@ class _Connection:
         if self.session is None:
             raise ProtocolError("invalid", f"{message.type}: send 'start' first")
         if isinstance(message, SetPrompts):
-            condition = await self.server.worker.run(self.models.condition, list(message.prompts))
-            session = self.session
-            from_block = await self.server.worker.run(session.set_condition, condition)
-            self.info.prompt = condition.key
-            await _send_json(self.ws, {"type": "prompts_set", "from_block": from_block, "key": condition.key})
+            # off the receive loop (acks and disconnects keep flowing while it waits for the worker), in order
+            task = asyncio.create_task(self._set_prompts(list(message.prompts)))
+            self.control_tasks.add(task)
+            task.add_done_callback(self.control_tasks.discard)
         elif isinstance(message, Pause):
             self.paused = True
             self.pacer.pause(time.monotonic())
@@ -302,6 +343,24 @@ class _Connection:
             self.wake.set()
             return True
         return False
+
+    async def _set_prompts(self, prompts: list[WeightedPrompt]) -> None:
+        session = self.session
+        assert session is not None
+        models = self.models
+
+        def apply() -> tuple[int, str]:  # one worker job: the change applies from the next block not yet begun
+            condition = models.condition(prompts)
+            return session.set_condition(condition), condition.key
+
+        async with self.control_lock:
+            try:
+                from_block, key = await self.server.worker.run(apply)
+            except SessionError as exc:
+                await _send_json(self.ws, {"type": "error", "error": "invalid", "message": str(exc), "to": "set_prompts"})
+                return
+            self.info.prompt = key
+            await _send_json(self.ws, {"type": "prompts_set", "from_block": from_block, "key": key})
 
     async def _start(self, message: Start) -> None:
         prompts = message.prompt_set()
@@ -396,9 +455,9 @@ class _Connection:
                 self.info.underruns += 1
                 self.server.stats.underruns += 1
             header = AudioHeader(self.sid, chunk.block, m.sample_rate, m.channels, chunk.pcm.shape[0], chunk.first_sample)
-            await self.ws.send_bytes(header.pack() + chunk.pcm.tobytes())
-            self.sent_block = chunk.block
+            self.sent_block = chunk.block  # before the send: an ack may come back before the send returns
             self.info.block = chunk.block + 1
+            await self.ws.send_bytes(header.pack() + chunk.pcm.tobytes())
         await self._finish(session)
 
     async def _finish(self, session: StreamSession) -> None:
@@ -445,11 +504,11 @@ class LMDMServer:
     # ---------------------------------------------------------------- plain HTTP
 
     @app.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> dict[str, Any]:
         return {"ok": True, "sessions": len(self.live), "max_sessions": self.cfg.serve.max_sessions}
 
     @app.get("/v1/stats")
-    def stats_view(self, request: Request) -> Any:
+    async def stats_view(self, request: Request) -> Any:  # on the event loop: no other coroutine changes `live` meanwhile
         if (problem := self._check_token(request.headers, request.query_params)) is not None:
             return JSONResponse({"error": "unauthorized", "message": problem}, status_code=401)
         m = self.models
@@ -499,10 +558,15 @@ class LMDMServer:
         origin = headers.get("origin")
         if not origin:
             return None  # not a browser page: scripts and the Python client send no Origin
-        host = headers.get("host", "")
-        if urlsplit(origin).netloc == host or origin in self.cfg.serve.allowed_origins:
+        if origin in self.cfg.serve.allowed_origins:
             return None
-        return f"Origin {origin} is not allowed: open the instrument from this server ({host}) or add it to serve.allowed_origins"
+        host = headers.get("host", "")
+        # the page's own origin, on a loopback name or the bind address (not any Host a page's DNS may point here:
+        # a rebinding page has Origin and Host alike, on a name of its own)
+        names = {"127.0.0.1", "localhost", "::1", "[::1]", self.cfg.serve.host}
+        if urlsplit(origin).netloc == host and urlsplit(origin).hostname in names:
+            return None
+        return f"Origin {origin} is not allowed: open the instrument from this server's address or add the Origin to serve.allowed_origins"
 
     def _admit(self, headers: Any, query: Any) -> None:
         if (problem := self._check_origin(headers)) is not None:
@@ -531,6 +595,10 @@ class LMDMServer:
         if body.prompt is not None and body.prompts is not None:
             return JSONResponse({"error": "invalid", "message": "give either 'prompt' or 'prompts', not both"}, 422)
         prompts = [WeightedPrompt(text=body.prompt)] if body.prompt is not None else list(body.prompts or [])
+        m = self.models
+        total = round(body.seconds * m.sample_rate)
+        if 44 + 2 * total * m.channels >= 2**32:
+            return JSONResponse({"error": "invalid", "message": f"{body.seconds:g} s is over a WAV file's 4 GiB: ask for less"}, 422)
         sid = next(self._ids)
         self.live[sid] = _Live("generate", time.monotonic())
         try:
@@ -539,9 +607,10 @@ class LMDMServer:
         except SessionError as exc:
             self.live.pop(sid, None)
             return JSONResponse({"error": "invalid", "message": str(exc)}, 422)
+        except BaseException:  # cancelled (the client hung up while queued) or failed: the slot is freed either way
+            self.live.pop(sid, None)
+            raise
         self.stats.sessions_total += 1
-        m = self.models
-        total = round(body.seconds * m.sample_rate)
 
         async def body_chunks() -> Any:
             try:

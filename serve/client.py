@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -122,6 +123,7 @@ class StreamClient:
 
     started: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)  # the server's error messages during the stream
     latencies: list[LatencySample] = field(default_factory=list)
     reconnects: int = 0
     resumed_from: list[np.ndarray | None] = field(default_factory=list)  # the context audio each reconnect sent
@@ -206,7 +208,10 @@ class StreamClient:
         except websockets.ConnectionClosed as closed:  # refused at once (token, origin, full): the close says why
             code, reason = _close_of(closed)
             raise ClientError(f"the server closed the session ({code}: {reason})", code) from None
-        self.started = await self._recv_json("started")
+        try:  # a replica that accepts but never answers must not hang the client
+            self.started = await asyncio.wait_for(self._recv_json("started"), self.open_timeout)
+        except TimeoutError:
+            raise ClientError(f"no 'started' from the server within {self.open_timeout:g} s", "timeout") from None
         if self.clock is None:
             self.clock = PlaybackClock(int(self.started["sample_rate"]))
         self._session_origin = self.position
@@ -281,7 +286,8 @@ class StreamClient:
                 if self.reconnect and code in RECONNECT_CODES:
                     await self._resume(f"{code}: {reason}")
                     continue
-                raise ClientError(f"the server closed the session ({code}: {reason})", code) from None
+                said = f"; its last error: {self.errors[-1]['message']}" if self.errors else ""
+                raise ClientError(f"the server closed the session ({code}: {reason}){said}", code) from None
             now = time.monotonic()
             if isinstance(raw, str):
                 self._on_message(json.loads(raw), now)
@@ -289,7 +295,8 @@ class StreamClient:
             header = AudioHeader.unpack(raw)
             pcm = np.frombuffer(raw, dtype="<i2", offset=32).reshape(header.frames, header.channels)
             if self.ack and not header.last:
-                await self._send({"type": "ack", "block": header.block})
+                with contextlib.suppress(websockets.ConnectionClosed):  # the next recv sees the close and reconnects
+                    await self._send({"type": "ack", "block": header.block})
             assert self.clock is not None
             plays_at = self.clock.arrive(header.frames, now) if header.frames else now
             frame = Frame(header, pcm, self._session_origin + header.first_sample, now, plays_at, self._session_index)
@@ -302,15 +309,18 @@ class StreamClient:
                 return
 
     def _on_message(self, message: dict[str, Any], now: float) -> None:
+        """Server messages during the stream. An ``error`` does not end it (the server goes on, or closes, and the
+        close decides); answers to prompt changes come in the order the changes went out."""
         self.events.append({**message, "at": now})
+        pending = [s for s in self.latencies if s.from_block == -1]
         if message.get("type") == "error":
-            raise ClientError(message.get("message", "error"), message.get("error"))
-        if message.get("type") == "prompts_set":
-            for sample in reversed(self.latencies):
-                if sample.from_block < 0:
-                    sample.from_block = int(message["from_block"])
-                    sample.position = self._session_origin + sample.from_block * int(self.started["block_samples"])
-                    break
+            self.errors.append(message)
+            if message.get("to") == "set_prompts" and pending:
+                pending[0].from_block = -2  # refused: never heard
+        elif message.get("type") == "prompts_set" and pending:
+            sample = pending[0]
+            sample.from_block = int(message["from_block"])
+            sample.position = self._session_origin + sample.from_block * int(self.started["block_samples"])
 
     def _note_plays(self, frame: Frame) -> None:
         end = frame.position + frame.header.frames

@@ -13,6 +13,7 @@ just after it began). Compute does not add to it while it fits inside ``a·S`` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import time
@@ -125,7 +126,8 @@ async def listen(
             await asyncio.sleep(change_every + rng.uniform(0.0, block_s))
             current = 1 - current
             assert change_to is not None
-            await client.set_prompts(change_to if current else prompts)
+            with contextlib.suppress(Exception):  # a connection being replaced: the next change goes out
+                await client.set_prompts(change_to if current else prompts)
 
     try:
         started = await client.start(prompts, seed=seed, steps=steps, cfg=cfg)
@@ -139,7 +141,7 @@ async def listen(
                     changer = asyncio.create_task(change_prompts())
             chunks.append(frame.pcm)
             if play is not None:
-                play(frame.pcm)
+                await asyncio.to_thread(play, frame.pcm)  # a sound device's write blocks: off the event loop
             if on_progress is not None:
                 on_progress(min(client.position / rate, seconds), seconds)
     finally:

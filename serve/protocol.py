@@ -66,6 +66,7 @@ class CloseCode(IntEnum):
     """WebSocket close codes the server uses (4000–4999 are the application's own)."""
 
     NORMAL = 1000  # the client sent stop, or the session ended
+    UNSUPPORTED = 1003  # a binary message where none was announced
     TOO_BIG = 1009  # a message over serve.max_message_bytes
     INTERNAL = 1011  # the server failed generating (the reason says why)
     FULL = 1013  # try again later: serve.max_sessions sessions are live
@@ -139,8 +140,8 @@ class ContextAudio(_Message):
 
 class Start(_Message):
     type: Literal["start"]
-    prompt: str | None = None
-    prompts: list[WeightedPrompt] | None = None
+    prompt: str | None = Field(None, min_length=1)
+    prompts: list[WeightedPrompt] | None = Field(None, max_length=64)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     steps: int | None = Field(None, ge=1)
     cfg: float | None = Field(None, ge=0.0, le=30.0)
@@ -156,7 +157,7 @@ class Start(_Message):
 
 class SetPrompts(_Message):
     type: Literal["set_prompts"]
-    prompts: list[WeightedPrompt] = Field(min_length=1)
+    prompts: list[WeightedPrompt] = Field(min_length=1, max_length=64)
 
 
 class Pause(_Message):
@@ -193,8 +194,8 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> Start | SetPrompts
         raise ProtocolError("too_big", f"a control message of {size} bytes; the server takes at most {max_bytes} (serve.max_message_bytes)")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError("bad_json", f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, a 5000-digit number, deep nesting
+        raise ProtocolError("bad_json", f"not JSON that can be read: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_json", f"a message is a JSON object with a 'type', got {type(data).__name__}")
     kind = data.get("type")

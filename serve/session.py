@@ -9,7 +9,6 @@ Legend: C audio channels, n samples, D latent channels, F latent frames.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +83,7 @@ class ServeModels:
     """A replica's models: the streaming DiT, its autoencoder and text encoder, one runtime, and caches of
     engines (per steps × CFG scale), prompt embeddings (per text) and blended prompt sets (per set).
 
-    Methods are called from the replica's one torch thread; the lock keeps that true for any caller.
+    Not thread-safe: the app calls it from its one torch worker thread only.
     """
 
     def __init__(self, cfg: Config, dit: Any, vae: Any, encoder: Any, dit_source: str, autoencoder_source: str) -> None:
@@ -103,7 +102,6 @@ class ServeModels:
         self._engines = _LRU(4)
         self._tokens = _LRU(64)
         self._sets = _LRU(64)
-        self.lock = threading.Lock()
 
     @staticmethod
     def load(cfg: Config, dit_path: Path | None, autoencoder_path: Path | None) -> ServeModels:
@@ -268,7 +266,7 @@ class Pacer:
         """Samples the client has played by ``now``."""
         if self.t0 is None:
             return 0.0
-        paused = self.paused_total + ((now - self.paused_at) if self.paused_at is not None else 0.0)
+        paused = self.paused_total + ((now - max(self.paused_at, self.t0)) if self.paused_at is not None else 0.0)
         return max(0.0, (now - self.t0 - paused) * self.sample_rate)
 
     def ahead(self, now: float) -> float:
@@ -292,6 +290,6 @@ class Pacer:
 
     def play(self, now: float) -> None:
         if self.paused_at is not None:
-            if self.t0 is not None:
-                self.paused_total += now - self.paused_at
+            if self.t0 is not None:  # only the part of the pause after playback began
+                self.paused_total += max(0.0, now - max(self.paused_at, self.t0))
             self.paused_at = None

@@ -240,29 +240,28 @@ def test_bad_input_gets_a_clear_error_and_leaves_other_sessions_untouched(server
         frames, _ = await _frames(healthy, 2)
 
         bad = await _connect(server.ws_url)
-        await bad.send("{not json")
-        found["bad_json"] = await _next_json(bad)
-        await bad.send(json.dumps({"type": "dance"}))
-        found["unknown"] = await _next_json(bad)
-        await bad.send(json.dumps({"type": "set_prompts", "prompts": [{"text": "x"}]}))
-        found["before_start"] = await _next_json(bad)
-        await bad.send(json.dumps({"type": "start", "prompt": "a" * (cfg.max_prompt_chars + 1)}))
-        found["long_prompt"] = await _next_json(bad)
-        await bad.send(json.dumps({"type": "start", "prompt": "ok", "steps": cfg.max_steps + 1}))
-        found["steps"] = await _next_json(bad)
-        await bad.send(json.dumps({"type": "start", "prompts": [{"text": "a", "weight": 0}]}))
-        found["zero_weights"] = await _next_json(bad)
-        await bad.send(json.dumps({"type": "pause", "extra": 1}))
-        found["extra_field"] = await _next_json(bad)
+
+        async def ask(raw: str) -> dict[str, Any]:  # one message per token refill: these test the answers, not the rate
+            await asyncio.sleep(1.0 / cfg.control_rate)
+            await bad.send(raw)
+            return await _next_json(bad)
+
+        found["bad_json"] = await ask("{not json")
+        found["unknown"] = await ask(json.dumps({"type": "dance"}))
+        found["before_start"] = await ask(json.dumps({"type": "set_prompts", "prompts": [{"text": "x"}]}))
+        found["long_prompt"] = await ask(json.dumps({"type": "start", "prompt": "a" * (cfg.max_prompt_chars + 1)}))
+        found["steps"] = await ask(json.dumps({"type": "start", "prompt": "ok", "steps": cfg.max_steps + 1}))
+        found["zero_weights"] = await ask(json.dumps({"type": "start", "prompts": [{"text": "a", "weight": 0}]}))
+        found["extra_field"] = await ask(json.dumps({"type": "pause", "extra": 1}))
         await bad.send(json.dumps({"type": "stop", "pad": "x" * cfg.max_message_bytes}))
         found["too_big"] = await _closed(bad)
 
         flood = await _connect(server.ws_url)
-        await flood.send(json.dumps({"type": "start", "seed": 0}))
-        await _next_json(flood)  # started (the start message took one token)
-        for _ in range(cfg.control_burst + 2):
-            await flood.send(json.dumps({"type": "pause"}))
-        found["flood"] = [await _next_json(flood) for _ in range(cfg.control_burst + 2)]
+        for _ in range(cfg.control_burst + 3):  # bad messages cost tokens too
+            await flood.send("{garbage")
+        found["flood"] = []
+        while not found["flood"] or found["flood"][-1]["error"] != "rate_limited":
+            found["flood"].append(await _next_json(flood))
         await flood.close()
 
         for name, headers in (("no_token", None), ("wrong_token", {"Authorization": "Bearer nope"})):
@@ -293,9 +292,9 @@ def test_bad_input_gets_a_clear_error_and_leaves_other_sessions_untouched(server
     assert found["extra_field"]["error"] == "invalid" and "extra" in found["extra_field"]["message"]
     code, reason, messages = found["too_big"]
     assert code == CloseCode.TOO_BIG and "serve.max_message_bytes" in reason and messages[-1]["error"] == "too_big"
-    errors = [m for m in found["flood"] if m["type"] == "error"]
-    assert errors and all(m["error"] == "rate_limited" for m in errors)
-    assert sum(m["type"] == "paused" for m in found["flood"]) in (cfg.control_burst - 1, cfg.control_burst)  # one may refill
+    *answered, dropped = found["flood"]
+    assert all(m["error"] == "bad_json" for m in answered) and len(answered) in (cfg.control_burst, cfg.control_burst + 1)  # one may refill
+    assert "serve.control_rate" in dropped["message"]
     assert found["no_token"][0] == CloseCode.UNAUTHORIZED and "bearer token" in found["no_token"][1]
     assert found["wrong_token"][0] == CloseCode.UNAUTHORIZED and "wrong" in found["wrong_token"][1]
     assert found["origin"][0] == CloseCode.FORBIDDEN_ORIGIN and "evil.example" in found["origin"][1]
@@ -347,6 +346,38 @@ def test_a_client_that_never_reads_is_held_then_closed_and_a_disconnect_frees_it
     assert found["after_idle"] == {}
     assert found["during"] == 1
     assert found["freed_in"] < 2.0 and found["after_leave"]["sessions"] == 0 and found["after_leave"]["live"] == {}
+
+
+def test_a_refused_prompt_change_and_a_long_pause_leave_the_session_playing(server: _Server) -> None:
+    """A set_prompts the server refuses is an error message, not the end of the stream (the client once raised on
+    it); a paused player sends nothing, and the idle timeout waits for it (it once closed it)."""
+    from lmdm.serve.client import StreamClient
+
+    async def go() -> tuple[StreamClient, list[Any]]:
+        client = StreamClient(server.ws_url, token="s3cret-token", reconnect=False)
+        await client.start([WeightedPrompt(text=PROMPT_A)], seed=6)
+        frames = []
+        async for frame in client.frames(blocks=2):
+            frames.append(frame)
+        await client.set_prompts([WeightedPrompt(text="x" * (server.cfg.serve.max_prompt_chars + 1))])
+        async for frame in client.frames(blocks=2):
+            frames.append(frame)
+        await client.pause()
+        await asyncio.sleep(server.cfg.serve.idle_timeout_s + 1.5)
+        await client.play()
+        async for frame in client.frames(blocks=3):
+            frames.append(frame)
+        await client.close()
+        return client, frames
+
+    client, frames = _run(go(), timeout=90)
+    assert [f.header.block for f in frames][:4] == [0, 1, 2, 3] and len(frames) >= 7
+    blocks = [f.header.block for f in frames]
+    assert blocks == list(range(len(blocks)))  # no gap, no repeat across the pause
+    (refused,) = client.errors
+    assert refused["to"] == "set_prompts" and "serve.max_prompt_chars" in refused["message"]
+    assert [s.from_block for s in client.latencies] == [-2]  # marked refused, never "heard"
+    assert {e["type"] for e in client.events} >= {"paused", "playing"}
 
 
 def test_generate_streams_a_wav_of_the_offline_rollout(server: _Server) -> None:
@@ -424,6 +455,8 @@ def test_the_instrument_page_streams_and_changes_prompts_in_headless_chromium(se
             found["counters"] = await page.evaluate("document.getElementById('c-blocks').textContent")
             await page.evaluate("document.getElementById('stop').click()")
             found["stopped"] = await until(page, "lmdm.state.closed !== null")
+            await page.evaluate("document.getElementById('start').click()")  # a second session on the same page
+            found["again"] = await until(page, "lmdm.state.blocks >= 4 && lmdm.state.played > 0")
         return found
 
     found = _run(go(), timeout=120)
@@ -435,6 +468,13 @@ def test_the_instrument_page_streams_and_changes_prompts_in_headless_chromium(se
     assert prompts_set["from_block"] >= 8 and "Monteverdi" in prompts_set["key"] and "Bach" not in prompts_set["key"]
     assert changed["latencies"][0] > 0
     assert found["stopped"]["closed"]["code"] == 1000 and found["stopped"]["gaps"] == 0
+    again = found["again"]
+    assert (
+        again["gaps"] == 0
+        and again["error"] is None
+        and again["promptsSet"] == []
+        and again["started"]["session"] != changed["started"]["session"]
+    )
 
 
 def test_lmdm_listen_writes_the_stream_and_measures_control_latency(server: _Server, tmp_path: Path) -> None:

@@ -43,11 +43,14 @@ def test_an_audio_header_round_trips_and_refuses_foreign_frames() -> None:
         ('{"type": "ack"}', "invalid", "block"),
         ('{"type": "pause", "x": 1}', "invalid", "x"),
         ('{"type": "stop", "pad": "' + "x" * 300 + '"}', "too_big", "serve.max_message_bytes"),
+        ("[" * 5000 + "]" * 5000, "bad_json", "not JSON"),  # deeper than the parser's recursion: was a RecursionError
+        ('{"type": "ack", "block": ' + "9" * 5000 + "}", "bad_json", "not JSON"),  # over int's digit limit: was a ValueError
+        ('{"type": "start", "prompt": ""}', "invalid", "prompt"),  # reached WeightedPrompt(text="") and raised
     ],
 )
 def test_bad_messages_are_refused_with_what_is_wrong(raw: str, code: str, says: str) -> None:
     with pytest.raises(ProtocolError) as caught:
-        parse_client_message(raw, max_bytes=256)
+        parse_client_message(raw, max_bytes=256 if '"pad"' in raw else max(256, len(raw)))
     assert caught.value.code == code and says in str(caught.value)
 
 
@@ -152,3 +155,29 @@ def test_the_pacer_starts_the_clients_clock_with_the_first_samples_and_stops_it_
     pacer.play(now=9.0)
     assert pacer.ahead(now=9.5) == pytest.approx(0)
     assert pacer.send(10, now=10.0) is True  # the client ran dry 0.5 s before this frame: an underrun
+
+
+def test_a_pause_before_the_first_samples_does_not_count_against_playback() -> None:
+    from lmdm.serve.session import Pacer
+
+    pacer = Pacer(sample_rate=100)
+    pacer.pause(now=0.0)
+    pacer.send(50, now=0.5)  # a block in flight when the pause came still goes out: the clock starts, paused
+    pacer.play(now=2.0)
+    assert pacer.paused_total == pytest.approx(1.5) and pacer.ahead(now=2.2) == pytest.approx(30)
+
+
+def test_the_origin_check_refuses_a_page_whose_dns_points_at_the_server() -> None:
+    """A DNS-rebinding page has Origin and Host alike, on its own name: same-origin is not enough."""
+    from types import SimpleNamespace
+
+    from lmdm.serve.app import LMDMServer
+
+    server = SimpleNamespace(cfg=load_config("quickstart", ["serve.allowed_origins=[https://studio.example]"]))
+    check = LMDMServer.func_or_class._check_origin
+    assert check(server, {}) is None  # scripts send no Origin
+    assert check(server, {"origin": "http://127.0.0.1:8000", "host": "127.0.0.1:8000"}) is None
+    assert check(server, {"origin": "http://localhost:8000", "host": "localhost:8000"}) is None
+    assert check(server, {"origin": "https://studio.example", "host": "127.0.0.1:8000"}) is None
+    assert "not allowed" in check(server, {"origin": "http://evil.example:8000", "host": "evil.example:8000"})
+    assert "not allowed" in check(server, {"origin": "http://evil.example", "host": "127.0.0.1:8000"})

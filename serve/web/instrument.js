@@ -37,7 +37,7 @@ function readPrompts() {
 }
 
 function edited() {
-  if (!$("live").checked || !state.started) return;
+  if (!$("live").checked || !state.started || !state.connected) return;
   clearTimeout(debounce);
   debounce = setTimeout(() => setPrompts(), 250);  // a slider drag is one change, within the server's rate limit
 }
@@ -112,16 +112,35 @@ function onMessage(message) {
   } else if (message.type === "error") {
     state.error = message.message;
     status(`Server: ${message.message}`, true);
+    if (message.to === "set_prompts") {  // that change was refused: it will never be heard
+      const refused = changes.findIndex((c) => c.target === null);
+      if (refused >= 0) changes.splice(refused, 1);
+    }
   }
 }
 
+function teardown() {
+  // the previous session's player and audio context go (a browser allows a page only a few contexts)
+  if (player) { player.port.onmessage = null; player.disconnect(); player = null; }
+  if (context) { context.close(); context = null; }
+  pending = [];
+  changes = [];
+  state.started = null;
+  state.paused = false;
+  $("pause").textContent = "Pause";
+}
+
 function start() {
+  teardown();
   const prompts = readPrompts();
   const url = new URL("/v1/stream", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const token = $("token").value || new URLSearchParams(location.search).get("token");
   if (token) url.searchParams.set("token", token);
-  Object.assign(state, { blocks: 0, expectedBlock: 0, gaps: 0, closed: null, error: null, promptsSet: [], latencies: [] });
+  Object.assign(state, {
+    blocks: 0, expectedBlock: 0, gaps: 0, closed: null, error: null, promptsSet: [], latencies: [],
+    played: 0, underruns: 0, buffered: 0, level: 0,
+  });
   socket = new WebSocket(url);
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
@@ -132,7 +151,7 @@ function start() {
   };
   socket.onmessage = (event) => (typeof event.data === "string" ? onMessage(JSON.parse(event.data)) : onAudio(event.data));
   socket.onclose = (event) => {
-    state.connected = false;
+    state.connected = false;  // no more live edits are sent; the player finishes what it holds
     state.closed = { code: event.code, reason: event.reason };
     if (event.code !== 1000) status(`Closed (${event.code}): ${event.reason || "connection lost"}`, true);
     else status("Stopped.");
