@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, WebSocket
@@ -53,8 +53,9 @@ from lmdm.serve.protocol import (
     Stop,
     WeightedPrompt,
     parse_client_message,
+    prompt_set,
 )
-from lmdm.serve.session import Pacer, ServeModels, SessionError, StreamSession, encode_context
+from lmdm.serve.session import Pacer, ServeModels, SessionError, StreamSession, encode_context, pcm16
 
 __all__ = ["BlockWorker", "GenerateRequest", "LMDMServer", "app_builder", "build_app", "deployment_options"]
 
@@ -159,10 +160,6 @@ class _Disconnected(Exception):
     """The client went away mid-message."""
 
 
-class _Dropped(Exception):
-    """A control message dropped by the rate limit."""
-
-
 class _Refused(Exception):
     def __init__(self, code: CloseCode, error: str, message: str) -> None:
         super().__init__(message)
@@ -205,7 +202,6 @@ class _Connection:
         self.control_tasks: set[asyncio.Task[None]] = set()
         self.control_lock = asyncio.Lock()
         self.wake = asyncio.Event()
-        self.paused = False
         self.stopping = False
         self.pacer = Pacer(server.models.sample_rate)
         self.sent_block = -1
@@ -213,6 +209,10 @@ class _Connection:
         self.tokens = float(self.cfg.control_burst)
         self.refilled = time.monotonic()
         self.over_limit = 0
+
+    @property
+    def paused(self) -> bool:
+        return self.pacer.paused_at is not None
 
     async def run(self) -> None:
         try:
@@ -251,24 +251,19 @@ class _Connection:
                     CloseCode.UNSUPPORTED, "unexpected_binary", "a binary message without a 'start' that announced context audio"
                 )
                 return
-            size = len(text.encode())
-            if size > self.cfg.max_message_bytes:
-                await self._fail(
-                    CloseCode.TOO_BIG,
-                    "too_big",
-                    f"a message of {size} bytes; at most {self.cfg.max_message_bytes} (serve.max_message_bytes)",
-                )
-                return
             try:
                 parsed: Any = parse_client_message(text, self.cfg.max_message_bytes)
                 problem: ProtocolError | None = None
             except ProtocolError as exc:
+                if exc.code == "too_big":
+                    await self._fail(CloseCode.TOO_BIG, "too_big", str(exc))
+                    return
                 parsed, problem = None, exc
             if not isinstance(parsed, Ack):  # every message but a good ack costs a token, bad ones included
-                try:
-                    if not await self._charge():
-                        return
-                except _Dropped:
+                verdict = await self._charge()
+                if verdict == "close":
+                    return
+                if verdict == "drop":
                     continue
             kind = parsed.type if parsed is not None else None
             try:
@@ -285,20 +280,20 @@ class _Connection:
                 await _send_json(self.ws, {"type": "error", "error": "internal", "message": f"{type(exc).__name__}: {exc}", "to": kind})
             self.wake.set()
 
-    async def _charge(self) -> bool:
+    async def _charge(self) -> Literal["take", "drop", "close"]:
         """Take a control-message token; without one the message is dropped (the first drop of a run says so),
-        and a long run of drops closes the session. ``False``: closed."""
+        and a long run of drops closes the session."""
         if self._take_token():
             self.over_limit = 0
-            return True
+            return "take"
         self.over_limit += 1
         if self.over_limit > 2 * self.cfg.control_burst:
             await self._fail(CloseCode.RATE_LIMITED, "rate_limited", "far over the control-message rate (serve.control_rate): closing")
-            return False
+            return "close"
         if self.over_limit == 1:
             message = f"over {self.cfg.control_rate:g} control messages/s (serve.control_rate): messages dropped"
             await _send_json(self.ws, {"type": "error", "error": "rate_limited", "message": message})
-        raise _Dropped
+        return "drop"
 
     def _take_token(self) -> bool:
         now = time.monotonic()
@@ -329,12 +324,10 @@ class _Connection:
             self.control_tasks.add(task)
             task.add_done_callback(self.control_tasks.discard)
         elif isinstance(message, Pause):
-            self.paused = True
             self.pacer.pause(time.monotonic())
             self.info.paused = True
             await _send_json(self.ws, {"type": "paused", "block": self.sent_block + 1})
         elif isinstance(message, Play):
-            self.paused = False
             self.pacer.play(time.monotonic())
             self.info.paused = False
             await _send_json(self.ws, {"type": "playing", "block": self.sent_block + 1})
@@ -363,7 +356,7 @@ class _Connection:
             await _send_json(self.ws, {"type": "prompts_set", "from_block": from_block, "key": key})
 
     async def _start(self, message: Start) -> None:
-        prompts = message.prompt_set()
+        prompts = prompt_set(message.prompt, message.prompts)
         context = None
         if message.context is not None:
             context = await self._receive_context(message)
@@ -463,8 +456,6 @@ class _Connection:
     async def _finish(self, session: StreamSession) -> None:
         """After ``stop``: the decoder's held-back tail as the last frame, ``stopped``, close 1000."""
         import torch
-
-        from lmdm.serve.session import pcm16
 
         def tail() -> Any:
             with torch.inference_mode():
@@ -592,9 +583,10 @@ class LMDMServer:
             return JSONResponse(
                 {"error": "invalid", "message": f"seconds = {body.seconds:g}; at most {limit:g} (serve.max_generate_seconds)"}, 422
             )
-        if body.prompt is not None and body.prompts is not None:
-            return JSONResponse({"error": "invalid", "message": "give either 'prompt' or 'prompts', not both"}, 422)
-        prompts = [WeightedPrompt(text=body.prompt)] if body.prompt is not None else list(body.prompts or [])
+        try:
+            prompts = prompt_set(body.prompt, body.prompts)
+        except ProtocolError as exc:
+            return JSONResponse({"error": exc.code, "message": str(exc)}, 422)
         m = self.models
         total = round(body.seconds * m.sample_rate)
         if 44 + 2 * total * m.channels >= 2**32:

@@ -54,6 +54,7 @@ __all__ = [
     "WeightedPrompt",
     "parse_client_message",
     "prompt_key",
+    "prompt_set",
 ]
 
 MAGIC = b"LMDA"
@@ -147,13 +148,6 @@ class Start(_Message):
     cfg: float | None = Field(None, ge=0.0, le=30.0)
     context: ContextAudio | None = None
 
-    def prompt_set(self) -> list[WeightedPrompt]:
-        if self.prompt is not None and self.prompts is not None:
-            raise ProtocolError("invalid", "start: give either 'prompt' or 'prompts', not both")
-        if self.prompt is not None:
-            return [WeightedPrompt(text=self.prompt)]
-        return list(self.prompts or [])
-
 
 class SetPrompts(_Message):
     type: Literal["set_prompts"]
@@ -207,6 +201,17 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> Start | SetPrompts
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or kind}: {e['msg']}" for e in exc.errors())
         raise ProtocolError("invalid", f"{kind}: {problems}") from None
     return message
+
+
+def prompt_set(prompt: str | None, prompts: list[WeightedPrompt] | None) -> list[WeightedPrompt]:
+    """A request's prompt set: one ``prompt`` (weight 1) or weighted ``prompts`` (none: unconditional).
+
+    Raises:
+        ProtocolError: both given.
+    """
+    if prompt is not None and prompts is not None:
+        raise ProtocolError("invalid", "give either 'prompt' or 'prompts', not both")
+    return [WeightedPrompt(text=prompt)] if prompt is not None else list(prompts or [])
 
 
 def prompt_key(prompts: list[WeightedPrompt]) -> str:

@@ -14,7 +14,17 @@ from conftest import REPO
 from lmdm.config import load_config
 from lmdm.serve.client import PlaybackClock
 from lmdm.serve.listen import latency_bounds, parse_prompt
-from lmdm.serve.protocol import HEADER, AudioHeader, ProtocolError, SetPrompts, Start, WeightedPrompt, parse_client_message, prompt_key
+from lmdm.serve.protocol import (
+    HEADER,
+    AudioHeader,
+    ProtocolError,
+    SetPrompts,
+    Start,
+    WeightedPrompt,
+    parse_client_message,
+    prompt_key,
+    prompt_set,
+)
 from lmdm.serve.session import blend, encode_context, pcm16
 
 
@@ -56,11 +66,11 @@ def test_bad_messages_are_refused_with_what_is_wrong(raw: str, code: str, says: 
 
 def test_good_messages_parse() -> None:
     start = parse_client_message('{"type": "start", "prompt": "organ", "seed": 4, "steps": 3}', 1024)
-    assert isinstance(start, Start) and start.prompt_set() == [WeightedPrompt(text="organ")] and start.steps == 3
+    assert isinstance(start, Start) and prompt_set(start.prompt, start.prompts) == [WeightedPrompt(text="organ")] and start.steps == 3
     both = parse_client_message('{"type": "start", "prompt": "a", "prompts": [{"text": "b"}]}', 1024)
     assert isinstance(both, Start)
     with pytest.raises(ProtocolError, match="either 'prompt' or 'prompts'"):
-        both.prompt_set()
+        prompt_set(both.prompt, both.prompts)
     change = parse_client_message(json.dumps({"type": "set_prompts", "prompts": [{"text": "a", "weight": 0.5}]}), 1024)
     assert isinstance(change, SetPrompts) and change.prompts[0].weight == 0.5
 
