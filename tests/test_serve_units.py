@@ -191,3 +191,23 @@ def test_the_origin_check_refuses_a_page_whose_dns_points_at_the_server() -> Non
     assert check(server, {"origin": "https://studio.example", "host": "127.0.0.1:8000"}) is None
     assert "not allowed" in check(server, {"origin": "http://evil.example:8000", "host": "evil.example:8000"})
     assert "not allowed" in check(server, {"origin": "http://evil.example", "host": "127.0.0.1:8000"})
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("serve.blocks_ahead=0", "serve.blocks_ahead"),
+        ("serve.max_sessions=0", "serve.max_sessions"),
+        ("serve.max_message_bytes=10", "serve.max_message_bytes"),
+        ("serve.control_rate=-1", "serve.control_rate"),
+        ("serve.idle_timeout_s=0", "serve.idle_timeout_s"),
+        ("serve.warmup_blocks=-1", "serve.warmup_blocks"),
+        ("serve.allowed_origins=nope", "serve.allowed_origins"),
+        ("serve.tokn=x", "serve.tokn"),
+    ],
+)
+def test_bad_serve_settings_are_refused_naming_the_key(override: str, key: str) -> None:
+    from lmdm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("quickstart", [override])
