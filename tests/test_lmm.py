@@ -194,7 +194,7 @@ def test_lmm_engine_interface(kind: str) -> None:
         stream(0, context[..., :1])
     state = engine.start(condition, B)
     with pytest.raises(ValueError, match=r"no denoising steps"):
-        engine.step(state, condition, grad_step=0)
+        engine.step(state, condition, exit_step=0)
     textless = LMMEngine(LMM(dataclasses.replace(lmm.args, cond_token_dim=0)).to(F64), GEO, LMMSampling())
     with pytest.raises(ValueError, match=r"no text conditioning"):
         rollout(textless, 1, condition, batch=B)

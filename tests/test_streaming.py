@@ -378,7 +378,7 @@ def test_a_rollout_with_gradients_through_the_cache_backpropagates() -> None:
         state = engine.start(cond, B, generator=torch.Generator().manual_seed(0))
         blocks = []
         for j in range(4):
-            block = engine.step(state, cond, grad_step=1)
+            block = engine.step(state, cond, exit_step=1)
             if at_once:
                 blocks.append(block)
             else:

@@ -22,7 +22,6 @@ Kc = Ctx·Bf context frames, L text tokens, Dc text width.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from lmdm.diffusion.noise import Generator, randn
 from lmdm.diffusion.objectives import Objective, get_objective
-from lmdm.diffusion.samplers import cfg_combine, sample, x0_denoiser
+from lmdm.diffusion.samplers import cfg_combine, sample
 from lmdm.diffusion.schedule import timesteps
 from lmdm.models.block_mask import additive_mask, text_group_mask
 from lmdm.models.dit import DiT, TextKV
@@ -93,7 +92,7 @@ class Engine(Protocol[StateT]):
         """A new stream of ``batch`` rows; ``context`` ``(B, C, k·Bf)`` is real starting context (``None``: silence)."""
         ...
 
-    def step(self, state: StateT, condition: Condition, grad_step: int | None = None) -> Tensor:
+    def step(self, state: StateT, condition: Condition, exit_step: int | None = None) -> Tensor:
         """Generate and commit the next block ``(B, C, Bf)``."""
         ...
 
@@ -317,31 +316,52 @@ class EngineCore:
         return None if condition.global_cond is None else self.rows(condition.global_cond.to(self.dtype), progress)
 
 
-def sample_block(engine: Any, core: EngineCore, state: Any, condition: Condition, grad_step: int | None = None) -> Tensor:
+def sample_block(engine: Any, core: EngineCore, state: Any, condition: Condition, exit_step: int | None = None) -> Tensor:
     """``engine.step``: begin the block, run the sampler over ``engine.denoise_step``, end the block.
 
     Args:
-        grad_step: with autograd on, only denoising step ``grad_step`` (0-based) records gradients, the
-            others run under ``torch.no_grad`` (a training rollout through the cache: ARC-Forcing);
-            ``None``: every step runs in the caller's grad mode.
+        exit_step: a training rollout through the cache (ARC-Forcing, DESIGN §5): denoising steps
+            ``0 … exit_step − 1`` run under ``torch.no_grad``, step ``exit_step`` (0-based) records gradients,
+            and its clean-data prediction is the block (the sampler stops there). At the last step this
+            equals the sampler's own output (every sampler's step to ``t = 0`` returns its prediction), so a
+            rollout with every exit at the last step and gradients off is the inference rollout.
+            ``None``: the whole sampler in the caller's grad mode.
 
     Returns:
         The block ``(B, C, Bf)``; committed as context (detached) by ``end_block``.
+
+    Raises:
+        ValueError: ``exit_step`` outside ``[0, steps)``.
+        RuntimeError: ``exit_step`` under ``torch.inference_mode`` (its tensors cannot be saved for backward).
     """
+    steps = core.ts.shape[0] - 1
+    if exit_step is not None:
+        if not 0 <= exit_step < steps:
+            raise ValueError(f"exit_step must be in [0, {steps}) for {steps} denoising steps, got {exit_step}")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("a rollout with an exit step trains through the cache: run it outside torch.inference_mode")
     engine.begin_block(state, condition)
     progress: Progress = engine.progress(state)
     noise = randn((progress.batch, core.channels, core.geometry.block_frames), progress.generator, core.device, core.dtype)
     _, sigma = core.objective.alpha_sigma(core.ts[:1])
-    calls = [0]
+    calls, exit_x0 = [0], []
 
     def model_fn(x: Tensor, t: Tensor) -> Tensor:
         i, calls[0] = calls[0], calls[0] + 1
-        context = torch.no_grad() if grad_step is not None and i != grad_step else contextlib.nullcontext()
+        context = torch.no_grad() if exit_step is not None and i < exit_step else contextlib.nullcontext()
         with context:
             out: Tensor = engine.denoise_step(state, x, t)
         return out
 
-    denoise: Callable[[Tensor, Tensor], Tensor] = x0_denoiser(model_fn, core.objective)
-    block = sample(core.sampling.sampler, denoise, noise * sigma.to(core.dtype), core.ts, core.objective, generator=progress.generator)
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        x0: Tensor = core.objective.x0_from_output(x, model_fn(x, t), t)
+        if calls[0] - 1 == exit_step:
+            exit_x0.append(x0)
+        return x0
+
+    ts = core.ts if exit_step is None else core.ts[: exit_step + 2]  # the sampler runs through the exit step only
+    block = sample(core.sampling.sampler, denoise, noise * sigma.to(core.dtype), ts, core.objective, generator=progress.generator)
+    if exit_step is not None:
+        block = exit_x0[0]
     engine.end_block(state, block)
     return block

@@ -285,9 +285,9 @@ class LMDMEngine:
         state.step_plan = state.merged_plan = None
         state.progress.block += 1
 
-    def step(self, state: LMDMState, condition: Condition, grad_step: int | None = None) -> Tensor:
+    def step(self, state: LMDMState, condition: Condition, exit_step: int | None = None) -> Tensor:
         """Generate the next block ``(B, C, Bf)`` and commit it as context."""
-        return sample_block(self, self.core, state, condition, grad_step)
+        return sample_block(self, self.core, state, condition, exit_step)
 
     # ---- sessions stepped as one batch ----------------------------------------------------------
 

@@ -185,14 +185,14 @@ class LMMEngine:
         return sample_codes(logits, self.sampling, p.generator)
 
     @torch.no_grad()
-    def step(self, state: LMMState, condition: Condition, grad_step: int | None = None) -> Tensor:
+    def step(self, state: LMMState, condition: Condition, exit_step: int | None = None) -> Tensor:
         """Sample the next ``block_frames`` frames of codes and return them decoded by the RVQ, ``(B, C, Bf)``.
 
         Raises:
-            ValueError: ``grad_step`` (an LMM has no denoising steps to train through), or text for a textless model.
+            ValueError: ``exit_step`` (an LMM has no denoising steps to train through), or text for a textless model.
         """
-        if grad_step is not None:
-            raise ValueError("an LMM engine has no denoising steps: grad_step applies to diffusion engines only")
+        if exit_step is not None:
+            raise ValueError("an LMM engine has no denoising steps: exit_step applies to diffusion engines only")
         text_kv = self._text(state, condition)
         for t in range(self.geometry.block_frames):
             if self.kind == "flat":

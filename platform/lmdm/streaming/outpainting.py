@@ -134,6 +134,6 @@ class OutpaintingEngine:
         state.plan = None
         state.progress.block += 1
 
-    def step(self, state: OutpaintingState, condition: Condition, grad_step: int | None = None) -> Tensor:
+    def step(self, state: OutpaintingState, condition: Condition, exit_step: int | None = None) -> Tensor:
         """Generate the next block ``(B, C, Bf)`` and commit it as context."""
-        return sample_block(self, self.core, state, condition, grad_step)
+        return sample_block(self, self.core, state, condition, exit_step)
