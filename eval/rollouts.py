@@ -55,6 +55,7 @@ class RolloutTask:
     seconds: float
     folder: str
     fingerprint: str  # what makes a finished rollout reusable (engine weights, stream settings, prompt, seed, ...)
+    steps: int | None = None  # denoising steps per block; None = stream.steps
 
 
 @dataclass
@@ -133,11 +134,11 @@ class RolloutRunner:
                 f"eval.text_embedder={cfg.eval.text_embedder}: it has no text side (pick builtin:embedder or a CLAP checkpoint)"
             )
         self.clap = text
-        self._loaded: tuple[str, str, str] | None = None
+        self._loaded: tuple[str, str, str, int | None] | None = None
         self._models: Any = None
 
     def _models_for(self, task: RolloutTask) -> Any:
-        key = (task.variant, task.dit, task.autoencoder)
+        key = (task.variant, task.dit, task.autoencoder, task.steps)
         if self._loaded != key:
             from lmdm.builders import build_engine, build_runtime, load_stream_models
             from lmdm.text.encoders import build_text_encoder
@@ -148,7 +149,12 @@ class RolloutRunner:
             dit.eval()
             vae.eval()
             runtime = build_runtime(self.cfg, dit)
-            self._models = (build_engine(self.cfg, dit, task.variant, runtime), vae, encoder, runtime.name)  # type: ignore[arg-type]
+            cfg = (
+                self.cfg
+                if task.steps is None
+                else self.cfg.model_copy(update={"stream": self.cfg.stream.model_copy(update={"steps": task.steps})})
+            )
+            self._models = (build_engine(cfg, dit, task.variant, runtime), vae, encoder, runtime.name)  # type: ignore[arg-type]
             self._loaded = key
         return self._models
 

@@ -287,7 +287,7 @@ def precompute(
 
 @app.command()
 def train(
-    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm | embedder | rvq | lmm (arc: later).")],
+    stage: Annotated[str, typer.Option("--stage", help="autoencoder | base | lmdm | embedder | rvq | lmm | arc (also `lmdm arc`).")],
     latents: Annotated[Path | None, typer.Option("--latents", help="Output folder of `lmdm precompute` (base, lmdm, rvq, lmm).")] = None,
     autoencoder: Annotated[
         str | None, typer.Option("--autoencoder", help="rvq: the latents' autoencoder; decoded figures per depth go to MLflow.")
@@ -327,6 +327,56 @@ def train(
             )
     console.print(
         f"{stage}: step {result.metrics.get('step')}, loss {result.metrics.get('train/loss'):.4f}; checkpoint {result.checkpoint}"
+    )
+    console.print(f"MLflow: {ui_command(cfg)}")
+
+
+@app.command()
+def arc(
+    latents: Annotated[
+        Path, typer.Option("--latents", help="`lmdm precompute` output with chunks of (context + arc.blocks) blocks or more.")
+    ],
+    init: Annotated[
+        Path | None, typer.Option("--init", help="The teacher-forced LMDM to post-train (train.init); default runs/<name>/lmdm.")
+    ] = None,
+    autoencoder: Annotated[
+        str | None,
+        typer.Option("--autoencoder", help="Decodes the sample rollouts logged to MLflow (arc.autoencoder); default the LMDM's."),
+    ] = None,
+    config: ConfigOption = "quickstart",
+    overrides: Overrides = None,
+) -> None:
+    """ARC-Forcing: post-train an LMDM on its own multi-block rollouts (adversarial relativistic + contrastive) with
+    Ray Train + Accelerate, logging G/D losses, D accuracies and sample rollouts to MLflow. Stream the result with
+    stream.steps=arc.steps."""
+    import mlflow
+
+    from lmdm.checkpoints.builtin import resolve_checkpoint
+    from lmdm.eval.tracking import mlflow_run, ui_command
+    from lmdm.pipelines.arc import default_arc_inputs
+    from lmdm.pipelines.progress import training_progress
+    from lmdm.pipelines.train import run_train
+
+    cfg = _load(config, overrides)
+    cfg.train.init = init or cfg.train.init
+    if autoencoder is not None:
+        cfg.arc.autoencoder = resolve_checkpoint(autoencoder)
+    cfg = default_arc_inputs(cfg)
+    console.print(f"lmdm {lmdm.__version__} imported from {Path(lmdm.__file__).parent}", style="dim", soft_wrap=True)
+    console.print(f"ARC-Forcing {cfg.train.init} on {latents}: {cfg.arc.blocks} blocks per rollout, {cfg.arc.steps} steps", style="dim")
+    with mlflow_run(cfg, "arc"), mlflow_run(cfg, "arc", nested=True, params=False) as run:
+        try:
+            with training_progress("ARC-Forcing", console) as progress:
+                result = run_train(cfg, "arc", latents, mlflow_run_id=run.info.run_id, progress=progress)
+        except (ValueError, FileNotFoundError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(1) from None
+        if result.checkpoint is not None:
+            mlflow.log_artifacts(str(result.checkpoint / "model"), "model")
+    m = result.metrics
+    console.print(
+        f"arc: step {m.get('step')}, generator loss {m.get('train/loss', float('nan')):.4f}; checkpoint {result.checkpoint} "
+        f"(stream it with stream.steps={cfg.arc.steps})"
     )
     console.print(f"MLflow: {ui_command(cfg)}")
 
@@ -653,13 +703,17 @@ def _dit_streams(cfg: Config, dit_path: Path | None, autoencoder_path: Path | No
     )
 
 
-def _engine_option(spec: str) -> dict[str, str]:
-    """``NAME=VARIANT:CHECKPOINT`` → an ``eval.engines`` entry (the checkpoint may itself hold a colon: builtin:...)."""
+def _engine_option(spec: str) -> dict[str, Any]:
+    """``NAME=VARIANT[@STEPS]:CHECKPOINT`` → an ``eval.engines`` entry (the checkpoint may itself hold a colon: builtin:...)."""
     name, sep, rest = spec.partition("=")
     variant, sep2, dit = rest.partition(":")
-    if not sep or not sep2 or not name or not dit:
-        raise typer.BadParameter(f"{spec!r}: expected NAME=VARIANT:CHECKPOINT, e.g. lmdm=block_causal:runs/quickstart/lmdm")
-    return {"name": name, "variant": variant, "dit": dit}
+    variant, at, steps = variant.partition("@")
+    if not sep or not sep2 or not name or not dit or (at and not steps.isdigit()):
+        raise typer.BadParameter(
+            f"{spec!r}: expected NAME=VARIANT[@STEPS]:CHECKPOINT, e.g. lmdm=block_causal:runs/quickstart/lmdm or "
+            "arc=block_causal@4:runs/quickstart/arc"
+        )
+    return {"name": name, "variant": variant, "dit": dit, **({"steps": int(steps)} if at else {})}
 
 
 @eval_app.command("run")

@@ -65,6 +65,8 @@ def default_engines(cfg: Config) -> tuple[list[EvalEngine], Path]:
             engines.append(EvalEngine(name="outpainting", variant="outpainting", dit=str(base)))
         if lmdm_dir is not None:
             engines.append(EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir)))
+        if (root / "arc" / "config.json").is_file():  # the quickstart's ARC-Forced LMDM, at its own steps
+            engines.append(EvalEngine(name="arc", variant=cfg.stream.variant, dit=str(root / "arc"), steps=cfg.arc.steps))
         for kind in ("flat", "framewise"):  # the LMM baselines the quickstart (or `lmdm train --stage lmm`) left there
             lmm = root / f"lmm-{kind}"
             if (lmm / "config.json").is_file():
@@ -143,7 +145,7 @@ def _fingerprint(cfg: Config, engine: EvalEngine, autoencoder: Path, prompt: str
         "variant": engine.variant,
         "dit": _sha256(Path(engine.dit) / "model.safetensors"),
         "autoencoder": _sha256(autoencoder / "model.safetensors"),
-        "stream": cfg.stream.model_dump(mode="json", exclude={"runtime", "variant"}),
+        "stream": {**cfg.stream.model_dump(mode="json", exclude={"runtime", "variant"}), "steps": engine.steps or cfg.stream.steps},
         "audio": cfg.audio.model_dump(mode="json"),
         "text": cfg.text.model_dump(mode="json"),
         "prompt": prompt,
@@ -176,6 +178,7 @@ def _tasks(cfg: Config, engines: list[EvalEngine], autoencoder: Path, captions: 
                     cfg.eval.rollout_seconds,
                     str((out / "rollouts" / engine.name / f"{r:03d}").resolve()),
                     _fingerprint(cfg, engine, autoencoder, prompt, seed),
+                    engine.steps,
                 )
             )
     return tasks

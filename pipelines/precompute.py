@@ -162,6 +162,7 @@ def _request(cfg: Config, autoencoder: Path, text_fingerprint: str) -> dict[str,
         "audio": cfg.audio.model_dump(mode="json"),
         "chunk_frames": cfg.precompute.chunk_frames,
         "shard_inputs": cfg.precompute.shard_inputs,
+        "max_inputs": cfg.precompute.max_inputs,
         "autoencoder_sha256": file_sha256(autoencoder / "model.safetensors"),
         "text_encoder": {"kind": cfg.text.encoder, "max_tokens": cfg.text.max_tokens, "fingerprint": text_fingerprint},
     }
@@ -212,7 +213,7 @@ def run_precompute(
 
     source_path = cfg.data.root if cfg.data.source == "corpus" else cfg.data.path
     assert source_path is not None
-    records = list_inputs(cfg.data.source, source_path, cfg.data.captions, split="train")
+    records = list_inputs(cfg.data.source, source_path, cfg.data.captions, split="train")[: cfg.precompute.max_inputs]
     held_out = [r.input_id for r in list_inputs(cfg.data.source, source_path, cfg.data.captions, split="held_out")]
     S = cfg.precompute.shard_inputs
     shards = (len(records) + S - 1) // S

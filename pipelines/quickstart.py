@@ -208,6 +208,39 @@ def _train_lmm(cfg: Config, out: Path, autoencoder: Path, console: Console) -> P
     return copy_checkpoint(lmm.checkpoint / "model", out / "lmm-flat")
 
 
+def _arc_force(cfg: Config, out: Path, autoencoder: Path, lmdm_dir: Path, console: Console) -> Path:
+    """ARC-Force the quickstart's LMDM (``runs/<name>/arc``, a nested MLflow run) for ``quickstart.arc_steps`` steps,
+    on latents with chunks of one ARC example (``runs/<name>/latents-arc``; the chain's own where they are long enough)."""
+    from lmdm.checkpoints.format import copy_checkpoint
+    from lmdm.eval.tracking import mlflow_run
+    from lmdm.pipelines.arc import arc_window_frames
+    from lmdm.pipelines.progress import training_progress
+    from lmdm.pipelines.train import run_train
+
+    need = arc_window_frames(cfg)
+    latents = out / "latents"
+    if cfg.precompute.chunk_frames < need:
+        latents = out / "latents-arc"
+        pre = {"out": latents, "chunk_frames": need, "max_inputs": cfg.quickstart.arc_clips}
+        pre_cfg = cfg.model_copy(update={"precompute": cfg.precompute.model_copy(update=pre)})
+        with mlflow_run(pre_cfg, "precompute-arc", nested=True):
+            pre = precompute_into_own_folder(pre_cfg, autoencoder, console)
+        console.print(
+            f"ARC latents: {pre.chunks} chunks of {need} frames ({cfg.stream.context_blocks} + {cfg.arc.blocks} blocks)", style="dim"
+        )
+    q = cfg.quickstart
+    train = cfg.train.model_copy(
+        update={"steps": q.arc_steps, "checkpoint_every": q.arc_steps, "init": lmdm_dir.resolve(), "batch_size": q.arc_batch_size}
+    )
+    arc = cfg.arc.model_copy(update={"autoencoder": autoencoder.resolve()})
+    with mlflow_run(cfg, "arc", nested=True, params=False) as run, training_progress("ARC-Forcing", console) as progress:
+        result = run_train(
+            cfg.model_copy(update={"train": train, "arc": arc}), "arc", latents, mlflow_run_id=run.info.run_id, progress=progress
+        )
+    assert result.checkpoint is not None
+    return copy_checkpoint(result.checkpoint / "model", out / "arc")
+
+
 def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config], Any]) -> dict[str, Any]:
     """Run every stage; returns the figures (also written to ``runs/<name>/quickstart.json``)."""
     import mlflow
@@ -301,6 +334,12 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
         lmdm_dir = copy_checkpoint(lm.checkpoint / "model", out / "lmdm")
         times["lmdm"] = time.perf_counter() - start
 
+        arc_dir: Path | None = None
+        if q.arc:
+            start = stage("ARC-Forcing (Ray Data precompute of longer chunks, Ray Train)")
+            arc_dir = _arc_force(cfg, out, autoencoder, lmdm_dir, console)
+            times["arc"] = time.perf_counter() - start
+
         lmm_dir: Path | None = None
         if q.lmm:
             start = stage(f"LMM baseline: RVQ tokenizer ({cfg.rvq.levels}×{cfg.rvq.codes}) and the flat LMM (Ray Train)")
@@ -354,6 +393,8 @@ def run_quickstart(cfg: Config, console: Console, build_corpus: Callable[[Config
                 EvalEngine(name="outpainting", variant="outpainting", dit=str(base_dir.resolve())),
                 EvalEngine(name="lmdm", variant=cfg.stream.variant, dit=str(lmdm_dir.resolve())),
             ]
+            if arc_dir is not None:
+                engines.append(EvalEngine(name="arc", variant=cfg.stream.variant, dit=str(arc_dir.resolve()), steps=cfg.arc.steps))
             names = " vs ".join(x.name for x in engines)
             start = stage(f"eval: {names}, {e.rollouts} rollouts of {e.rollout_seconds:g} s each (Ray actors)")
             eval_cfg = cfg.model_copy(update={"eval": e.model_copy(update={"engines": engines, "autoencoder": str(autoencoder.resolve())})})

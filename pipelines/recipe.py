@@ -473,7 +473,12 @@ def train_worker(config: dict[str, Any]) -> None:
         callbacks.append(MeasureState())
     if config.get("progress") is not None:
         callbacks.append(ReportProgress(config["progress"]))
-    recipe = StageRecipe(config, callbacks)
+    if config["stage"] == "arc":
+        from lmdm.pipelines.arc import ArcRecipe
+
+        recipe: StageRecipe = ArcRecipe(config, callbacks)
+    else:
+        recipe = StageRecipe(config, callbacks)
     recipe.setup()
     recipe.resume()
     recipe.train()

@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 
+STAGES = ("autoencoder", "base", "lmdm", "embedder", "rvq", "lmm", "arc")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path | None  # the latest reported checkpoint folder
@@ -74,7 +77,7 @@ def _trained_with(cfg: Config, stage: str, manifest: dict[str, Any] | None) -> d
     return {
         "stage": stage,
         "objective": cfg.dit.objective,
-        "variant": cfg.stream.variant if stage == "lmdm" else None,
+        "variant": cfg.stream.variant if stage in ("lmdm", "arc") else None,
         "block_frames": cfg.stream.block_frames,
         "context_blocks": cfg.stream.context_blocks,
         "autoencoder": manifest.get("autoencoder_sha256"),
@@ -111,8 +114,12 @@ def _check_init(cfg: Config, stage: str, trained: dict[str, Any]) -> None:
         _check_lmm_inputs(cfg, stage, trained)
         return
     if cfg.train.init is None:
+        if stage == "arc":
+            raise ValueError("ARC-Forcing post-trains an LMDM: set train.init=<folder> (`lmdm train --stage lmdm` writes one)")
         return
     info = read_checkpoint_info(cfg.train.init)
+    if stage == "arc":
+        _check_arc_init(cfg, info)
     check_init(
         info,
         stage=stage,
@@ -121,6 +128,25 @@ def _check_init(cfg: Config, stage: str, trained: dict[str, Any]) -> None:
         autoencoder=trained.get("autoencoder"),
         text_encoder=trained.get("text_encoder"),
     )
+
+
+def _check_arc_init(cfg: Config, info: Any) -> None:
+    """``train.init`` of an ARC run is an LMDM of ``stream.variant`` (teacher-forced, or ARC-Forced already)."""
+    from lmdm.checkpoints.errors import CheckpointError
+
+    t = info.trained
+    if t.stage not in ("lmdm", "arc"):
+        raise CheckpointError(
+            f"train.init={info.folder} was trained as stage {t.stage!r}; ARC-Forcing post-trains an LMDM (stage lmdm or arc): "
+            "fine-tune it first with `lmdm train --stage lmdm`"
+        )
+    if t.variant and t.variant != cfg.stream.variant:
+        raise CheckpointError(
+            f"train.init={info.folder} is a {t.variant} LMDM, but stream.variant is {cfg.stream.variant}: set stream.variant={t.variant}"
+        )
+    for key in ("block_frames", "context_blocks"):
+        if getattr(t, key) is not None and getattr(t, key) != getattr(cfg.stream, key):
+            raise CheckpointError(f"train.init={info.folder} was trained with {key}={getattr(t, key)}: set stream.{key}={getattr(t, key)}")
 
 
 def _tokenizer_info(cfg: Config) -> Any:
@@ -249,14 +275,18 @@ _RESUMABLE_CHANGES = {
     "ray": None,
     "quickstart": None,
     "pretrain": None,
+    "arc": ("autoencoder", "sample_blocks"),
 }
 # Sections a stage never reads: a change there neither starts a new run of that stage nor stops a resume (a
 # long autoencoder run continues while the DiT settings that come after it are still being chosen).
 _UNREAD_SECTIONS = {
-    "autoencoder": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve", "rvq", "lmm"),
-    "embedder": ("autoencoder", "dit", "stream", "precompute", "eval", "serve", "rvq", "lmm"),
-    "rvq": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve", "lmm"),
-    "lmm": ("precompute", "embedder", "eval", "serve"),
+    "autoencoder": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve", "rvq", "lmm", "arc"),
+    "embedder": ("autoencoder", "dit", "stream", "precompute", "eval", "serve", "rvq", "lmm", "arc"),
+    "rvq": ("dit", "stream", "text", "precompute", "embedder", "eval", "serve", "lmm", "arc"),
+    "lmm": ("precompute", "embedder", "eval", "serve", "arc"),
+    "base": ("arc",),
+    "lmdm": ("arc",),
+    "arc": ("precompute", "embedder", "eval", "serve", "rvq", "lmm"),
 }
 
 
@@ -276,7 +306,7 @@ def run_name(cfg: Config, stage: str, latents: Path | None) -> str:
             settings.pop(section, None)
         else:
             for key in keys:
-                settings[section].pop(key, None)
+                settings.get(section, {}).pop(key, None)
     settings["stage"], settings["latents"] = stage, str(Path(latents).resolve()) if latents else None
     if cfg.train.init is not None:
         # A run starts from the init's weights, not its folder's name: a base reshipped at the same path (a
@@ -412,20 +442,25 @@ def run_train(
     from lmdm.pipelines.ray_session import ensure_ray
 
     cfg = _absolute(cfg)
-    if stage not in ("autoencoder", "base", "lmdm", "embedder", "rvq", "lmm"):
-        raise ValueError(f"stage {stage!r} is not implemented yet (available: autoencoder, base, lmdm, embedder, rvq, lmm)")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (available: {', '.join(STAGES)})")
     if stage == "autoencoder" and cfg.train.autoencoder.adversarial and cfg.train.strategy == "deepspeed":
         raise ValueError(
             "the autoencoder stage with a discriminator has two optimizers, which Accelerate's DeepSpeed path does not "
             "support: use train.strategy=ddp (or set train.autoencoder.adversarial_weight and feature_matching_weight to 0)"
         )
     manifest = None
-    if stage in ("base", "lmdm", "rvq", "lmm"):
+    if stage in ("base", "lmdm", "rvq", "lmm", "arc"):
         if latents is None or not (Path(latents) / "manifest.json").is_file():
             raise FileNotFoundError(f"{latents}/manifest.json is missing: run `lmdm precompute` first (or point --latents at its output)")
         latents = Path(latents).resolve()
         manifest = json.loads((latents / "manifest.json").read_text())
         _require_chunks(latents, manifest, cfg)
+    if stage == "arc":
+        from lmdm.pipelines.arc import check_arc_data
+
+        assert latents is not None and manifest is not None
+        check_arc_data(cfg, latents, manifest)
     if stage == "lmm":
         _tokenizer_info(cfg)  # before anything reads it
     trained = _trained_with(cfg, stage, manifest)

@@ -165,10 +165,37 @@ def test_eval_refuses_a_base_as_an_lmdm_before_any_rollout(models: tuple[Config,
     out = CliRunner().invoke(app, [*args, f"data.root={cfg.data.root}", *TINY])
     assert out.exit_code == 1 and "bidirectional base model" in out.output
     bad = CliRunner().invoke(app, ["eval", "--engine", "lmdm:block_causal"])
-    assert bad.exit_code == 2 and "NAME=VARIANT:CHECKPOINT" in bad.output
+    assert bad.exit_code == 2 and "NAME=VARIANT[@STEPS]:CHECKPOINT" in bad.output.replace("\n", "")
     misspelt = CliRunner().invoke(app, ["eval", "retreival"])
     assert misspelt.exit_code == 2 and "No such command" in misspelt.output
     assert not (tmp_path / "e" / "rollouts").exists()
+
+
+def test_an_engine_may_stream_at_its_own_steps(models: tuple[Config, dict[str, Path]]) -> None:
+    """``NAME=VARIANT@STEPS:CHECKPOINT`` (an ARC-Forced LMDM at 4 steps beside one at 8): the steps reach the
+    engine the rollout builds and its fingerprint (a rollout at other steps is not reused)."""
+    from lmdm.config import EvalEngine
+    from lmdm.eval.rollouts import RolloutRunner
+    from lmdm.pipelines.cli import _engine_option
+    from lmdm.pipelines.evaluate import _fingerprint, _tasks
+
+    cfg, paths = models
+    assert _engine_option(f"arc=block_causal@4:{paths['lmdm']}") == {
+        "name": "arc",
+        "variant": "block_causal",
+        "dit": str(paths["lmdm"]),
+        "steps": 4,
+    }
+    assert "steps" not in _engine_option(f"tf=block_causal:{paths['lmdm']}")
+    few, default = (EvalEngine(name=n, variant="block_causal", dit=str(paths["lmdm"]), steps=s) for n, s in (("arc", 4), ("tf", None)))
+    assert _fingerprint(cfg, few, paths["autoencoder"], None, 0) != _fingerprint(cfg, default, paths["autoencoder"], None, 0)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"text_embedder": None})})
+    runner = RolloutRunner(cfg)
+    for task, steps in zip(
+        _tasks(cfg, [few, default], paths["autoencoder"], [None, None], Path("unused")), [4, 4, None, None], strict=True
+    ):
+        engine = runner._models_for(task)[0]
+        assert task.steps == steps and engine.core.sampling.steps == (steps or cfg.stream.steps)
 
 
 def test_a_rollout_rewritten_halfway_is_not_taken_for_the_finished_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -79,8 +79,8 @@ def check_streaming(
             longer context than trained, another objective, autoencoder or text encoder.
     """
     t, where = info.trained, str(info.folder)
-    if t.stage not in (None, "base", "lmdm"):
-        raise CheckpointError(f"{where} was trained as stage {t.stage!r}; streaming needs a DiT trained as 'base' or 'lmdm'")
+    if t.stage not in (None, "base", "lmdm", "arc"):
+        raise CheckpointError(f"{where} was trained as stage {t.stage!r}; streaming needs a DiT trained as 'base', 'lmdm' or 'arc'")
     if variant in STREAMING_VARIANTS and t.stage == "base":
         raise CheckpointError(
             f"{where} is a bidirectional base model, but stream.variant={variant!r} needs an LMDM: fine-tune it first "

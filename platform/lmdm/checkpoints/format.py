@@ -82,7 +82,8 @@ class TrainedWith:
 
     Attributes:
         stage: ``autoencoder``, ``base`` (bidirectional, random inpainting masks; also Stable Audio
-            imports), ``lmdm`` (streaming fine-tune), ``rvq`` or ``lmm`` (the LMM baseline and its tokenizer).
+            imports), ``lmdm`` (streaming fine-tune), ``arc`` (ARC-Forced LMDM), ``rvq`` or ``lmm`` (the LMM
+            baseline and its tokenizer).
         objective: the diffusion objective (``v`` or ``rectified_flow``).
         variant: the stream variant an LMDM was trained for (``block_causal`` or ``encdec``), an LMM's kind
             (``flat`` or ``framewise``).

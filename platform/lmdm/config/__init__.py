@@ -2,6 +2,7 @@
 
 from lmdm.config.load import ConfigError, dump_config, load_config, parse_override, resolve_config_path
 from lmdm.config.schema import (
+    ArcConfig,
     AudioConfig,
     AutoencoderConfig,
     Config,
@@ -22,6 +23,7 @@ from lmdm.config.schema import (
 )
 
 __all__ = [
+    "ArcConfig",
     "AudioConfig",
     "AutoencoderConfig",
     "Config",

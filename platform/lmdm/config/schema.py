@@ -14,6 +14,7 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "ArcConfig",
     "AudioConfig",
     "AutoencoderConfig",
     "AutoencoderTrainConfig",
@@ -191,6 +192,7 @@ class PrecomputeConfig(Section):
     out: Path = Field(Path("runs/latents"), description="output folder (Parquet shards + manifest.json)")
     chunk_frames: int = Field(240, ge=1, le=100_000, description="latent frames per chunk (a training sequence source)")
     shard_inputs: int = Field(64, ge=1, le=1_000_000, description="input files per Parquet shard (the unit of resume)")
+    max_inputs: int | None = Field(None, ge=1, description="encode only the first N training inputs (a quick subset); null = all")
     actors: int = Field(1, ge=1, le=1024, description="autoencoder actors (one model copy each)")
     batch_size: int = Field(8, ge=1, le=4096, description="chunks per encode batch")
     cpus_per_actor: float = Field(1.0, gt=0.0, le=256.0)
@@ -370,7 +372,14 @@ class QuickstartConfig(Section):
     lmm_stream_seconds: float = Field(
         10.0, gt=0.0, le=3600.0, description="the flat LMM's stream beside the LMDM's (it runs slower than real time on CPU)"
     )
-    eval: bool = Field(True, description="end with `lmdm eval` of the base (outpainting) and the LMDM, sized by eval.*")
+    arc: bool = Field(True, description="ARC-Force the LMDM (`lmdm arc`, arc.*) on latents precomputed with chunks long enough")
+    arc_steps: int = Field(15, ge=1, description="ARC-Forcing steps (a short stage: `lmdm arc` trains longer)")
+    arc_batch_size: int = Field(2, ge=2, le=4096, description="ARC examples per worker and step (its rollouts cost K blocks each)")
+    arc_clips: int = Field(48, ge=1, description="training clips the ARC stage's longer latent chunks are encoded from")
+    eval: bool = Field(
+        True,
+        description="end with `lmdm eval` of the base (outpainting), the LMDM and (quickstart.arc) the ARC-Forced LMDM, sized by eval.*",
+    )
 
 
 class PretrainConfig(Section):
@@ -395,6 +404,9 @@ class EvalEngine(Section):
     )
     dit: str = Field(
         min_length=1, description="the model's checkpoint folder (a DiT, or an LMM for flat/framewise), or builtin:<name>/base"
+    )
+    steps: int | None = Field(
+        None, ge=1, le=1000, description="its denoising steps per block (an ARC-Forced LMDM streams with fewer); null = stream.steps"
     )
 
 
@@ -485,6 +497,42 @@ class ServeConfig(Section):
     warmup_blocks: int = Field(2, ge=0, le=64, description="blocks each replica generates before it reports ready")
 
 
+class ArcConfig(Section):
+    """ARC-Forcing (``lmdm arc``, DESIGN §5): adversarial relativistic + contrastive post-training of an LMDM on its own
+    multi-block rollouts. ``train.*`` sets the loop (steps, batch, workers, strategy, checkpoints); ``train.init`` the LMDM."""
+
+    blocks: int = Field(4, ge=1, le=64, description="K: blocks per self-rollout (the paper: 12 for block_causal, 4 for encdec)")
+    steps: int = Field(4, ge=1, le=64, description="the generator's denoising steps per block (CFG 1); stream it with stream.steps=this")
+    full_chain_p: float = Field(
+        0.25, ge=0.0, le=1.0, description="probability a block exits at the last step; otherwise its exit step is uniform over all steps"
+    )
+    disc_layer: int | None = Field(
+        None, ge=1, le=1024, description="the discriminator runs this many of the base's layers; null = half its depth"
+    )
+    head_width: int = Field(256, ge=8, le=16384, description="the discriminator head's MLP width")
+    head_kernel: int = Field(7, ge=1, le=63, description="the head's depthwise kernel (frames, odd)")
+    g_lr: float | None = Field(None, gt=0.0, le=1.0, description="the generator's learning rate; null = train.lr")
+    d_lr: float | None = Field(None, gt=0.0, le=1.0, description="the discriminator's learning rate; null = train.lr")
+    contrastive_weight: float = Field(
+        1.0, ge=0.0, le=100.0, description="real audio under the batch's prompts rolled by one counts as fake"
+    )
+    r1_weight: float = Field(0.0, ge=0.0, le=1e6, description="finite-difference R1 penalty on real inputs (0 = off)")
+    r2_weight: float = Field(0.0, ge=0.0, le=1e6, description="finite-difference R2 penalty on generated inputs (0 = off)")
+    penalty_sigma: float = Field(0.01, gt=0.0, le=1.0, description="the R1/R2 perturbation's standard deviation")
+    t_min: float = Field(0.05, ge=0.0, le=1.0, description="the discriminator's noise levels: t uniform in [t_min, t_max]")
+    t_max: float = Field(0.7, ge=0.0, le=1.0)
+    autoencoder: Path | None = Field(None, description="decodes the sample rollouts logged to MLflow; null = the LMDM's own, where found")
+    sample_blocks: int = Field(8, ge=1, le=1024, description="blocks of each sample rollout logged as audio at a checkpoint")
+
+    @model_validator(mode="after")
+    def _t_range(self) -> ArcConfig:
+        if self.t_min > self.t_max:
+            raise ValueError(f"arc.t_min ({self.t_min}) must not exceed arc.t_max ({self.t_max})")
+        if self.head_kernel % 2 == 0:
+            raise ValueError(f"arc.head_kernel must be odd (a centred window), got {self.head_kernel}")
+        return self
+
+
 class TrackingConfig(Section):
     """MLflow, the system of record."""
 
@@ -514,6 +562,7 @@ class Config(BaseModel):
     lmm: LMMConfig = Field(default_factory=LMMConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    arc: ArcConfig = Field(default_factory=ArcConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
