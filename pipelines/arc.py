@@ -138,22 +138,14 @@ class ArcRecipe(StageRecipe):
             self.sample = (context[:1].clone(), real[:1].clone(), text[:1].clone() if text is not None else None)
         exits = draw_exit_steps(self.cfg.train.seed, self.step, a.blocks, a.steps, a.full_chain_p)
         generator = self.accelerator.unwrap_model(self.model)
+        self._set_lr()
         with self.accelerator.accumulate(self.model):
             g_loss = self.model(context, real, text, exits)
-            self.accelerator.backward(g_loss)
-            if not self.deepspeed and self.accelerator.sync_gradients:
-                self.grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
-            self._set_lr()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            self.grad_norm = self._backward_and_step(self.model, self.optimizer, g_loss, self.grad_norm)
         discriminator = self.accelerator.unwrap_model(self.discriminator)
         with self.accelerator.accumulate(self.discriminator):
             d_loss = self.discriminator(context, real, generator.fake, text)
-            self.accelerator.backward(d_loss)
-            if not self.deepspeed and self.accelerator.sync_gradients:
-                self.accelerator.clip_grad_norm_(self.discriminator.parameters(), self.cfg.train.grad_clip)
-            self.disc_optimizer.step()
-            self.disc_optimizer.zero_grad()
+            self._backward_and_step(self.discriminator, self.disc_optimizer, d_loss, float("nan"))
         out = discriminator.last
         self.step, self.loss = self.step + 1, float(g_loss.detach())
         self.parts = {
@@ -168,6 +160,24 @@ class ArcRecipe(StageRecipe):
             "exit_step_mean": sum(exits) / len(exits),
         }
         self._update_ema()
+
+    def _backward_and_step(self, model: Any, optimizer: Any, loss: Any, grad_norm: float) -> float:
+        """Backward, clip and step one of the two models; returns its gradient norm (before clipping) where synced.
+
+        Under DeepSpeed each model is its own engine: ``accelerator.backward`` drives only the engine prepared last,
+        so each engine runs its own backward and step (clipping with ``gradient_clipping``)."""
+        sync = self.accelerator.sync_gradients
+        if self.deepspeed:
+            from accelerate.utils import DeepSpeedEngineWrapper
+
+            DeepSpeedEngineWrapper(model).backward(loss, sync_gradients=sync)
+            return float(model.get_global_grad_norm() or float("nan")) if sync else grad_norm
+        self.accelerator.backward(loss)
+        if sync:
+            grad_norm = float(self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad()
+        return grad_norm
 
     def _set_lr(self) -> None:
         a, factor = self.cfg.arc, lr_factor(self.cfg, self.step)

@@ -162,9 +162,9 @@ def _request(cfg: Config, autoencoder: Path, text_fingerprint: str) -> dict[str,
         "audio": cfg.audio.model_dump(mode="json"),
         "chunk_frames": cfg.precompute.chunk_frames,
         "shard_inputs": cfg.precompute.shard_inputs,
-        "max_inputs": cfg.precompute.max_inputs,
         "autoencoder_sha256": file_sha256(autoencoder / "model.safetensors"),
         "text_encoder": {"kind": cfg.text.encoder, "max_tokens": cfg.text.max_tokens, "fingerprint": text_fingerprint},
+        **({"max_inputs": cfg.precompute.max_inputs} if cfg.precompute.max_inputs is not None else {}),  # older folders stay valid
     }
 
 
