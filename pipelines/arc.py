@@ -103,8 +103,8 @@ class ArcRecipe(StageRecipe):
         torch.manual_seed(cfg.train.seed + 1)  # the head's initialisation, the same on every worker
         disc = Discriminator(self.module, disc_layer(cfg), a.head_width, a.head_kernel)
         g_module, d_module = _arc_generator(cfg, self.module, disc, self.generator), _arc_discriminator(cfg, disc, self.generator)
-        g_opt = torch.optim.AdamW([p for p in g_module.parameters() if p.requires_grad], lr=a.g_lr or cfg.train.lr, betas=(0.0, 0.99))
-        d_opt = torch.optim.AdamW([p for p in d_module.parameters() if p.requires_grad], lr=a.d_lr or cfg.train.lr, betas=(0.0, 0.99))
+        g_opt = torch.optim.AdamW([p for p in g_module.parameters() if p.requires_grad], lr=a.g_lr, betas=(0.0, 0.99))
+        d_opt = torch.optim.AdamW([p for p in d_module.parameters() if p.requires_grad], lr=a.d_lr, betas=(0.0, 0.99))
         self.model, self.optimizer = self.accelerator.prepare(g_module, g_opt)
         self.discriminator, self.disc_optimizer = self.accelerator.prepare(d_module, d_opt)
         self.sample: tuple[Any, Any, Any] | None = None  # (context, real continuation, text) of the first example
@@ -183,7 +183,7 @@ class ArcRecipe(StageRecipe):
         a, factor = self.cfg.arc, lr_factor(self.cfg, self.step)
         for optimizer, lr in ((self.optimizer, a.g_lr), (self.disc_optimizer, a.d_lr)):
             for group in _innermost(optimizer).param_groups:
-                group["lr"] = (lr or self.cfg.train.lr) * factor
+                group["lr"] = lr * factor
 
     def checkpoint(self, metrics: dict[str, Any]) -> None:
         if self.rank == 0 and self.run is not None and self.sample is not None:

@@ -155,6 +155,13 @@ def test_held_out_clips_never_reach_training(tmp_path: Path, local_ray: object, 
     assert {r["input_id"] for r in rows(tmp_path / "latents")} == {"clip_00000", "clip_00001", "clip_00003"}
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
     assert manifest["held_out"] == ["clip_00002"] and manifest["counts"]["inputs"] == 3
+    assert "max_inputs" not in manifest  # a folder made before the option existed stays valid
+    subset = tiny_config(
+        "data.corpus.seed=2", f"data.root={tmp_path / 'corpus'}", f"precompute.out={tmp_path / 'subset'}", "precompute.max_inputs=2"
+    )
+    run_precompute(subset, vae_dir)  # the first N training inputs only (the quickstart's ARC stage encodes a subset)
+    assert {r["input_id"] for r in rows(tmp_path / "subset")} == {"clip_00000", "clip_00001"}
+    assert json.loads((tmp_path / "subset" / "manifest.json").read_text())["max_inputs"] == 2
 
 
 def test_the_split_is_a_pure_function_of_seed_and_index() -> None:

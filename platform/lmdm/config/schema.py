@@ -511,8 +511,8 @@ class ArcConfig(Section):
     )
     head_width: int = Field(256, ge=8, le=16384, description="the discriminator head's MLP width")
     head_kernel: int = Field(7, ge=1, le=63, description="the head's depthwise kernel (frames, odd)")
-    g_lr: float | None = Field(None, gt=0.0, le=1.0, description="the generator's learning rate; null = train.lr")
-    d_lr: float | None = Field(None, gt=0.0, le=1.0, description="the discriminator's learning rate; null = train.lr")
+    g_lr: float = Field(3e-5, gt=0.0, le=1.0, description="the generator's learning rate (a gentle post-training; train.lr is not used)")
+    d_lr: float = Field(1e-4, gt=0.0, le=1.0, description="the discriminator's learning rate")
     contrastive_weight: float = Field(
         1.0, ge=0.0, le=100.0, description="real audio under the batch's prompts rolled by one counts as fake"
     )

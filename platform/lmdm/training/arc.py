@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmdm.diffusion.noise import Generator, randn
+from lmdm.diffusion.noise import randn
 from lmdm.diffusion.objectives import Objective
 from lmdm.models.discriminator import Discriminator
 from lmdm.streaming.common import Condition, Engine
@@ -69,7 +69,7 @@ def self_rollout(
     text: Tensor | None,
     blocks: int,
     exit_steps: list[int] | None,
-    generator: Generator = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """The generator's ``blocks`` blocks ``(B, C, blocks·Bf)`` after the real ``context`` ``(B, C, Kc)``.
 
