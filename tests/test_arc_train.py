@@ -164,6 +164,12 @@ def test_arc_refuses_chunks_too_short_and_an_init_that_is_no_lmdm(tmp_path: Path
     save_checkpoint(base, build_dit(arc_cfg(tmp_path)), {}, TrainedWith(stage="base", objective="rectified_flow", autoencoder="sign-flips"))
     with pytest.raises(ValueError, match="ARC-Forcing post-trains an LMDM"):
         run_train(arc_cfg(tmp_path, f"train.init={base}"), "arc", latents)
+    from typer.testing import CliRunner
+
+    from lmdm.pipelines.cli import app
+
+    out = CliRunner().invoke(app, ["arc", "--latents", str(tmp_path / "nowhere"), "--init", str(init)])
+    assert out.exit_code == 1 and "lmdm precompute" in out.output  # `lmdm arc` says what is missing, no traceback
     with pytest.raises(ValueError, match=r"train\.batch_size >= 2"):
         run_train(
             arc_cfg(tmp_path, f"train.init={init}", "train.batch_size=1", "dit.cond_token_dim=384", "dit.project_cond_tokens=true"),
