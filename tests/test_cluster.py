@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,7 @@ def ray_head() -> object:
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)  # the head's session (a runtime-env virtualenv among it) is 2.5 GB
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ _TINY = [
     "rvq.codes=64",
     "quickstart.lmm_steps=2",
     "quickstart.lmm_stream_seconds=2",
+    "quickstart.arc_steps=2",  # the ARC stage: the chain (precompute of longer chunks, two steps, its eval engine)
     "eval.reference_clips=2",
     "eval.rollouts=2",  # the eval stage: 2 rollouts of 4 s per engine, 2-s windows, on one actor
     "eval.rollout_seconds=4",
@@ -52,7 +53,15 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     out = tmp_path / "runs" / "quick"
     assert (out / "lmdm" / "model.safetensors").is_file() and not (out / "autoencoder").exists() and not (out / "base").exists()
     figures = json.loads((out / "quickstart.json").read_text())
-    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {"corpus", "precompute", "lmdm", "lmm", "stream", "eval"}
+    assert figures["base"] == "builtin:corpus-base" and set(figures["times_s"]) == {
+        "corpus",
+        "precompute",
+        "lmdm",
+        "arc",
+        "lmm",
+        "stream",
+        "eval",
+    }
     # the LMM baseline: its RVQ tokenizer (with its per-depth error), the flat LMM, and its stream beside the LMDM's
     from lmdm.checkpoints.format import read_checkpoint_info
 
@@ -62,7 +71,10 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     assert rate == 16000 and len(audio) == 2 * 16000 and abs(audio).max() > 0
     report = Path(figures["eval"]["report"]["html"])  # the chain ends with `lmdm eval` of the base (outpainting) and the LMDM
     assert report.is_file() and str(report) in result.output.replace("\n", "") and "workflowType=machine_learning" in result.output
-    assert set(figures["eval"]["engines"]) == {"outpainting", "lmdm"}
+    assert set(figures["eval"]["engines"]) == {"outpainting", "lmdm", "arc"}
+    arc = read_checkpoint_info(out / "arc")  # ARC-Forced from the chain's LMDM, on its own longer latent chunks
+    assert arc.trained.stage == "arc" and arc.meta["step"] == 2
+    assert json.loads((out / "latents-arc" / "manifest.json").read_text())["latent"]["frames"] == 384
     assert figures["eval"]["engines"]["lmdm"]["drift"]["fad"]["verdict"] in ("drifts", "improves", "holds")
     assert figures["fad"]["stream"] > 0 and figures["likeness"]["trained"]["voiced_diff"] >= 0
     assert Path(figures["listening_png"]).read_bytes()[:4] == b"\x89PNG"
@@ -71,6 +83,8 @@ def test_quickstart_fine_tunes_the_shipped_pair(tmp_path: Path, monkeypatch: pyt
     assert runs["lmdm"].data.params["train.init"] == str(builtin_path("corpus-base/base").resolve())
     assert float(runs["lmdm"].data.params["train.lr"]) == load_config("quick").quickstart.lmdm_lr  # the fine-tune's own rate
     assert "autoencoder" not in runs and "base" not in runs
+    assert {"train/g_loss", "train/d_acc_real", "train/d_acc_contrastive"} <= set(runs["arc"].data.metrics)
+    assert [a.path for a in client.list_artifacts(runs["arc"].info.run_id, "samples")] == ["samples/real.wav", "samples/step_000002.wav"]
     assert runs["lmm"].data.params["lmm.tokenizer"] == str((out / "rvq").resolve()) and "train/loss" in runs["rvq"].data.metrics
     depth_curve = client.get_metric_history(runs["rvq"].info.run_id, "rvq/latent_mse")  # the RVQ's error, decoded figures too
     assert [m.step for m in depth_curve] == [1, 2, 4] and "rvq/mel_l1_db" in runs["rvq"].data.metrics
@@ -91,7 +105,17 @@ def test_quickstart_from_scratch_chain(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(tmp_path)
     # the chain, not the sizes; the eval stage is the fine-tune test's
     result = CliRunner().invoke(
-        app, ["quickstart", "--quick", "--from-scratch", *_TINY, "dit.depth=1", "quickstart.eval=false", "quickstart.lmm=false"]
+        app,
+        [
+            "quickstart",
+            "--quick",
+            "--from-scratch",
+            *_TINY,
+            "dit.depth=1",
+            "quickstart.eval=false",
+            "quickstart.lmm=false",
+            "quickstart.arc=false",
+        ],
     )
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "quick"
