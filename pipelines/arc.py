@@ -125,7 +125,7 @@ class ArcRecipe(StageRecipe):
     def _tensors(self, batch: dict[str, Any]) -> tuple[Any, Any]:
         """A random ``(Ctx + K)·Bf``-frame window of each chunk (one offset per batch) and its prompt tokens."""
         lat, text = super()._tensors(batch)
-        need, T = (self.cfg.stream.context_blocks + self.cfg.arc.blocks) * self.cfg.stream.block_frames, lat.shape[-1]
+        need, T = arc_window_frames(self.cfg), lat.shape[-1]
         start = torch_randint(T - need + 1, self.generator)
         return lat[..., start : start + need], text
 
