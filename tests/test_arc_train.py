@@ -120,6 +120,9 @@ def drift(dit: DiT, cfg: Config) -> float:
 
 
 def test_arc_on_two_workers_reduces_the_drift_teacher_forcing_has_and_resumes(tmp_path: Path, local_ray: object) -> None:
+    """Under DeepSpeed (ZeRO-2): the generator and the discriminator are two engines, each stepping itself, and both
+    resume from the step-100 checkpoint after the failure at 130. DDP, the default, runs in the quickstart test's
+    ARC stage; the two strategies give this test the same figures."""
     from mlflow.tracking import MlflowClient
 
     from lmdm.eval.tracking import mlflow_run
@@ -135,6 +138,7 @@ def test_arc_on_two_workers_reduces_the_drift_teacher_forcing_has_and_resumes(tm
         "train.checkpoint_every=100",
         "train.fail_once_at_step=130",
         "train.max_failures=1",
+        "train.strategy=deepspeed",
     )
     with mlflow_run(cfg, "arc") as run:
         result = run_train(cfg, "arc", latents, mlflow_run_id=run.info.run_id)
@@ -176,21 +180,3 @@ def test_arc_refuses_chunks_too_short_and_an_init_that_is_no_lmdm(tmp_path: Path
             "arc",
             latents,
         )
-
-
-def test_arc_under_deepspeed_steps_both_engines_and_resumes(tmp_path: Path, local_ray: object) -> None:
-    """``train.strategy=deepspeed``: the generator and the discriminator are two DeepSpeed engines (ZeRO-2), each
-    stepping itself; a rerun with more steps resumes both from the checkpoint (the resumable change)."""
-    latents = write_latents(tmp_path / "latents", sign_flips(64, CTX + K + 1, torch.Generator().manual_seed(7)))
-    init = teacher_forced(arc_cfg(tmp_path), tmp_path / "tf", steps=5)
-    first = run_train(
-        arc_cfg(tmp_path, f"train.init={init}", "train.steps=2", "train.checkpoint_every=2", "train.strategy=deepspeed"), "arc", latents
-    )
-    assert first.checkpoint is not None and first.metrics["step"] == 2
-    before = load_checkpoint(first.checkpoint / "model")[0].state_dict()
-    assert any(not torch.equal(v, load_checkpoint(init)[0].state_dict()[k]) for k, v in before.items())  # the generator moved
-    again = run_train(
-        arc_cfg(tmp_path, f"train.init={init}", "train.steps=3", "train.checkpoint_every=2", "train.strategy=deepspeed"), "arc", latents
-    )
-    assert again.checkpoint is not None and again.metrics["step"] == 3 and again.checkpoint.parent == first.checkpoint.parent
-    assert json.loads((again.checkpoint / "step.json").read_text())["step"] == 3

@@ -31,6 +31,7 @@ _TINY = [
     "quickstart.lmm_steps=2",
     "quickstart.lmm_stream_seconds=2",
     "quickstart.arc_steps=2",  # the ARC stage: the chain (precompute of longer chunks, two steps, its eval engine)
+    "arc.sample_blocks=2",  # its MLflow audio sample: 2 blocks, not 8
     "eval.reference_clips=2",
     "eval.rollouts=2",  # the eval stage: 2 rollouts of 4 s per engine, 2-s windows, on one actor
     "eval.rollout_seconds=4",

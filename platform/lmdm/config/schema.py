@@ -373,7 +373,7 @@ class QuickstartConfig(Section):
         10.0, gt=0.0, le=3600.0, description="the flat LMM's stream beside the LMDM's (it runs slower than real time on CPU)"
     )
     arc: bool = Field(True, description="ARC-Force the LMDM (`lmdm arc`, arc.*) on latents precomputed with chunks long enough")
-    arc_steps: int = Field(15, ge=1, description="ARC-Forcing steps (a short stage: `lmdm arc` trains longer)")
+    arc_steps: int = Field(12, ge=1, description="ARC-Forcing steps (a short stage: `lmdm arc` trains longer)")
     arc_batch_size: int = Field(2, ge=2, le=4096, description="ARC examples per worker and step (its rollouts cost K blocks each)")
     arc_clips: int = Field(48, ge=1, description="training clips the ARC stage's longer latent chunks are encoded from")
     eval: bool = Field(
