@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["BlockKVCache", "CacheIO", "LayerCache", "TokenRingCache"]
+__all__ = ["BlockKVCache", "CacheIO", "CachePool", "LayerCache", "TokenRingCache"]
 
 
 class LayerCache(NamedTuple):
@@ -99,6 +99,9 @@ class BlockKVCache:
     Attributes:
         slot_block: stream block held by each ring slot (-1 = empty), host-side bookkeeping updated
             once per block, never inside a denoising step.
+        row_slots: ``(R, Ctx)`` bool, which ring slots hold a block in each row, where rows differ (sessions
+            stepped as one batch, some of them still filling their context); ``None``: every row as
+            ``slot_block`` says. A slot is in ``slot_block`` when any row holds it.
     """
 
     k: Tensor
@@ -108,6 +111,7 @@ class BlockKVCache:
     block_frames: int
     aux_positions: int = 0
     slot_block: list[int] = field(default_factory=list)
+    row_slots: Tensor | None = None
 
     @staticmethod
     def allocate(
@@ -185,6 +189,37 @@ class BlockKVCache:
             raw_write = raw_slot * self.block_frames + torch.arange(self.block_frames, device=device)
         return CacheIO(self.k, self.v, positions, start, stop, self.k_raw if raw_write is not None else None, raw_write)
 
+    def fill_slot(self, slot: int, block: int) -> None:
+        """Count ``block`` as held by ring ``slot`` (in every row)."""
+        self.slot_block[slot] = block
+        if self.row_slots is not None:
+            self.row_slots[:, slot] = True
+
+    def roll(self, shift: int) -> None:
+        """Renumber the stream's blocks by ``shift``: block ``b`` (in slot ``b mod Ctx``) becomes block ``b + shift``
+        and moves to slot ``(b + shift) mod Ctx``, keys, un-rotated keys and values (between blocks). Positions
+        are relative to the window in ``fixed`` rotary mode, so a stream continues exactly as before."""
+        Ctx, Bf = self.context_blocks, self.block_frames
+        if not Ctx or not shift % Ctx:
+            self.slot_block = [b + shift if b >= 0 else -1 for b in self.slot_block]
+            return
+        ring = self.ring
+
+        def rolled(region: Tensor) -> Tensor:  # (..., Kc, Dh) with the slots rolled by ``shift``
+            *lead, _, Dh = region.shape
+            return region.reshape(*lead, Ctx, Bf, Dh).roll(shift, len(lead)).reshape(region.shape)
+
+        for buffer in (self.k, self.v):
+            buffer[:, :, :, ring] = rolled(buffer[:, :, :, ring])
+        if self.k_raw is not None:
+            self.k_raw.copy_(rolled(self.k_raw))
+        old = list(self.slot_block)
+        self.slot_block = [-1] * Ctx
+        for s, b in enumerate(old):
+            self.slot_block[(s + shift) % Ctx] = b + shift if b >= 0 else -1
+        if self.row_slots is not None:
+            self.row_slots = self.row_slots.roll(shift, 1)
+
     def slot_blocks(self, device: torch.device) -> Tensor:
         """``(Kc,)`` int64: the stream block each context position holds (-1: empty)."""
         return torch.tensor(self.slot_block, dtype=torch.long, device=device).repeat_interleave(self.block_frames)
@@ -195,6 +230,84 @@ class BlockKVCache:
         if self.k_raw is not None:
             total += self.k_raw.numel() * self.k_raw.element_size()
         return total
+
+
+class CachePool:
+    """The block-wise KV caches of a server's sessions, allocated once: ``sessions`` rows of
+    ``(Ly, branches, H, P, Dh)`` each (a session's rows are contiguous, its :class:`BlockKVCache` a view).
+
+    A session :meth:`take` s a row when it starts and :meth:`give` s it back when it leaves; rows are reused,
+    nothing grows with the sessions that came and went.
+    """
+
+    def __init__(
+        self,
+        sessions: int,
+        branches: int,
+        depth: int,
+        heads: int,
+        head_dim: int,
+        context_blocks: int,
+        block_frames: int,
+        keep_raw: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        aux: bool = False,
+    ) -> None:
+        if sessions < 1:
+            raise ValueError(f"a cache pool needs at least one session row, got {sessions}")
+        self.context_blocks, self.block_frames = context_blocks, block_frames
+        self.aux_positions = block_frames if aux else 0
+        Kc = context_blocks * block_frames
+        shape = (sessions, depth, branches, heads, self.aux_positions + Kc + 1 + block_frames, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_raw = torch.zeros(sessions, depth, branches, heads, Kc, head_dim, dtype=dtype, device=device) if keep_raw else None
+        self._free = list(range(sessions - 1, -1, -1))  # pop() takes the lowest row first
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[0])
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def take(self) -> tuple[int, BlockKVCache]:
+        """A free row, zeroed, as an empty cache (views into the pool).
+
+        Raises:
+            RuntimeError: every row is taken.
+        """
+        if not self._free:
+            raise RuntimeError(f"all {self.capacity} cache rows are in use")
+        row = self._free.pop()
+        self.k[row].zero_()
+        self.v[row].zero_()
+        if self.k_raw is not None:
+            self.k_raw[row].zero_()
+        return row, BlockKVCache(
+            k=self.k[row],
+            v=self.v[row],
+            k_raw=None if self.k_raw is None else self.k_raw[row],
+            context_blocks=self.context_blocks,
+            block_frames=self.block_frames,
+            aux_positions=self.aux_positions,
+            slot_block=[-1] * self.context_blocks,
+        )
+
+    def give(self, row: int) -> None:
+        """Free ``row`` (its session left).
+
+        Raises:
+            ValueError: a row that is not taken.
+        """
+        if not 0 <= row < self.capacity or row in self._free:
+            raise ValueError(f"cache row {row} is not in use")
+        self._free.append(row)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_raw) if t is not None)
 
 
 @dataclass

@@ -11,6 +11,7 @@ Legend: B batch, R rows (B × branches).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,47 +75,72 @@ def stack_generators(progresses: list[Progress]) -> RowGenerators:
     return RowGenerators(tuple(generators), tuple(rows))
 
 
+def _slots_held(state: LMDMState) -> Tensor:
+    """``(R, Ctx)`` bool: the ring slots each row of ``state`` holds."""
+    cache = state.cache
+    if cache.row_slots is not None:
+        return cache.row_slots
+    held = torch.tensor([b >= 0 for b in cache.slot_block], dtype=torch.bool, device=cache.k.device)
+    return held[None].expand(state.progress.rows, -1)
+
+
 def stack(engine: LMDMEngine, states: list[LMDMState]) -> LMDMState:
     """Several sessions as one state, stepped as one batch (serving batches concurrent sessions).
 
     Each session keeps its own noise generator, so the blocks equal those it would get alone. Step the
     result with :func:`~lmdm.streaming.common.stack_conditions` of the sessions' conditions; split it
-    again with :func:`unstack`. The sessions must be in lockstep: between blocks, at the same block with
-    the same context slots filled and a pending block alike, with the same CFG branches; they may
-    differ in prompts, contexts, noise and batch size. (The caches are copied once here, not per step.)
+    again with :func:`unstack`. The sessions must be between blocks, all with a pending block or none (the
+    block's first step is the merged commit pass or not), with the same CFG branches; they may differ in
+    prompts, contexts, noise and batch size. ``block_causal`` sessions may also be at different blocks and
+    hold different context slots (one still filling its context beside others that are full): each is
+    renumbered to the latest session's block (:meth:`~lmdm.streaming.lmdm_engine.LMDMEngine.renumber`,
+    fixed rotary: in place, the stream unchanged), and the rows' attention masks drop the slots a row does
+    not hold. (The caches are copied once here, not per step.)
 
     Raises:
-        ValueError: sessions that are not in lockstep, or prompts of different token counts.
+        ValueError: sessions that cannot share a step (mid-block, pending blocks unlike, other CFG branches;
+            ``encdec`` or growing rotary at different blocks or context fills), or prompts of different
+            token counts.
     """
     if not states:
         raise ValueError("stack needs at least one state")
     first = states[0]
+    per_row = engine.variant == "block_causal" and engine.rotary == "fixed"
     for s in states:
         if s.step_plan is not None or s.merged_plan is not None:
             raise ValueError("stack sessions between blocks (after end_block, before begin_block)")
-        same = (
-            s.progress.block == first.progress.block
-            and s.cache.slot_block == first.cache.slot_block
-            and [k is None for k in s.window.keys] == [k is None for k in first.window.keys]
-            and (s.pending is None) == (first.pending is None)
-            and s.progress.branches == first.progress.branches
-        )
-        if not same:
+        if (s.pending is None) != (first.pending is None) or s.progress.branches != first.progress.branches:
             raise ValueError(
-                "sessions stepped as one batch must be in lockstep: the same block index, filled context slots, "
-                "pending block and CFG branches"
+                "sessions stepped as one batch must share the step phase: all with a pending block or none "
+                "(the block's first step commits it), and the same CFG branches"
             )
+        if not per_row and (
+            s.progress.block != first.progress.block or [k is None for k in s.window.keys] != [k is None for k in first.window.keys]
+        ):
+            raise ValueError(
+                f"{engine.variant} sessions ({engine.rotary} rotary) stepped as one batch must be in lockstep: "
+                "the same block index and filled context slots"
+            )
+    if per_row:
+        count = max(s.progress.block for s in states)  # forward only: a held block never renumbered below 0
+        for s in states:
+            engine.renumber(s, count)
+        for s in states:
+            clash = any(a >= 0 and b >= 0 and a != b for a, b in zip(s.cache.slot_block, first.cache.slot_block, strict=True))
+            if clash:  # cannot happen after renumbering (slot = block mod Ctx), kept as a guard
+                raise ValueError("sessions stepped as one batch hold different blocks in one context slot")
     branches = first.progress.branches
     batch = sum(s.progress.batch for s in states)
     prompts = PromptCache(engine.core.dit, batch, batch * branches, engine.core.dtype)
 
-    def joined(keys: list[str]) -> str:
-        """The stacked prompt of one key per session: K/V rows and texts concatenated (no text: zeros)."""
-        key = KEY_SEP.join(keys)
+    def joined(keys: Sequence[str | None]) -> str:
+        """The stacked prompt of one key per session (``None``: the session has no block there): K/V rows and
+        texts concatenated (no text: zeros)."""
+        key = KEY_SEP.join(k or "" for k in keys)
         if key in prompts.texts:
             return key
-        per = [s.prompts.lookup(k) for k, s in zip(keys, states, strict=True)]
-        texts = [s.prompts.texts[k] for k, s in zip(keys, states, strict=True)]
+        per = [None if k is None else s.prompts.lookup(k) for k, s in zip(keys, states, strict=True)]
+        texts = [None if k is None else s.prompts.texts[k] for k, s in zip(keys, states, strict=True)]
         like = next((p for p in per if p is not None), None)
         like_text = next((t for t in texts if t is not None), None)
         if like is None or like_text is None:
@@ -132,12 +158,18 @@ def stack(engine: LMDMEngine, states: list[LMDMState]) -> LMDMState:
         )
         return key
 
-    window_keys = [None if k is None else joined([s.window.keys[i] or "" for s in states]) for i, k in enumerate(first.window.keys)]
+    window_keys = [
+        None if all(s.window.keys[i] is None for s in states) else joined([s.window.keys[i] for s in states])
+        for i in range(len(first.window.keys))
+    ]
     pending = None
     if first.pending is not None:
         keys = [s.pending.key for s in states if s.pending is not None]
         pending = Pending(cat_rows([s.pending.inputs for s in states if s.pending is not None], branches), joined(keys))
     cache = first.cache
+    slot_block = [max(s.cache.slot_block[i] for s in states) for i in range(cache.context_blocks)]  # a slot any row holds
+    held = cat_rows([_slots_held(s) for s in states], branches)
+    union = torch.tensor([b >= 0 for b in slot_block], dtype=torch.bool, device=held.device)
     stacked = BlockKVCache(
         k=cat_rows([s.cache.k for s in states], branches, dim=1),
         v=cat_rows([s.cache.v for s in states], branches, dim=1),
@@ -145,7 +177,8 @@ def stack(engine: LMDMEngine, states: list[LMDMState]) -> LMDMState:
         context_blocks=cache.context_blocks,
         block_frames=cache.block_frames,
         aux_positions=cache.aux_positions,
-        slot_block=list(cache.slot_block),
+        slot_block=slot_block,
+        row_slots=None if bool((held == union).all()) else held.clone(),
     )
     return LMDMState(
         progress=Progress(batch, batch * branches, first.progress.block, stack_generators([s.progress for s in states])),
@@ -157,12 +190,14 @@ def stack(engine: LMDMEngine, states: list[LMDMState]) -> LMDMState:
     )
 
 
-def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int]) -> list[LMDMState]:
+def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int], into: list[BlockKVCache] | None = None) -> list[LMDMState]:
     """Split a :func:`stack` ed state into sessions of ``batches`` rows (between blocks), each with its own
-    generator again.
+    generator again; with ``into`` (the sessions' own caches, e.g. pooled rows) the caches are copied back
+    into those, not into new tensors.
 
     Raises:
-        ValueError: mid-block, batches that do not add up, or a state not made by :meth:`stack`.
+        ValueError: mid-block, batches that do not add up, a state not made by :meth:`stack`, or ``into``
+            caches of other shapes.
     """
     if state.step_plan is not None or state.merged_plan is not None:
         raise ValueError("unstack sessions between blocks (after end_block, before begin_block)")
@@ -175,7 +210,19 @@ def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int]) -> list[LM
         return [None] * n if key is None else list(key.split(KEY_SEP))
 
     ks, vs = split_rows(state.cache.k, batches, branches, 1), split_rows(state.cache.v, batches, branches, 1)
-    raws = split_rows(state.cache.k_raw, batches, branches, 1) if state.cache.k_raw is not None else [None] * n
+    raws: list[Tensor | None] = [None] * n
+    if state.cache.k_raw is not None:
+        raws = list(split_rows(state.cache.k_raw, batches, branches, 1))
+    helds = split_rows(state.cache.row_slots, batches, branches) if state.cache.row_slots is not None else [None] * n
+    if into is not None:
+        if len(into) != n or any(c.k.shape != k.shape for c, k in zip(into, ks, strict=True)):
+            raise ValueError("unstack into caches of the sessions' own shapes, one per session")
+        for c, k, v, raw in zip(into, ks, vs, raws, strict=True):
+            c.k.copy_(k)
+            c.v.copy_(v)
+            if c.k_raw is not None and raw is not None:
+                c.k_raw.copy_(raw)
+        ks, vs, raws = [c.k for c in into], [c.v for c in into], [c.k_raw for c in into]
     latents = torch.split(state.window.latents, batches)
     pendings = split_rows(state.pending.inputs, batches, branches) if state.pending is not None else [None] * n
     pending_keys = split_key(state.pending.key if state.pending is not None else None)
@@ -198,6 +245,10 @@ def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int]) -> list[LM
             prompts.texts[own], kv = parts[i]
             if kv is not None:
                 prompts.entries[own] = kv
+        held = helds[i]
+        slot_block = list(state.cache.slot_block)
+        if held is not None:  # the slots this session holds (its rows agree: a session fills a slot in every row)
+            slot_block = [b if bool(held[0, s]) else -1 for s, b in enumerate(slot_block)]
         cache = BlockKVCache(
             ks[i],
             vs[i],
@@ -205,13 +256,17 @@ def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int]) -> list[LM
             state.cache.context_blocks,
             state.cache.block_frames,
             state.cache.aux_positions,
-            list(state.cache.slot_block),
+            slot_block,
         )
+        keys = [k[i] for k in window_keys]
+        if held is not None:  # the logical window's empty slots (oldest first) are the ring slots it does not hold
+            empty = cache.context_blocks - sum(b >= 0 for b in slot_block)
+            keys = [None if s < empty else k for s, k in enumerate(keys)]
         pending_inputs, pending_key = pendings[i], pending_keys[i]
         out.append(
             LMDMState(
                 progress=Progress(b, b * branches, state.progress.block, generators.generators[i]),
-                window=ContextWindow(latents[i], [k[i] for k in window_keys]),
+                window=ContextWindow(latents[i], keys),
                 prompts=prompts,
                 cache=cache,
                 frames=torch.zeros(b * branches, *state.frames.shape[1:], dtype=state.frames.dtype, device=state.frames.device),

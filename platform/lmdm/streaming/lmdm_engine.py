@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lmdm.models.block_mask import CLEAN, GLOBAL, NOISY, TokenLayout, attention_mask
 from lmdm.models.dit import DiT, TextKV
-from lmdm.models.kv_cache import BlockKVCache, CacheIO
+from lmdm.models.kv_cache import BlockKVCache, CacheIO, CachePool
 from lmdm.models.rotary import apply_rotary
 from lmdm.runtime import Runtime
 from lmdm.streaming.common import (
@@ -144,20 +144,51 @@ class LMDMEngine:
         blocks = cache.slot_blocks(self.core.device)
         return (CLEAN, blocks, blocks >= 0, self.geometry.context_frames)
 
-    def _mask(self, queries: TokenLayout, keys: TokenLayout) -> Tensor | None:
-        return attention_bias(attention_mask(queries, keys, self.variant, self.geometry.context_blocks, same_tokens=False), self.core.dtype)
+    def _mask(self, queries: TokenLayout, keys: TokenLayout, rows: Tensor | None = None) -> Tensor | None:
+        """The pass's additive mask ``(S, K)``; with ``rows`` (``(R, K)`` bool, the keys each row holds) one per
+        row, ``(R, 1, S, K)``."""
+        allowed = attention_mask(queries, keys, self.variant, self.geometry.context_blocks, same_tokens=False)
+        if rows is not None:
+            allowed = allowed[None, None] & rows[:, None, None, :]
+        return attention_bias(allowed, self.core.dtype)
+
+    def _row_keys(self, cache: BlockKVCache, before: int, after: int) -> Tensor | None:
+        """``(R, before + Kc + after)`` bool: the ring positions each row holds (rows of sessions stepped as one
+        batch may differ), the keys around the ring held by all; ``None`` where the rows do not differ."""
+        if cache.row_slots is None:
+            return None
+        rows, device = cache.row_slots.shape[0], cache.row_slots.device
+        ring = cache.row_slots.repeat_interleave(self.geometry.block_frames, dim=1)
+        return torch.cat([ring.new_ones(rows, before), ring, ring.new_ones(rows, after)], dim=1).to(device)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def start(self, condition: Condition, batch: int, context: Tensor | None = None, generator: torch.Generator | None = None) -> LMDMState:
+    def start(
+        self,
+        condition: Condition,
+        batch: int,
+        context: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        cache: BlockKVCache | None = None,
+    ) -> LMDMState:
+        """A new stream (see :class:`~lmdm.streaming.common.Engine`); ``cache``: an empty cache to use (a server's
+        pooled row, :meth:`cache_pool`) instead of a new one.
+
+        Raises:
+            ValueError: a context that does not fit, or a cache of another shape.
+        """
         c, g = self.core, self.geometry
         blocks = c.check_context(context, batch)
         progress = c.progress(batch, generator)
-        cache = BlockKVCache.allocate(
-            len(c.dit.layers), progress.rows, self.heads, self.head_dim, g.context_blocks, g.block_frames,
-            keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
-            aux=self.variant == "block_causal",
-        )  # fmt: skip
+        want = self._cache_shape(progress.rows)
+        if cache is None:
+            cache = BlockKVCache.allocate(
+                len(c.dit.layers), progress.rows, self.heads, self.head_dim, g.context_blocks, g.block_frames,
+                keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
+                aux=self.variant == "block_causal",
+            )  # fmt: skip
+        elif tuple(cache.k.shape) != want or (cache.k_raw is None) != (self.variant != "block_causal" or self.rotary != "fixed"):
+            raise ValueError(f"a cache of keys {tuple(cache.k.shape)} for this engine's {want} ({self.variant}, {self.rotary} rotary)")
         state = LMDMState(
             progress=progress,
             window=ContextWindow.empty(batch, c.channels, g.block_frames, g.context_blocks, c.dtype, c.device),
@@ -172,8 +203,46 @@ class LMDMEngine:
             progress.block += 1
         return state
 
+    def _cache_shape(self, rows: int) -> tuple[int, ...]:
+        g, A = self.geometry, self.geometry.block_frames if self.variant == "block_causal" else 0
+        return (len(self.core.dit.layers), rows, self.heads, A + g.context_frames + 1 + g.block_frames, self.head_dim)
+
+    def cache_pool(self, sessions: int, batch: int = 1) -> CachePool:
+        """Cache rows for ``sessions`` streams of ``batch`` rows each, allocated once (a server's sessions take and
+        give back rows; :meth:`start` with ``cache=``)."""
+        c, g = self.core, self.geometry
+        branches = c.progress(batch, None).rows
+        return CachePool(
+            sessions, branches, len(c.dit.layers), self.heads, self.head_dim, g.context_blocks, g.block_frames,
+            keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
+            aux=self.variant == "block_causal",
+        )  # fmt: skip
+
     def progress(self, state: LMDMState) -> Progress:
         return state.progress
+
+    def renumber(self, state: LMDMState, block: int) -> None:
+        """Count the stream's blocks so that the next one is ``block`` (between blocks). In ``fixed`` rotary mode
+        every position is relative to the window, so the stream continues exactly as before: the ring's slots
+        follow the new numbers. Sessions stepped as one batch are renumbered to one count.
+
+        Raises:
+            ValueError: ``growing`` rotary (positions are the stream's own), mid-block, or a count so low that
+                context blocks would get negative numbers.
+        """
+        shift = block - state.progress.block
+        if not shift:
+            return
+        if self.rotary != "fixed":
+            raise ValueError("only a fixed-rotary stream can be renumbered (growing rotary positions are the stream's own)")
+        if state.step_plan is not None or state.merged_plan is not None:
+            raise ValueError("renumber a stream between blocks (after end_block, before begin_block)")
+        held = [b + shift for b in state.cache.slot_block if b >= 0] + ([block - 1] if state.pending is not None else [])
+        if held and min(held) < 0:
+            raise ValueError(f"renumber to block {block}: its context blocks would get negative numbers (-1 means an empty slot)")
+        if self.variant == "block_causal":
+            state.cache.roll(shift)
+        state.progress.block = block
 
     def begin_block(self, state: LMDMState, condition: Condition) -> None:
         """Plan block ``j`` under ``condition``: ``encdec`` encodes the context; ``block_causal`` re-rotates
@@ -204,7 +273,7 @@ class LMDMEngine:
         keys = self._layout([self._ring_layout(cache), (GLOBAL, j, True, 1), (NOISY, j, True, Bf)])
         return StepPlan(
             freqs=self.core.dit.freqs(self._own_positions(j)),
-            mask=self._mask(own, keys),
+            mask=self._mask(own, keys, self._row_keys(cache, 0, 1 + Bf)),
             io=cache.io(write=cache.own, read=slice(cache.ring.start, None)),
             text_kv=state.text_kv,
             text_mask=None,
@@ -226,7 +295,7 @@ class LMDMEngine:
         raw_slot = torch.tensor((j - 1) % Ctx, device=device)  # its un-rotated keys go straight to its ring slot
         return StepPlan(
             freqs=self.core.dit.freqs(torch.cat([pending_positions, self._own_positions(j)])),
-            mask=self._mask(queries, keys),
+            mask=self._mask(queries, keys, self._row_keys(cache, Bf, 1 + Bf)),
             io=cache.io(write=[cache.aux, cache.own], read=slice(0, None), raw_slot=raw_slot),
             text_kv=text_kv,
             text_mask=text_mask,
@@ -268,7 +337,7 @@ class LMDMEngine:
         ring = cache.slot_range(slot)
         cache.k[:, :, :, ring] = cache.k[:, :, :, cache.aux]
         cache.v[:, :, :, ring] = cache.v[:, :, :, cache.aux]
-        cache.slot_block[slot] = state.progress.block - 1
+        cache.fill_slot(slot, state.progress.block - 1)
         state.pending, state.merged_plan = None, None
         state.step_plan = self._plan_step(state)
 
@@ -297,11 +366,12 @@ class LMDMEngine:
 
         return stack(self, states)
 
-    def unstack(self, state: LMDMState, batches: list[int]) -> list[LMDMState]:
-        """Split a stacked state into its sessions again (:func:`lmdm.streaming.batching.unstack`)."""
+    def unstack(self, state: LMDMState, batches: list[int], into: list[BlockKVCache] | None = None) -> list[LMDMState]:
+        """Split a stacked state into its sessions again, optionally into their own caches
+        (:func:`lmdm.streaming.batching.unstack`)."""
         from lmdm.streaming.batching import unstack
 
-        return unstack(self, state, batches)
+        return unstack(self, state, batches, into)
 
     # ---- context encoding ---------------------------------------------------------------------
 
@@ -328,12 +398,13 @@ class LMDMEngine:
         keys = self._layout([self._ring_layout(cache), (GLOBAL, j, False, 1), (CLEAN, j, True, Bf)])
         io = cache.io(write=mine, read=slice(cache.ring.start, None), raw_slot=torch.tensor(slot, device=c.device))
         h = c.dit.embed_frames(inputs)
-        c.run_layers(h, c.dit.freqs(self._own_positions(j)[1:]), self._mask(queries, keys), text_kv, None, io, Bf)  # keys/values only
+        mask = self._mask(queries, keys, self._row_keys(cache, 0, 1 + Bf))
+        c.run_layers(h, c.dit.freqs(self._own_positions(j)[1:]), mask, text_kv, None, io, Bf)  # keys/values only
         rng = cache.slot_range(slot)
         cache.v[:, :, :, rng] = cache.v[:, :, :, mine]
         if cache.k_raw is None:  # growing: keys were rotated at their stream positions on entry
             cache.k[:, :, :, rng] = cache.k[:, :, :, mine]
-        cache.slot_block[slot] = j
+        cache.fill_slot(slot, j)
 
     def _encode_context(self, state: LMDMState, condition: Condition) -> None:
         """``encdec``: encode the whole context window bidirectionally (once per block) into the cache."""
