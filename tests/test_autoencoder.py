@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from lmdm.checkpoints.errors import CheckpointError
 from lmdm.checkpoints.sao_autoencoder import load_sao_autoencoder, read_sao_autoencoder_config
 from lmdm.config import AudioConfig, AutoencoderConfig
-from lmdm.models.autoencoder import OobleckVAE, StreamingDecoder, build_autoencoder, span_forward
+from lmdm.models.autoencoder import OobleckVAE, StreamingDecoder, build_autoencoder, push_together, span_forward
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # frozen Stable Audio references (fixtures/README.md)
 OOBLECK = FIXTURES / "oobleck_tiny"
@@ -256,6 +256,40 @@ def test_streaming_decode_equals_batch_decode(block: int, dtype: torch.dtype, at
     interior = slice(decoder.context * R, streamed.shape[-1])  # away from the start and the held-back tail
     torch.testing.assert_close(streamed[..., interior], batch[..., interior], atol=atol, rtol=0)
     torch.testing.assert_close(torch.cat([streamed, tail], dim=-1), batch, atol=atol, rtol=0)
+
+
+def test_streams_decoded_together_equal_each_decoded_alone() -> None:
+    """A server decodes its sessions' blocks as one batch (:func:`push_together`): three streams that joined at
+    different times (one primed with context), pushing 5-frame blocks, get exactly the audio each gets alone
+    (float64); the streams whose windows line up share one decode."""
+    vae = tiny_vae().double()
+    g = torch.Generator().manual_seed(6)
+    latents = [torch.randn(b, 4, 80, generator=g, dtype=torch.float64) for b in (1, 2, 1)]
+    joins = [0, 2, 3]  # the block at which each stream starts pushing
+    alone = [StreamingDecoder(vae) for _ in latents]
+    together = [StreamingDecoder(vae) for _ in latents]
+    for d in (alone[2], together[2]):
+        d.prime(torch.ones(1, 4, 6, dtype=torch.float64))
+    calls = []
+    original = vae.decode_span
+
+    def counted(window: torch.Tensor, *span: int) -> torch.Tensor:
+        calls.append(window.shape[0])
+        return original(window, *span)
+
+    with torch.no_grad():
+        for step in range(13):  # the decoder holds 19 frames each side: windows line up after 8 blocks of 5
+            active = [i for i, j in enumerate(joins) if step >= j]
+            blocks = [latents[i][..., (step - joins[i]) * 5 : (step - joins[i] + 1) * 5] for i in active]
+            want = [alone[i].push(x) for i, x in zip(active, blocks, strict=True)]
+            vae.decode_span = counted  # type: ignore[method-assign]
+            got = push_together([together[i] for i in active], blocks)
+            vae.decode_span = original  # type: ignore[method-assign]
+            for w, o in zip(want, got, strict=True):
+                torch.testing.assert_close(o, w, atol=1e-12, rtol=0)
+    assert 4 in calls  # all three streams (1 + 2 + 1 rows) decoded as one batch once their windows lined up
+    with pytest.raises(ValueError, match="one autoencoder"):
+        push_together([StreamingDecoder(vae), StreamingDecoder(tiny_vae().double())], [latents[0][..., :5]] * 2)
 
 
 @pytest.mark.parametrize("block", [3, 16])

@@ -44,6 +44,7 @@ __all__ = [
     "build_autoencoder",
     "input_span",
     "output_length",
+    "push_together",
     "span_forward",
     "wn_conv1d",
     "wn_conv_transpose1d",
@@ -535,13 +536,18 @@ class StreamingDecoder:
         Raises:
             ValueError: a block with the wrong rank, channels, batch size or no frames.
         """
+        window, ready = self._append(latents)
+        return self._emit(window, ready)
+
+    def _append(self, latents: Tensor) -> tuple[Tensor, int]:
+        """The window with ``latents`` appended and the frame up to which audio is now final (counted received)."""
         B, D, n = latents.shape
         if self.vae.latent_dim != D or n < 1 or (self._window is not None and self._window.shape[0] != B):
             expected_batch = "B" if self._window is None else str(self._window.shape[0])
             raise ValueError(f"push expects latents ({expected_batch}, {self.vae.latent_dim}, n >= 1), got {tuple(latents.shape)}")
         window = latents if self._window is None else torch.cat((self._window, latents), dim=-1)
         self._received += n
-        return self._emit(window, self._received - self.lookahead)
+        return window, self._received - self.lookahead
 
     def flush(self) -> Tensor:
         """End the stream: the audio of the last ``lookahead`` frames, ``(B, C, m · R)``; then :meth:`reset`.
@@ -557,16 +563,61 @@ class StreamingDecoder:
 
     def _emit(self, window: Tensor, ready: int) -> Tensor:
         """Decode ``window`` (frames ``start …``) and return frames ``emitted … ready - 1``; trim the window."""
+        span = self._span(ready)
+        audio = window.new_zeros(window.shape[0], self.vae.audio_channels, 0) if span is None else self.vae.decode_span(window, *span)
+        self._keep(window, ready)
+        return audio
+
+    def _span(self, ready: int) -> tuple[int, int] | None:
+        """The samples of the window to decode for frames ``emitted … ready − 1`` (``None``: nothing new)."""
+        if ready <= self._emitted:
+            return None
+        # only the new frames' audio, each layer on the span it needs (not the whole window)
+        return (self._emitted - self._start) * self.hop, (ready - self._start) * self.hop
+
+    def _keep(self, window: Tensor, ready: int) -> None:
+        """After emitting up to ``ready``: keep the window's last ``context`` frames before it."""
         if ready <= self._emitted:
             self._window = window
-            return window.new_zeros(window.shape[0], self.vae.audio_channels, 0)
-        # (B, C, m · R): only the new frames' audio, each layer on the span it needs (not the whole window)
-        audio = self.vae.decode_span(window, (self._emitted - self._start) * self.hop, (ready - self._start) * self.hop)
+            return
         self._emitted = ready
         keep_from = max(self._start, ready - self.context)
         self._window = window[..., keep_from - self._start :]
         self._start = keep_from
-        return audio
+
+
+def push_together(decoders: list[StreamingDecoder], latents: list[Tensor]) -> list[Tensor]:
+    """:meth:`StreamingDecoder.push` of one block into each of several streams' decoders (one autoencoder), the
+    streams whose windows line up decoded as one batch: the same frames held, emitted and final, as for every
+    stream past its first blocks when they push blocks of one length. Each returns the audio its own push
+    would (a served replica decodes its sessions' blocks together).
+
+    Raises:
+        ValueError: decoders of different autoencoders, or a block :meth:`~StreamingDecoder.push` refuses.
+    """
+    if len({id(d.vae) for d in decoders}) > 1:
+        raise ValueError("push_together decodes with one autoencoder: every decoder must share it")
+    appended = [d._append(x) for d, x in zip(decoders, latents, strict=True)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (d, (window, ready)) in enumerate(zip(decoders, appended, strict=True)):
+        span = d._span(ready)
+        key = (window.shape[-1], *span) if span is not None else (-1, i)  # nothing to decode: alone, no work
+        groups.setdefault(key, []).append(i)
+    out: list[Tensor | None] = [None] * len(decoders)
+    for members in groups.values():
+        first = decoders[members[0]]
+        span = first._span(appended[members[0]][1])
+        if span is None:
+            window = appended[members[0]][0]
+            out[members[0]] = window.new_zeros(window.shape[0], first.vae.audio_channels, 0)
+        else:
+            windows = [appended[i][0] for i in members]
+            audio = first.vae.decode_span(torch.cat(windows), *span)
+            for i, part in zip(members, torch.split(audio, [w.shape[0] for w in windows]), strict=True):
+                out[i] = part
+        for i in members:
+            decoders[i]._keep(*appended[i])
+    return [a for a in out if a is not None]
 
 
 def build_autoencoder(cfg: AutoencoderConfig, audio_cfg: AudioConfig) -> OobleckVAE:
