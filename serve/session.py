@@ -22,9 +22,10 @@ from lmdm.config import Config
 from lmdm.models.autoencoder import StreamingDecoder
 from lmdm.serve.protocol import WeightedPrompt, prompt_key
 from lmdm.streaming.common import Condition
+from lmdm.streaming.rollout import condition_at
 from lmdm.streaming.stream import Stream
 
-__all__ = ["Pacer", "ServeModels", "SessionError", "StreamSession", "blend", "encode_context", "pcm16"]
+__all__ = ["Pacer", "ServeModels", "SessionError", "StreamSession", "blend", "encode_context", "next_chunks", "pcm16"]
 
 
 class SessionError(ValueError):
@@ -100,6 +101,7 @@ class ServeModels:
         self.latency_samples = StreamingDecoder(vae).latency_samples
         self.text = encoder is not None and getattr(dit.args, "cond_token_dim", 0) > 0
         self._engines = _LRU(4)
+        self._pools: dict[int, Any] = {}  # id(engine) → its cache pool (serve.max_sessions rows, made on first use)
         self._tokens = _LRU(64)
         self._sets = _LRU(64)
 
@@ -143,6 +145,24 @@ class ServeModels:
             return build_engine(self.cfg.model_copy(update={"stream": stream}), self.dit, runtime=self.runtime)
 
         return self._engines.get_or(f"{steps}:{cfg_scale!r}", make)
+
+    def take_row(self, engine: Any) -> tuple[Any, int, Any] | None:
+        """A pooled cache row of ``engine`` for a new session: ``(pool, row, cache)``; ``None`` for an engine
+        without pooled caches (outpainting).
+
+        Raises:
+            SessionError: every row is taken (more sessions than ``serve.max_sessions``).
+        """
+        if not hasattr(engine, "cache_pool"):
+            return None
+        pool = self._pools.get(id(engine))
+        if pool is None:
+            pool = self._pools[id(engine)] = engine.cache_pool(self.cfg.serve.max_sessions)
+        try:
+            row, cache = pool.take()
+        except RuntimeError as exc:
+            raise SessionError(str(exc)) from None
+        return pool, row, cache
 
     def condition(self, prompts: list[WeightedPrompt]) -> Condition:
         """The condition of a prompt set: its prompts' token embeddings blended by weight, cached per set
@@ -215,10 +235,12 @@ class StreamSession:
         steps: int | None,
         cfg_scale: float | None,
         context: Tensor | None = None,
+        pooled: bool = False,
     ) -> None:
         self.models = models
         self.condition = condition
         engine = models.engine(steps, cfg_scale)
+        self._row = models.take_row(engine) if pooled else None  # (pool, row, cache): given back by close()
         if context is not None:
             Bf, k = models.cfg.stream.block_frames, models.context_blocks
             if k == 0:
@@ -227,8 +249,17 @@ class StreamSession:
                 raise SessionError(f"the starting context is {context.shape[-1]} latent frames, not whole blocks of {Bf}")
             else:
                 context = context[..., -k * Bf :]
-        self.stream = Stream(engine, models.vae, condition, context=context, generator=torch.Generator().manual_seed(seed))
+        cache = None if self._row is None else self._row[2]
+        generator = torch.Generator().manual_seed(seed)
+        self.stream = Stream(engine, models.vae, condition, context=context, generator=generator, cache=cache)
         self.samples = 0  # samples emitted so far (per channel)
+
+    def close(self) -> None:
+        """The session left: its pooled cache row goes back to the pool (once)."""
+        if self._row is not None:
+            pool, row, _ = self._row
+            self._row = None
+            pool.give(row)
 
     @property
     def block(self) -> int:
@@ -245,9 +276,52 @@ class StreamSession:
         """Generate the next block; its final audio as int16 PCM."""
         with torch.inference_mode():
             audio = self.stream.next_chunk()[0]  # (C, n)
+        return self._chunk(audio)
+
+    def _chunk(self, audio: Tensor) -> Chunk:
         chunk = Chunk(self.stream.blocks - 1, self.samples, pcm16(audio))
         self.samples += chunk.pcm.shape[0]
         return chunk
+
+    def share_key(self) -> tuple[Any, ...]:
+        """Sessions with equal keys can step their next block as one batch: the same engine (steps, CFG scale,
+        sampler), the same first step (a pending block to commit or none), prompts alike in having text; an
+        engine that cannot renumber its streams (``encdec``, growing rotary) also needs the same block and
+        context fill. An engine without batching (outpainting) keys each session apart."""
+        engine, state = self.stream.engine, self.stream.state
+        if not hasattr(engine, "stack"):
+            return ("alone", id(self))
+        condition = condition_at(self.stream.schedule, self.stream.blocks)
+        key: tuple[Any, ...] = (id(engine), state.pending is None, condition.text is None, condition.global_cond is None)
+        if not (engine.variant == "block_causal" and engine.rotary == "fixed"):
+            key += (state.progress.block, tuple(k is None for k in state.window.keys))
+        return key
+
+
+def next_chunks(sessions: list[StreamSession]) -> list[Chunk]:
+    """The next block of each session, as :meth:`StreamSession.next_chunk` gives it, with the sessions that can
+    share a step (:meth:`StreamSession.share_key`) stepped as one batch and every block decoded in batches
+    (:func:`~lmdm.models.autoencoder.push_together`): a replica's scheduler serving many sessions at once.
+    Each session's audio equals its own ``next_chunk`` (within float rounding of the batched matmuls)."""
+    from lmdm.models.autoencoder import push_together
+    from lmdm.streaming.batching import step_together
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, session in enumerate(sessions):
+        groups.setdefault(session.share_key(), []).append(i)
+    blocks: list[Tensor | None] = [None] * len(sessions)
+    with torch.inference_mode():
+        for members in groups.values():
+            streams = [sessions[i].stream for i in members]
+            conditions = [condition_at(s.schedule, s.blocks) for s in streams]
+            made = step_together(streams[0].engine, [s.state for s in streams], conditions)
+            for i, block in zip(members, made, strict=True):
+                blocks[i] = block
+        dtype = next(sessions[0].models.vae.parameters()).dtype
+        for s in sessions:
+            s.stream.blocks += 1
+        audio = push_together([s.stream.decoder for s in sessions], [b.to(dtype) for b in blocks if b is not None])
+    return [s._chunk(a[0]) for s, a in zip(sessions, audio, strict=True)]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from lmdm.streaming.lmdm_engine import LMDMState, Pending
 if TYPE_CHECKING:
     from lmdm.streaming.lmdm_engine import LMDMEngine
 
-__all__ = ["cat_rows", "split_rows", "stack", "stack_conditions", "stack_generators", "unstack"]
+__all__ = ["cat_rows", "split_rows", "stack", "stack_conditions", "stack_generators", "step_together", "unstack"]
 
 
 def stack_conditions(conditions: list[Condition]) -> Condition:
@@ -274,3 +274,26 @@ def unstack(engine: LMDMEngine, state: LMDMState, batches: list[int], into: list
             )
         )
     return out
+
+
+def step_together(engine: LMDMEngine, states: list[LMDMState], conditions: list[Condition]) -> list[Tensor]:
+    """The next block of each of several sessions, stepped as one batch (:func:`stack`, one
+    :meth:`~lmdm.streaming.lmdm_engine.LMDMEngine.step`, :func:`unstack` into the sessions' own caches); each
+    state advances in place as its own ``engine.step`` would advance it.
+
+    Returns:
+        Each session's block ``(B_i, C, Bf)``.
+
+    Raises:
+        ValueError: sessions that cannot share a step (see :func:`stack`).
+    """
+    if len(states) == 1:
+        return [engine.step(states[0], conditions[0])]
+    batches = [s.progress.batch for s in states]
+    together = stack(engine, states)
+    block = engine.step(together, stack_conditions(conditions))
+    for state, alone in zip(states, unstack(engine, together, batches, into=[s.cache for s in states]), strict=True):
+        for name in ("progress", "window", "prompts", "cache", "frames", "pending", "key", "text_kv", "global_cond"):
+            setattr(state, name, getattr(alone, name))
+        state.step_plan = state.merged_plan = None
+    return list(torch.split(block, batches))

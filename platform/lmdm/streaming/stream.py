@@ -25,7 +25,8 @@ class Stream:
     the held-back tail. Concatenated chunks equal a batch decode of the whole latent stream. A stream
     started from ``context`` continues it: the decoder is primed with the context latents
     (:meth:`~lmdm.models.autoencoder.StreamingDecoder.prime`), so the first chunk starts where the
-    context's audio ended (one lookahead shorter than a block).
+    context's audio ended (one lookahead shorter than a block). ``cache``: an empty cache the stream's
+    engine keeps its context in (a server's pooled row, :meth:`~lmdm.streaming.lmdm_engine.LMDMEngine.cache_pool`).
     """
 
     def __init__(
@@ -36,12 +37,14 @@ class Stream:
         batch: int = 1,
         context: Tensor | None = None,
         generator: torch.Generator | None = None,
+        cache: Any | None = None,
     ) -> None:
         self.engine = engine
         self.decoder = StreamingDecoder(autoencoder)
         self.schedule = condition
         self.blocks = 0
-        self.state: Any = engine.start(condition_at(condition, 0), batch, context=context, generator=generator)
+        more = {} if cache is None else {"cache": cache}  # a pooled cache row (an LMDM engine's ``start``)
+        self.state: Any = engine.start(condition_at(condition, 0), batch, context=context, generator=generator, **more)
         if context is not None and context.shape[-1] > 0:
             self.decoder.prime(context.to(next(autoencoder.parameters()).dtype))
 
