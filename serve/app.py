@@ -8,8 +8,10 @@
 
 A replica loads the checkpoints, then generates ``serve.warmup_blocks`` blocks (compiling where the runtime
 compiles) before its constructor returns, so Serve routes to it only once it is warm. All torch work runs on
-one worker thread per replica (:class:`BlockWorker`), never on the event loop; sessions queue there, and a
-later batching scheduler takes its place. ``max_ongoing_requests`` is ``serve.max_sessions +
+one worker thread per replica (:class:`BlockWorker`), never on the event loop. Live sessions ask
+:class:`BlockScheduler` for their blocks: with ``serve.batching`` on, every session waiting when the thread comes
+free gets its block from one batched call (:func:`~lmdm.serve.session.next_chunks`), so a replica steps its
+concurrent sessions together. ``max_ongoing_requests`` is ``serve.max_sessions +
 serve.spare_requests``: every WebSocket holds a request slot for its whole life, and the spare slots keep
 health checks, stats and refusals answering while the sessions are full (the app refuses session
 ``max_sessions + 1`` itself, with close code 1013 and a reason).
@@ -55,7 +57,7 @@ from lmdm.serve.protocol import (
     parse_client_message,
     prompt_set,
 )
-from lmdm.serve.session import Pacer, ServeModels, SessionError, StreamSession, encode_context, pcm16
+from lmdm.serve.session import Chunk, Pacer, ServeModels, SessionError, StreamSession, encode_context, next_chunks, pcm16
 
 __all__ = ["BlockWorker", "GenerateRequest", "LMDMServer", "app_builder", "build_app", "deployment_options"]
 
@@ -83,6 +85,57 @@ class BlockWorker:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             self.depth -= 1
+
+
+class BlockScheduler:
+    """Where live sessions get their blocks. Off (``serve.batching=off``): each request is its own job on the worker
+    thread. On: requests wait in one queue; whenever the thread comes free, every waiting session's block is made
+    in one :func:`~lmdm.serve.session.next_chunks` call (sessions that share a denoising step stepped as one batch,
+    the others in turn, every decode batched). A session that joins while a batch runs is in the next one.
+    A failed batch fails the sessions in it (their streams end with an error), not the replica.
+    """
+
+    def __init__(self, worker: BlockWorker, batching: bool) -> None:
+        self.worker, self.batching = worker, batching
+        self._waiting: list[tuple[StreamSession, asyncio.Future[Chunk]]] = []
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.batched_blocks = 0
+
+    async def next_chunk(self, session: StreamSession) -> Chunk:
+        if not self.batching:
+            chunk: Chunk = await self.worker.run(session.next_chunk)
+            return chunk
+        future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
+        self._waiting.append((session, future))
+        if not self._draining:
+            self._draining = True
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                # sessions whose wait was cancelled (a client that left) are not stepped: their rows may be freed
+                batch = [(s, f) for s, f in self._waiting if not f.done()]
+                self._waiting = []
+                if not batch:
+                    continue
+                try:
+                    chunks = await self.worker.run(next_chunks, [s for s, _ in batch])
+                except Exception as exc:  # handed to every session of the batch
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.batched_blocks += len(batch)
+                for (_, f), chunk in zip(batch, chunks, strict=True):
+                    if not f.done():
+                        f.set_result(chunk)
+        finally:
+            self._draining = False
 
 
 class GenerateRequest(BaseModel):
@@ -229,6 +282,9 @@ class _Connection:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+            if self.session is not None:  # its pooled cache row back, on the worker thread: after any block using it
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.server.worker.run(self.session.close)
             self.session = None
 
     # ---------------------------------------------------------------- receiving
@@ -362,7 +418,7 @@ class _Connection:
             context = await self._receive_context(message)
         condition = await self.server.worker.run(self.models.condition, prompts)
         self.session = await self.server.worker.run(
-            StreamSession, self.models, condition, message.seed, message.steps, message.cfg, context
+            StreamSession, self.models, condition, message.seed, message.steps, message.cfg, context, self.server.cfg.serve.batching
         )
         self.info.prompt = condition.key
         m = self.models
@@ -442,7 +498,7 @@ class _Connection:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout=wait)
                 continue
-            chunk = await self.server.worker.run(session.next_chunk)
+            chunk = await self.server.blocks.next_chunk(session)
             self.server.stats.block_done()
             if self.pacer.send(chunk.pcm.shape[0], time.monotonic()):  # the client ran dry before this frame went out
                 self.info.underruns += 1
@@ -484,6 +540,7 @@ class LMDMServer:
         torch.set_num_threads(s.threads or os.cpu_count() or 1)
         self.models = ServeModels.load(self.cfg, s.dit, s.autoencoder)
         self.worker = BlockWorker()
+        self.blocks = BlockScheduler(self.worker, s.batching)
         self.block_seconds = self.models.block_samples / self.models.sample_rate
         begin = time.perf_counter()
         self.warm_block_s = self.models.warm_up(s.warmup_blocks)
@@ -514,6 +571,11 @@ class LMDMServer:
             "blocks_per_second": round(self.stats.blocks_per_second(), 4),
             "underruns": self.stats.underruns,
             "queue_depth": self.worker.depth,
+            "batching": {
+                "on": self.blocks.batching,
+                "batches": self.blocks.batches,
+                "mean_sessions_per_batch": round(self.blocks.batched_blocks / max(self.blocks.batches, 1), 3),
+            },
             "block_seconds": self.block_seconds,
             "warm_block_seconds": round(self.warm_block_s, 4),
             "warmup_seconds": round(self.warmup_s, 3),

@@ -410,6 +410,7 @@ def test_healthz_stats_and_the_instrument_page(server: _Server) -> None:
     stats = server.stats()
     assert stats["warm_block_seconds"] > 0 and stats["blocks_per_second"] >= 0 and stats["queue_depth"] == 0
     assert stats["model"]["dit"] == str(server.cfg.serve.dit) and stats["model"]["runtime"] == "packed"
+    assert stats["batching"]["on"] is True and stats["batching"]["batches"] >= 0  # serve.batching's default
     page = httpx.get(f"{server.http}/", timeout=30)
     assert page.status_code == 200 and "AudioWorklet" in page.text
     assert httpx.get(f"{server.http}/web/worklet.js", timeout=30).status_code == 200

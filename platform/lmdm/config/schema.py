@@ -468,6 +468,10 @@ class ServeConfig(Section):
     replicas: int = Field(1, ge=1, le=1024, description="Serve replicas (one model copy each)")
     num_cpus: float = Field(1.0, gt=0.0, le=256.0, description="Ray CPUs reserved per replica (a scheduling slot)")
     threads: int = Field(0, ge=0, le=256, description="torch threads per replica; 0 = every core of its machine")
+    batching: bool = Field(
+        True,
+        description="on: live sessions that can share a denoising step run as one batch, decode batched too; off: one session per block",
+    )
     max_sessions: int = Field(8, ge=1, le=4096, description="live sessions per replica (WebSocket streams and /v1/generate)")
     spare_requests: int = Field(
         4, ge=1, le=1024, description="request slots beyond max_sessions (health, stats, refusals): max_ongoing_requests = their sum"
