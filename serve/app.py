@@ -98,7 +98,6 @@ class BlockScheduler:
     def __init__(self, worker: BlockWorker, batching: bool) -> None:
         self.worker, self.batching = worker, batching
         self._waiting: list[tuple[StreamSession, asyncio.Future[Chunk]]] = []
-        self._draining = False
         self._drainer: asyncio.Task[None] | None = None
         self.batches = 0
         self.batched_blocks = 0
@@ -109,33 +108,29 @@ class BlockScheduler:
             return chunk
         future: asyncio.Future[Chunk] = asyncio.get_running_loop().create_future()
         self._waiting.append((session, future))
-        if not self._draining:
-            self._draining = True
+        if self._drainer is None or self._drainer.done():  # the loop ends, with no await, when the queue is empty
             self._drainer = asyncio.create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                # sessions whose wait was cancelled (a client that left) are not stepped: their rows may be freed
-                batch = [(s, f) for s, f in self._waiting if not f.done()]
-                self._waiting = []
-                if not batch:
-                    continue
-                try:
-                    chunks = await self.worker.run(next_chunks, [s for s, _ in batch])
-                except Exception as exc:  # handed to every session of the batch
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_exception(exc)
-                    continue
-                self.batches += 1
-                self.batched_blocks += len(batch)
-                for (_, f), chunk in zip(batch, chunks, strict=True):
+        while self._waiting:
+            # sessions whose wait was cancelled (a client that left) are not stepped: their rows may be freed
+            batch = [(s, f) for s, f in self._waiting if not f.done()]
+            self._waiting = []
+            if not batch:
+                continue
+            try:
+                chunks = await self.worker.run(next_chunks, [s for s, _ in batch])
+            except Exception as exc:  # handed to every session of the batch
+                for _, f in batch:
                     if not f.done():
-                        f.set_result(chunk)
-        finally:
-            self._draining = False
+                        f.set_exception(exc)
+                continue
+            self.batches += 1
+            self.batched_blocks += len(batch)
+            for (_, f), chunk in zip(batch, chunks, strict=True):
+                if not f.done():
+                    f.set_result(chunk)
 
 
 class GenerateRequest(BaseModel):

@@ -233,36 +233,23 @@ class BlockKVCache:
 
 
 class CachePool:
-    """The block-wise KV caches of a server's sessions, allocated once: ``sessions`` rows of
-    ``(Ly, branches, H, P, Dh)`` each (a session's rows are contiguous, its :class:`BlockKVCache` a view).
+    """The block-wise KV caches of a server's sessions, allocated once: ``sessions`` rows shaped like
+    ``template`` (one session's cache, e.g. on the meta device), each session's a contiguous view.
 
     A session :meth:`take` s a row when it starts and :meth:`give` s it back when it leaves; rows are reused,
     nothing grows with the sessions that came and went.
     """
 
-    def __init__(
-        self,
-        sessions: int,
-        branches: int,
-        depth: int,
-        heads: int,
-        head_dim: int,
-        context_blocks: int,
-        block_frames: int,
-        keep_raw: bool,
-        dtype: torch.dtype,
-        device: torch.device,
-        aux: bool = False,
-    ) -> None:
+    def __init__(self, sessions: int, template: BlockKVCache, device: torch.device) -> None:
         if sessions < 1:
             raise ValueError(f"a cache pool needs at least one session row, got {sessions}")
-        self.context_blocks, self.block_frames = context_blocks, block_frames
-        self.aux_positions = block_frames if aux else 0
-        Kc = context_blocks * block_frames
-        shape = (sessions, depth, branches, heads, self.aux_positions + Kc + 1 + block_frames, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.k_raw = torch.zeros(sessions, depth, branches, heads, Kc, head_dim, dtype=dtype, device=device) if keep_raw else None
+        self.template = template
+
+        def rows(t: Tensor) -> Tensor:
+            return torch.zeros(sessions, *t.shape, dtype=t.dtype, device=device)
+
+        self.k, self.v = rows(template.k), rows(template.v)
+        self.k_raw = None if template.k_raw is None else rows(template.k_raw)
         self._free = list(range(sessions - 1, -1, -1))  # pop() takes the lowest row first
 
     @property
@@ -286,14 +273,15 @@ class CachePool:
         self.v[row].zero_()
         if self.k_raw is not None:
             self.k_raw[row].zero_()
+        t = self.template
         return row, BlockKVCache(
             k=self.k[row],
             v=self.v[row],
             k_raw=None if self.k_raw is None else self.k_raw[row],
-            context_blocks=self.context_blocks,
-            block_frames=self.block_frames,
-            aux_positions=self.aux_positions,
-            slot_block=[-1] * self.context_blocks,
+            context_blocks=t.context_blocks,
+            block_frames=t.block_frames,
+            aux_positions=t.aux_positions,
+            slot_block=[-1] * t.context_blocks,
         )
 
     def give(self, row: int) -> None:

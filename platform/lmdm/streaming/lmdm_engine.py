@@ -180,15 +180,14 @@ class LMDMEngine:
         c, g = self.core, self.geometry
         blocks = c.check_context(context, batch)
         progress = c.progress(batch, generator)
-        want = self._cache_shape(progress.rows)
         if cache is None:
-            cache = BlockKVCache.allocate(
-                len(c.dit.layers), progress.rows, self.heads, self.head_dim, g.context_blocks, g.block_frames,
-                keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
-                aux=self.variant == "block_causal",
-            )  # fmt: skip
-        elif tuple(cache.k.shape) != want or (cache.k_raw is None) != (self.variant != "block_causal" or self.rotary != "fixed"):
-            raise ValueError(f"a cache of keys {tuple(cache.k.shape)} for this engine's {want} ({self.variant}, {self.rotary} rotary)")
+            cache = self._empty_cache(progress.rows, c.device)
+        else:
+            want = self._empty_cache(progress.rows, torch.device("meta"))
+            if cache.k.shape != want.k.shape or (cache.k_raw is None) != (want.k_raw is None):
+                raise ValueError(
+                    f"a cache of keys {tuple(cache.k.shape)} for this engine's {tuple(want.k.shape)} ({self.variant}, {self.rotary} rotary)"
+                )
         state = LMDMState(
             progress=progress,
             window=ContextWindow.empty(batch, c.channels, g.block_frames, g.context_blocks, c.dtype, c.device),
@@ -203,20 +202,20 @@ class LMDMEngine:
             progress.block += 1
         return state
 
-    def _cache_shape(self, rows: int) -> tuple[int, ...]:
-        g, A = self.geometry, self.geometry.block_frames if self.variant == "block_causal" else 0
-        return (len(self.core.dit.layers), rows, self.heads, A + g.context_frames + 1 + g.block_frames, self.head_dim)
+    def _empty_cache(self, rows: int, device: torch.device) -> BlockKVCache:
+        """A zeroed cache for ``rows`` rows: ``aux`` and un-rotated keys for ``block_causal`` (fixed rotary)."""
+        c, g = self.core, self.geometry
+        return BlockKVCache.allocate(
+            len(c.dit.layers), rows, self.heads, self.head_dim, g.context_blocks, g.block_frames,
+            keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=device,
+            aux=self.variant == "block_causal",
+        )  # fmt: skip
 
     def cache_pool(self, sessions: int, batch: int = 1) -> CachePool:
         """Cache rows for ``sessions`` streams of ``batch`` rows each, allocated once (a server's sessions take and
         give back rows; :meth:`start` with ``cache=``)."""
-        c, g = self.core, self.geometry
-        branches = c.progress(batch, None).rows
-        return CachePool(
-            sessions, branches, len(c.dit.layers), self.heads, self.head_dim, g.context_blocks, g.block_frames,
-            keep_raw=self.variant == "block_causal" and self.rotary == "fixed", dtype=c.dtype, device=c.device,
-            aux=self.variant == "block_causal",
-        )  # fmt: skip
+        rows = self.core.progress(batch, None).rows
+        return CachePool(sessions, self._empty_cache(rows, torch.device("meta")), self.core.device)
 
     def progress(self, state: LMDMState) -> Progress:
         return state.progress
