@@ -127,6 +127,8 @@ def test_pooled_cache_rows_are_reused_and_nothing_grows() -> None:
         pool.take()
     with pytest.raises(ValueError, match="not in use"):
         engine.cache_pool(sessions=1).give(0)
+    with pytest.raises(ValueError, match="at least one session row"):
+        engine.cache_pool(sessions=0)
 
     pooled = engine.cache_pool(sessions=2, batch=B)
     pooled.take()  # row 0 taken: the stream runs on row 1, a view into the pool

@@ -204,6 +204,7 @@ def test_the_origin_check_refuses_a_page_whose_dns_points_at_the_server() -> Non
         ("serve.warmup_blocks=-1", "serve.warmup_blocks"),
         ("serve.allowed_origins=nope", "serve.allowed_origins"),
         ("serve.tokn=x", "serve.tokn"),
+        ("serve.batching=sometimes", "serve.batching"),
     ],
 )
 def test_bad_serve_settings_are_refused_naming_the_key(override: str, key: str) -> None:
@@ -211,3 +212,8 @@ def test_bad_serve_settings_are_refused_naming_the_key(override: str, key: str) 
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("quickstart", [override])
+
+
+def test_serve_batching_reads_on_and_off() -> None:
+    assert load_config("quickstart", ["serve.batching=off"]).serve.batching is False
+    assert load_config("quickstart", ["serve.batching=on"]).serve.batching is True
